@@ -1,0 +1,42 @@
+# Quick start: `make up` runs the whole pipeline locally; `make test` runs the test suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TSTAMP := $(VENV)/.installed-test
+
+.PHONY: up test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(TSTAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@ $(STAMP)
+
+up: $(STAMP)
+	$(BIN)/mailmeta up $(ARGS)
+
+test: $(TSTAMP) .tools/usr/sbin/smtp-source
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(TSTAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy .
+
+bench: $(TSTAMP) .tools/usr/sbin/smtp-source
+	$(BIN)/python bench/smtp_ingest.py
+
+.tools/usr/sbin/smtp-source:
+	tests/tools/fetch.sh .tools
+
+clean:
+	rm -rf $(VENV) .tools .mailmeta .pytest_cache .mypy_cache .ruff_cache

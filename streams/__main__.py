@@ -1,0 +1,20 @@
+"""``python -m mailmeta.streams``: run one redaction worker (settings from MAILMETA_* env)."""
+
+from __future__ import annotations
+
+import sys
+
+from mailmeta.config import Settings
+from mailmeta.streams.app import create_app
+
+
+def main() -> None:
+    settings = Settings()
+    app = create_app(settings)
+    # --without-web: faust binds a web port even with web_enabled=False (DESIGN.md).
+    sys.argv = [sys.argv[0], "--loop", "uvloop", "worker", "-l", settings.log_level, "--without-web"]
+    app.main()
+
+
+if __name__ == "__main__":
+    main()

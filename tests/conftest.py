@@ -1,0 +1,66 @@
+"""Shared fixtures: real local brokers (by PID), settings with free loopback ports."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mailmeta.config import Settings, load_customers
+from mailmeta.kafka import ensure_topics
+from mailmeta.local.brokers import LocalBroker, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_CONFIG = REPO / "config" / "customers.example.yaml"
+
+
+def _start(kind: str, tmp_path_factory: pytest.TempPathFactory) -> LocalBroker:
+    data = tmp_path_factory.mktemp(f"{kind}-data") if kind == "noida" else None
+    log = tmp_path_factory.mktemp(f"{kind}-log") / "broker.log"
+    return LocalBroker(kind, free_port(), data_dir=data, log_path=log).start()  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    broker = _start("tansu", tmp_path_factory)
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def noida(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    broker = _start("noida", tmp_path_factory)
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def broker(request: pytest.FixtureRequest) -> LocalBroker:
+    """The broker a test runs on: Tansu by default, ``@pytest.mark.parametrize('broker',
+    ['noida'], indirect=True)`` for noida-db."""
+    kind = getattr(request, "param", "tansu")
+    return request.getfixturevalue(kind)  # type: ignore[no-any-return]
+
+
+_topic_seq = 0
+
+
+@pytest.fixture
+def settings(broker: LocalBroker, tmp_path: Path) -> Settings:
+    """Settings for one test: its own topics on the shared broker, its own data dir and ports."""
+    global _topic_seq
+    _topic_seq += 1
+    prefix = f"t{_topic_seq}-{tmp_path.name[-12:]}"
+    s = Settings(
+        config=EXAMPLE_CONFIG,
+        data_dir=tmp_path / "data",
+        kafka_bootstrap=broker.bootstrap,
+        raw_topic=f"{prefix}.raw",
+        redacted_topic=f"{prefix}.redacted",
+        deadletter_topic=f"{prefix}.deadletter",
+        smtp_port=free_port(),
+        api_port=free_port(),
+    )
+    ensure_topics(s, load_customers(s.config).shortest_retention_days)
+    return s
