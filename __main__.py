@@ -1,0 +1,3 @@
+from mailmeta.cli import main
+
+main()
