@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from mailmeta.config import ConfigError, Settings, load_customers
 
 app = typer.Typer(
@@ -57,7 +56,7 @@ def up(
         overrides["config"] = config
     if kafka_bootstrap:
         overrides["kafka_bootstrap"] = kafka_bootstrap
-    settings = Settings(**overrides)  # type: ignore[arg-type]
+    settings = Settings(**overrides)
     try:
         code = run_up(settings, local_broker=kafka_bootstrap is None, broker_port=broker_port)
     except ConfigError as exc:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
-
 from mailmeta.config._models import Customer, CustomersFile
+from pydantic import ValidationError
 
 
 class ConfigError(ValueError):
@@ -23,7 +23,7 @@ class Customers:
         self.by_id: dict[str, Customer] = {c.id: c for c in customers}
         self._by_domain: dict[str, Customer] = {d: c for c in customers for d in c.domains}
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Customer]:
         return iter(self.by_id.values())
 
     def __len__(self) -> int:

@@ -8,9 +8,15 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
-
 from mailmeta.schema import ALWAYS_KEPT, FIELD_NAMES
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 
 class Action(StrEnum):
@@ -28,9 +34,7 @@ POLICY_FIELDS: tuple[str, ...] = tuple(
 _NUMERIC_FIELDS = frozenset({"size_bytes", "processing_ms"})
 _IP_FIELDS = frozenset({"sender_ip"})
 
-_DOMAIN_RE = re.compile(
-    r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$"
-)
+_DOMAIN_RE = re.compile(r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$")
 _ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
@@ -109,7 +113,9 @@ class Customer(BaseModel):
     def _one_key_source(self) -> Customer:
         given = [k for k in ("hmac_key", "hmac_key_env", "hmac_key_file") if getattr(self, k)]
         if len(given) > 1:
-            raise ValueError(f"give only one of hmac_key, hmac_key_env, hmac_key_file (got {given})")
+            raise ValueError(
+                f"give only one of hmac_key, hmac_key_env, hmac_key_file (got {given})"
+            )
         needs_key = any(a is Action.hmac for a in self.policy.actions.values())
         if needs_key and not given:
             raise ValueError("policy uses 'hmac' but no hmac_key / hmac_key_env / hmac_key_file")

@@ -8,6 +8,7 @@ Apache Kafka, Redpanda or a managed Kafka.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from confluent_kafka.admin import AdminClient
 
@@ -41,9 +42,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_ready(bootstrap: str, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_ready(
+    bootstrap: str, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     """Poll metadata until the broker answers (bounded)."""
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0, "logger": _quiet_logger})
+    # Connection-refused noise while the broker boots is expected: keep it off the terminal.
+    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _probe_log}
+    admin = AdminClient(conf)
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
@@ -58,15 +63,9 @@ def wait_ready(bootstrap: str, timeout: float = 15.0, proc: subprocess.Popen[byt
     raise TimeoutError(f"broker at {bootstrap} not ready within {timeout}s: {last}")
 
 
-class _QuietLogger:
-    def log(self, *args: object, **kwargs: object) -> None:
-        pass
-
-    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
-        return self.log
-
-
-_quiet_logger = _QuietLogger()
+_probe_log = logging.getLogger("mailmeta.local.probe")
+_probe_log.addHandler(logging.NullHandler())
+_probe_log.propagate = False
 
 
 @dataclass
@@ -105,7 +104,7 @@ class LocalBroker:
     def start(self, timeout: float = 15.0) -> LocalBroker:
         if self.data_dir is not None:
             self.data_dir.mkdir(parents=True, exist_ok=True)
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        out: Any = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
         self.proc = subprocess.Popen(
             self.command(),
@@ -117,7 +116,7 @@ class LocalBroker:
             # stops the broker last, after the sink has drained.
             start_new_session=True,
         )
-        if out is not subprocess.DEVNULL:
+        if self.log_path:
             out.close()
         try:
             wait_ready(self.bootstrap, timeout, self.proc)

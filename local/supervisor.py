@@ -24,7 +24,6 @@ from typing import IO
 
 import httpx
 from confluent_kafka import Producer
-
 from mailmeta.config import Settings, load_customers
 from mailmeta.kafka import ensure_topics
 from mailmeta.local.brokers import LocalBroker
@@ -61,7 +60,7 @@ class Part:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches only the supervisor, which stops in order
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads touch state before exec
+            preexec_fn=_die_with_parent,
         )
         assert self.proc.stdout is not None
         self._pump = threading.Thread(
@@ -153,7 +152,9 @@ class Supervisor:
                 "tansu", self.broker_port, log_path=self.log_dir / "broker.log"
             ).start()
             s.kafka_bootstrap = self.broker.bootstrap
-            self.out(f"  broker   tansu (local, memory-only)  {s.kafka_bootstrap:<24} pid {self.broker.pid}")
+            self.out(
+                f"  broker   tansu (local, memory-only)  {s.kafka_bootstrap:<24} pid {self.broker.pid}"
+            )
         else:
             self.out(f"  broker   external                    {s.kafka_bootstrap}")
         ensure_topics(s, customers.shortest_retention_days)

@@ -12,7 +12,15 @@ def main() -> None:
     settings = Settings()
     app = create_app(settings)
     # --without-web: faust binds a web port even with web_enabled=False (DESIGN.md).
-    sys.argv = [sys.argv[0], "--loop", "uvloop", "worker", "-l", settings.log_level, "--without-web"]
+    sys.argv = [
+        sys.argv[0],
+        "--loop",
+        "uvloop",
+        "worker",
+        "-l",
+        settings.log_level,
+        "--without-web",
+    ]
     app.main()
 
 

@@ -10,7 +10,6 @@ import logging
 from typing import Any
 
 import faust
-
 from mailmeta.config import Settings, load_customers
 from mailmeta.schema import (
     SchemaError,
@@ -67,13 +66,17 @@ def create_app(settings: Settings) -> faust.App:
                     body = encode_drain_marker(marker["nonce"], src)
                     for q in range(n_partitions):
                         pending.append(
-                            await producer.send(redacted.get_topic_name(), None, body, q, None, None)
+                            await producer.send(
+                                redacted.get_topic_name(), None, body, q, None, None
+                            )
                         )
                     continue
                 try:
                     out = encode_event(redactor.redact(decode_event(value)))
                 except (SchemaError, RedactionError) as exc:
-                    log.warning("dead letter at %s/%s: %s", ev.message.partition, ev.message.offset, exc)
+                    log.warning(
+                        "dead letter at %s/%s: %s", ev.message.partition, ev.message.offset, exc
+                    )
                     pending.append(
                         await producer.send(
                             deadletter.get_topic_name(),
@@ -85,7 +88,9 @@ def create_app(settings: Settings) -> faust.App:
                         )
                     )
                     continue
-                pending.append(await producer.send(redacted.get_topic_name(), key, out, None, None, None))
+                pending.append(
+                    await producer.send(redacted.get_topic_name(), key, out, None, None, None)
+                )
             # At-least-once: the batch's offsets are acked (and committed) only once every
             # output record is acknowledged by the broker.
             for fut in pending:

@@ -6,7 +6,6 @@ import hashlib
 import hmac
 
 import pytest
-
 from mailmeta.config import Action, Policy
 from mailmeta.config._load import parse_customers
 from mailmeta.schema import Event, new_event_id, now_ms
@@ -117,12 +116,15 @@ def test_customer_without_policy_gets_strict_default() -> None:
         {"customers": [{"id": "demo", "domains": ["demo.example"], "retention_days": 30}]}, "t"
     )
     out = Redactor(customers).redact(_event())
-    assert out.to_dict() | {"policy_version": None} == Event(
-        event_id=out.event_id,
-        received_at=out.received_at,
-        customer_id="demo",
-        status="accepted",
-    ).to_dict()
+    assert (
+        out.to_dict() | {"policy_version": None}
+        == Event(
+            event_id=out.event_id,
+            received_at=out.received_at,
+            customer_id="demo",
+            status="accepted",
+        ).to_dict()
+    )
 
 
 @pytest.mark.parametrize(
@@ -136,10 +138,14 @@ def test_customer_without_policy_gets_strict_default() -> None:
         ({"mail_from": "hmac"}, "no hmac_key"),
     ],
 )
-def test_invalid_policies_are_refused_naming_the_field(policy: dict[str, str], message: str) -> None:
+def test_invalid_policies_are_refused_naming_the_field(
+    policy: dict[str, str], message: str
+) -> None:
     from mailmeta.config import ConfigError
 
-    data = {"customers": [{"id": "a", "domains": ["a.example"], "retention_days": 3, "policy": policy}]}
-    with pytest.raises(ConfigError, match="customers.yaml") as info:
+    data = {
+        "customers": [{"id": "a", "domains": ["a.example"], "retention_days": 3, "policy": policy}]
+    }
+    with pytest.raises(ConfigError, match=r"customers\.yaml") as info:
         parse_customers(data, "customers.yaml")
     assert message in str(info.value)

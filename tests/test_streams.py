@@ -7,10 +7,17 @@ import hmac
 
 import orjson
 import pytest
-
 from mailmeta.config import Settings, load_customers
 from mailmeta.local.brokers import LocalBroker
-from mailmeta.schema import Event, decode_event, encode_drain_marker, encode_event, new_event_id, now_ms
+from mailmeta.schema import (
+    Event,
+    decode_event,
+    encode_drain_marker,
+    encode_event,
+    new_event_id,
+    now_ms,
+)
+
 from tests.kafka_helpers import consume, produce, run_stage
 
 pytestmark = pytest.mark.slow
@@ -68,11 +75,17 @@ def test_drain_marker_reaches_every_redacted_partition(settings: Settings) -> No
     events = [_raw_event() for _ in range(30)]
     produce(settings.kafka_bootstrap, settings.raw_topic, [encode_event(e) for e in events])
     for p in range(settings.partitions):
-        produce(settings.kafka_bootstrap, settings.raw_topic, [encode_drain_marker("n1")], partition=p)
+        produce(
+            settings.kafka_bootstrap, settings.raw_topic, [encode_drain_marker("n1")], partition=p
+        )
     n = settings.partitions
     with run_stage("mailmeta.streams", settings, "Worker]: Ready"):
         got = consume(settings.kafka_bootstrap, settings.redacted_topic, 30 + n * n, timeout=45)
-    markers = [(m.partition(), orjson.loads(m.value())) for m in got if m.value().startswith(b'{"_control"')]
+    markers = [
+        (m.partition(), orjson.loads(m.value()))
+        for m in got
+        if m.value().startswith(b'{"_control"')
+    ]
     assert sorted((q, obj["from"]) for q, obj in markers) == sorted(
         (q, p) for q in range(n) for p in range(n)
     )

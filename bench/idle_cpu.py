@@ -1,0 +1,74 @@
+"""How much CPU an idle `mailmeta up` uses, per part (Linux /proc).
+
+.venv/bin/python bench/idle_cpu.py [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from mailmeta.local.brokers import free_port
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--settle", type=float, default=10)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mailmeta", "up", "--data-dir", tmp,
+             "--smtp-port", str(free_port()), "--api-port", str(free_port()),
+             "--broker-port", str(free_port())],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        lines: list[str] = []
+        ready = threading.Event()
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                if "mailmeta is up" in line:
+                    ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        try:
+            if not ready.wait(120):
+                raise SystemExit("mailmeta up did not start:\n" + "".join(lines))
+            parts = {"supervisor": proc.pid}
+            for line in lines:
+                if " pid " in line:
+                    parts[line.split()[0]] = int(line.split(" pid ")[1].split()[0])
+            time.sleep(args.settle)
+            before = {n: cpu_seconds(p) for n, p in parts.items()}
+            time.sleep(args.seconds)
+            after = {n: cpu_seconds(p) for n, p in parts.items()}
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    total = 0.0
+    print(f"idle CPU over {args.seconds:.0f} s (percent of one core):")
+    for name in parts:
+        pct = 100 * (after[name] - before[name]) / args.seconds
+        total += pct
+        print(f"  {name:<11} {pct:5.1f} %")
+    print(f"  {'total':<11} {total:5.1f} %")
+
+
+if __name__ == "__main__":
+    main()
