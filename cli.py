@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from mailmeta.config import ConfigError, Settings, load_customers
 
 app = typer.Typer(

@@ -9,6 +9,7 @@ import logging
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+
 from mailmeta.config import Settings
 
 log = logging.getLogger("mailmeta.kafka")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import yaml
-from mailmeta.config._models import Customer, CustomersFile
 from pydantic import ValidationError
+
+from mailmeta.config._models import Customer, CustomersFile
 
 
 class ConfigError(ValueError):

@@ -8,7 +8,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
-from mailmeta.schema import ALWAYS_KEPT, FIELD_NAMES
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -17,6 +16,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from mailmeta.schema import ALWAYS_KEPT, FIELD_NAMES
 
 
 class Action(StrEnum):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mailmeta import schema
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mailmeta import schema
 
 DEFAULT_CONFIG = Path(__file__).with_name("customers.example.yaml")
 

@@ -24,6 +24,7 @@ from typing import IO
 
 import httpx
 from confluent_kafka import Producer
+
 from mailmeta.config import Settings, load_customers
 from mailmeta.kafka import ensure_topics
 from mailmeta.local.brokers import LocalBroker

@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 import faust
+
 from mailmeta.config import Settings, load_customers
 from mailmeta.schema import (
     SchemaError,

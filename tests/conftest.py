@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from mailmeta.config import Settings, load_customers
 from mailmeta.kafka import ensure_topics
 from mailmeta.local.brokers import LocalBroker, free_port

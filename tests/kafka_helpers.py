@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from confluent_kafka import Consumer, Message, Producer
+
 from mailmeta.config import Settings
 
 

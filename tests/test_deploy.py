@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib.util
 
 import yaml
-from mailmeta.config import Settings
 
+from mailmeta.config import Settings
 from tests.conftest import REPO
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from mailmeta.config import load_customers
 from mailmeta.local.brokers import LocalBroker, free_port
-
 from tests.conftest import EXAMPLE_CONFIG, REPO
 from tests.kafka_helpers import consume, files_containing
 

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 
 import pytest
+
 from mailmeta.config import Action, Policy
 from mailmeta.config._load import parse_customers
 from mailmeta.schema import Event, new_event_id, now_ms

@@ -7,6 +7,7 @@ import hmac
 
 import orjson
 import pytest
+
 from mailmeta.config import Settings, load_customers
 from mailmeta.local.brokers import LocalBroker
 from mailmeta.schema import (
@@ -17,7 +18,6 @@ from mailmeta.schema import (
     new_event_id,
     now_ms,
 )
-
 from tests.kafka_helpers import consume, produce, run_stage
 
 pytestmark = pytest.mark.slow
