@@ -8,6 +8,7 @@ Apache Kafka, Redpanda or a managed Kafka.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -34,6 +35,14 @@ def _site_binary(package: str, *parts: str) -> Path:
     if not path.exists():
         raise RuntimeError(f"broker binary not found at {path}")
     return path
+
+
+def die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: Linux only
+    except OSError:
+        pass
 
 
 def free_port() -> int:
@@ -115,6 +124,8 @@ class LocalBroker:
             # Own process group: a Ctrl-C in the terminal reaches the supervisor, which then
             # stops the broker last, after the sink has drained.
             start_new_session=True,
+            # ... and if our process dies without stopping it, the broker goes too.
+            preexec_fn=die_with_parent,
         )
         if self.log_path:
             out.close()

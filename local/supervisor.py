@@ -9,7 +9,6 @@ everything before the marker, and only then stops the worker, the sink and the b
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -27,20 +26,10 @@ from confluent_kafka import Producer
 
 from mailmeta.config import Settings, load_customers
 from mailmeta.kafka import ensure_topics
-from mailmeta.local.brokers import LocalBroker
+from mailmeta.local.brokers import LocalBroker, die_with_parent
 from mailmeta.schema import encode_drain_marker
 
 STOP_BUDGET_S = 14.0  # the promise is 15 s from Ctrl-C to no process left
-
-
-def _die_with_parent() -> None:
-    # Linux: if the supervisor is killed outright, its children get SIGTERM instead of
-    # living on as orphans holding ports and the chdb data dir.
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 @dataclass
@@ -61,7 +50,7 @@ class Part:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches only the supervisor, which stops in order
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         assert self.proc.stdout is not None
         self._pump = threading.Thread(

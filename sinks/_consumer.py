@@ -1,0 +1,339 @@
+"""The sink's Kafka consumer: redacted topic -> batches -> ClickHouse, then commit.
+
+At-least-once: offsets are committed (synchronously) only after the batch is inserted and
+its dead letters are acknowledged; a failure is retried with backoff, never skipped. A
+redelivered event collapses into the row it duplicates (ReplacingMergeTree).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import orjson
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from mailmeta.config import Settings
+from mailmeta.schema import Event, SchemaError, control_of, decode_event
+from mailmeta.sinks._drain import DrainState
+from mailmeta.sinks.store import Store
+
+log = logging.getLogger("mailmeta.sinks.consumer")
+
+GROUP_ID = "mailmeta-sink"
+MAX_ROWS = 10_000
+MAX_WAIT = 0.5  # seconds a lone event waits for company before it is inserted
+IDLE_POLL = 0.5  # blocking poll while idle: ~0 CPU, and stop() is noticed within this
+_BACKOFF_MAX = 5.0
+_COMMIT_ATTEMPTS = 3
+_T = TypeVar("_T")
+
+
+class _Aborted(Exception):
+    """stop() ran out of time while a batch was still being retried."""
+
+
+@dataclass
+class _Batch:
+    events: list[Event] = field(default_factory=list)
+    dead: list[tuple[Message, str]] = field(default_factory=list)
+    markers: list[tuple[str, int, int]] = field(default_factory=list)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    started: float = 0.0
+    records: int = 0
+
+    def add(self, msg: Message) -> None:
+        if not self.records:
+            self.started = time.monotonic()
+        self.records += 1
+        self.offsets[(msg.topic() or "", msg.partition() or 0)] = (msg.offset() or 0) + 1
+
+
+@dataclass
+class ConsumerStats:
+    state: str = "starting"
+    rows_inserted: int = 0
+    dead_lettered: int = 0
+    batches: int = 0
+    last_error: str | None = None
+
+
+class SinkConsumer:
+    """Consumes settings.redacted_topic in a thread; start() and stop() from any thread."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        drain: DrainState,
+        *,
+        group_id: str = GROUP_ID,
+        max_rows: int = MAX_ROWS,
+        max_wait: float = MAX_WAIT,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._drain = drain
+        self._group_id = group_id
+        self._max_rows = max_rows
+        self._max_wait = max_wait
+        self._batch = _Batch()
+        self._stopping = threading.Event()
+        self._abort = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+        self.stats = ConsumerStats()
+        self._last_kafka_error = ""
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        s = self._settings
+        kafka_log = logging.getLogger("mailmeta.sinks.kafka")
+        heartbeat = max(100, min(3000, s.session_timeout_ms // 3))
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": s.kafka_bootstrap,
+                "group.id": self._group_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "session.timeout.ms": s.session_timeout_ms,
+                "heartbeat.interval.ms": heartbeat,
+                "logger": kafka_log,
+            }
+        )
+        self._producer = Producer(
+            {
+                "bootstrap.servers": s.kafka_bootstrap,
+                "acks": "all",
+                "enable.idempotence": True,
+                "linger.ms": 5,
+                "logger": kafka_log,
+            }
+        )
+        self._consumer.subscribe(
+            [s.redacted_topic], on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        self._thread = threading.Thread(
+            target=self._run, name="mailmeta-sink-consumer", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float = 6.0) -> bool:
+        """Insert and commit what is held, then leave the group; True when it did in time."""
+        self._stopping.set()
+        thread = self._thread
+        if thread is None:
+            return True
+        # Most of the time for the final flush; then abort a retry loop and close anyway.
+        thread.join(max(0.0, timeout - 1.5))
+        if thread.is_alive():
+            log.warning("sink consumer still flushing at shutdown: giving up on the held batch")
+            self._abort.set()
+            thread.join(1.5)
+        return not thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        self.stats.state = "running"
+        try:
+            while not self._stopping.is_set():
+                batch = self._batch
+                if batch.records:
+                    timeout = max(0.0, batch.started + self._max_wait - time.monotonic())
+                else:
+                    timeout = IDLE_POLL
+                room = max(1, self._max_rows - batch.records)
+                for msg in consumer.consume(num_messages=room, timeout=timeout):
+                    self._take(msg)
+                batch = self._batch  # a revoke during consume() may have flushed it
+                if batch.records and (
+                    batch.records >= self._max_rows
+                    or time.monotonic() >= batch.started + self._max_wait
+                ):
+                    self._flush()
+            self._flush()
+            self.stats.state = "stopped"
+        except _Aborted:
+            self.stats.state = "stopped"
+        except Exception as exc:
+            # Not expected (every batch step retries): report it on /healthz, do not hide it.
+            log.exception("sink consumer failed")
+            self.stats.state = "failed"
+            self.stats.last_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        if self._consumer is not None:
+            try:
+                self._consumer.close()  # leaves the group, so a restart rejoins at once
+            except Exception as exc:
+                log.warning("closing the Kafka consumer failed: %s", exc)
+        if self._producer is not None:
+            # Dead letters still queued belong to an uncommitted batch: they will be resent.
+            if self._producer.flush(2.0):
+                self._producer.purge()
+            self._producer.close()
+
+    def _take(self, msg: Message) -> None:
+        err = msg.error()
+        if err is not None:
+            if err.code() == KafkaError._PARTITION_EOF:
+                return
+            if err.fatal():
+                raise KafkaException(err)
+            text = str(err)
+            if text != self._last_kafka_error:  # librdkafka repeats these; say it once
+                log.warning("kafka: %s", text)
+                self._last_kafka_error = text
+            return
+        batch = self._batch
+        batch.add(msg)
+        value = msg.value()
+        if not value:
+            batch.dead.append((msg, "empty record"))
+            return
+        try:
+            control = control_of(value)
+        except orjson.JSONDecodeError:
+            batch.dead.append((msg, "control record is not JSON"))
+            return
+        if control is not None:
+            marker = _drain_marker(control, msg.partition() or 0)
+            if marker is None:
+                log.warning("ignoring unknown control record at %s", _where(msg))
+            else:
+                batch.markers.append(marker)
+            return
+        try:
+            event = decode_event(value)
+        except SchemaError as exc:
+            batch.dead.append((msg, str(exc)))
+            return
+        reason = self._store.check_event(event)
+        if reason is not None:
+            batch.dead.append((msg, reason))
+            return
+        batch.events.append(event)
+
+    # --- flushing ----------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, _Batch()
+        if not batch.records:
+            return
+        if batch.events:
+            self._retry("insert", lambda: self._store.insert_events(batch.events))
+            self.stats.rows_inserted += len(batch.events)
+        if batch.dead:
+            self._retry("dead letter", lambda: self._send_dead(batch.dead))
+            self.stats.dead_lettered += len(batch.dead)
+            msg, reason = batch.dead[0]
+            log.warning(
+                "sent %d record(s) to %s, first at %s: %s",
+                len(batch.dead),
+                self._settings.deadletter_topic,
+                _where(msg),
+                reason,
+            )
+        if self._commit(batch.offsets):
+            # Only now is everything before these markers stored and committed.
+            self._drain.record(batch.markers)
+        self.stats.batches += 1
+        if self.stats.state == "retrying":
+            self.stats.state = "running"
+
+    def _retry(self, what: str, fn: Callable[[], _T]) -> _T:
+        delay = 0.1
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except Exception as exc:
+                attempt += 1
+                self.stats.state = "retrying"
+                self.stats.last_error = f"{what}: {exc}"
+                log.warning(
+                    "%s failed (attempt %d), retrying in %.1fs: %s", what, attempt, delay, exc
+                )
+                if self._abort.wait(delay):
+                    raise _Aborted from exc
+                delay = min(delay * 2, _BACKOFF_MAX)
+
+    def _send_dead(self, dead: list[tuple[Message, str]]) -> None:
+        producer = self._producer
+        assert producer is not None
+        failures: list[str] = []
+
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                failures.append(str(err))
+
+        for msg, reason in dead:
+            # Keep the original headers (a list when consumed) and say why and whence.
+            headers: list[tuple[str, Any]] = list(msg.headers() or [])  # type: ignore[arg-type]
+            headers.append(("mailmeta-error", reason.encode()[:500]))
+            headers.append(("mailmeta-source", _where(msg).encode()))
+            producer.produce(
+                self._settings.deadletter_topic,
+                value=msg.value(),
+                key=msg.key(),
+                headers=headers,
+                on_delivery=delivered,
+            )
+        left = producer.flush(10.0)
+        if left or failures:
+            # Resending all of them may duplicate some dead letters: at-least-once, as usual.
+            raise KafkaException(f"{left} undelivered, errors: {failures[:3]}")
+
+    def _commit(self, offsets: dict[tuple[str, int], int]) -> bool:
+        consumer = self._consumer
+        assert consumer is not None
+        tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        for attempt in range(1, _COMMIT_ATTEMPTS + 1):
+            try:
+                consumer.commit(offsets=tps, asynchronous=False)
+                return True
+            except KafkaException as exc:
+                # After a rebalance the partitions may be someone else's: their new owner
+                # re-reads from the last commit and the duplicates collapse in the table.
+                log.warning("commit failed (attempt %d): %s", attempt, exc)
+                if self._abort.wait(0.2 * attempt):
+                    break
+        return False
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Store and commit what we hold while the partitions are still ours.
+        if self._batch.records:
+            self._flush()
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Commits would fail now; the new owner re-reads these records.
+        self._batch = _Batch()
+
+
+def _drain_marker(control: dict[str, Any], partition: int) -> tuple[str, int, int] | None:
+    nonce = control.get("nonce")
+    src = control.get("from")
+    if control.get("_control") != "drain" or not isinstance(nonce, str | int):
+        return None
+    if not isinstance(src, int) or isinstance(src, bool):
+        return None
+    return (str(nonce), partition, src)
+
+
+def _where(msg: Message) -> str:
+    return f"{msg.topic()}/{msg.partition()}@{msg.offset()}"

@@ -1,0 +1,131 @@
+"""SinkService: store + consumer thread + API server, started and stopped together.
+
+Used by ``python -m mailmeta.sinks`` and, in-process, by tests. In embedded mode the
+process owns the chdb directory, so everything reading storage lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import uvicorn
+
+from mailmeta.config import Customers, Settings
+from mailmeta.sinks._api import create_api
+from mailmeta.sinks._consumer import GROUP_ID, SinkConsumer
+from mailmeta.sinks._drain import DrainState
+from mailmeta.sinks.store import ClickHouseStore, Store
+
+log = logging.getLogger("mailmeta.sinks")
+
+
+class SinkService:
+    def __init__(
+        self,
+        settings: Settings,
+        customers: Customers,
+        *,
+        store: Store | None = None,
+        group_id: str = GROUP_ID,
+    ) -> None:
+        self.settings = settings
+        self.customers = customers
+        self._given_store = store
+        self._group_id = group_id
+        self.store: Store | None = None
+        self.drain = DrainState(settings.partitions)
+        self.consumer: SinkConsumer | None = None
+        self._server: uvicorn.Server | None = None
+        self._server_thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.api_host}:{self.settings.api_port}"
+
+    def start(self, timeout: float = 15.0) -> SinkService:
+        """Open the store (migrated), start consuming, and return once the API accepts."""
+        try:
+            if self._given_store is not None:
+                self.store = self._given_store
+            else:
+                retention = {c.id: c.retention_days for c in self.customers}
+                self.store = ClickHouseStore(self.settings.resolved_dsn(), retention)
+            self.consumer = SinkConsumer(
+                self.settings, self.store, self.drain, group_id=self._group_id
+            )
+            self.consumer.start()
+            self._start_api(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _health(self) -> dict[str, Any]:
+        consumer = self.consumer
+        parts: dict[str, Any] = {}
+        if consumer is not None:
+            st = consumer.stats
+            parts["consumer"] = {
+                "state": st.state if consumer.alive or st.state != "running" else "failed",
+                "rows_inserted": st.rows_inserted,
+                "dead_lettered": st.dead_lettered,
+                "batches": st.batches,
+                "last_error": st.last_error,
+            }
+        return parts
+
+    def _start_api(self, timeout: float) -> None:
+        assert self.store is not None
+        app = create_api(self.store, self.customers, self.drain, health=self._health)
+        config = uvicorn.Config(
+            app,
+            host=self.settings.api_host,
+            port=self.settings.api_port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+        server = uvicorn.Server(config)
+        self._server = server
+        # In a thread uvicorn installs no signal handlers: the caller owns shutdown.
+        thread = threading.Thread(target=server.run, name="mailmeta-sink-api", daemon=True)
+        self._server_thread = thread
+        thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError(
+                    f"API could not listen on {self.settings.api_host}:{self.settings.api_port}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"API not listening within {timeout}s")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 7.0) -> bool:
+        """Flush+commit, leave the group, stop the API, close ClickHouse; True if all in time."""
+        deadline = time.monotonic() + timeout
+        clean = True
+        if self.consumer is not None:
+            clean = self.consumer.stop(max(1.0, timeout - 2.0)) and clean
+            self.consumer = None if not self.consumer.alive else self.consumer
+        if self._server is not None and self._server_thread is not None:
+            self._server.should_exit = True
+            self._server_thread.join(max(0.5, deadline - time.monotonic()))
+            if self._server_thread.is_alive():
+                self._server.force_exit = True
+                self._server_thread.join(1.0)
+                clean = False
+            self._server = self._server_thread = None
+        if self.store is not None and self._given_store is None:
+            self.store.close()
+        self.store = None
+        return clean
+
+    def __enter__(self) -> SinkService:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

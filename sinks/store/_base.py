@@ -1,0 +1,58 @@
+"""The storage seam: one typed interface the consumer and the API use, backends behind it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from mailmeta.schema import Event
+
+# The API's bounds; the store enforces the same so no caller can ask for an unbounded scan.
+MAX_LIMIT = 1000
+
+
+class UnstorableEvent(ValueError):
+    """A schema-valid event the store cannot hold (unknown customer, value out of range …).
+
+    The message names the field and the reason, never the value: it goes to logs.
+    """
+
+
+class StoreError(RuntimeError):
+    """The storage backend failed (unreachable, query error); the caller may retry."""
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Where redacted events land and are read back, with per-row retention."""
+
+    def check_event(self, event: Event) -> str | None:
+        """Why ``event`` cannot be stored, or None when it can."""
+        ...
+
+    def insert_events(self, events: Sequence[Event]) -> int:
+        """Insert all of ``events`` (all or nothing); returns the number inserted.
+
+        Raises UnstorableEvent before writing anything when one of them fails check_event.
+        """
+        ...
+
+    def query_messages(
+        self, customer: str, message_id: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """The customer's unexpired events, newest first, one per event_id, as schema dicts."""
+        ...
+
+    def count(self, customer: str | None = None, *, visible_only: bool = False) -> int:
+        """Rows physically in the table, or (visible_only) the ones a query can return."""
+        ...
+
+    def force_ttl_merge(self) -> None:
+        """Physically remove expired rows and merge duplicates now instead of eventually."""
+        ...
+
+    def schema_version(self) -> int: ...
+
+    def ping(self) -> bool: ...
+
+    def close(self) -> None: ...

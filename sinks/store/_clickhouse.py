@@ -1,0 +1,237 @@
+"""ClickHouseStore: the Store on clickhouse-connect, for embedded chdb and for a server.
+
+``chdb:///abs/dir`` runs ClickHouse in this process (one process owns the directory);
+``http(s)://user:pass@host:port/db`` talks to a server. Everything above get_client is shared.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+from mailmeta.schema import Event
+from mailmeta.sinks.store._base import MAX_LIMIT, StoreError, UnstorableEvent
+from mailmeta.sinks.store._migrations import MIGRATIONS, TABLE, applied_versions, migrate
+from mailmeta.sinks.store._rows import SELECT_COLUMNS, check, row_to_message, to_arrow
+
+log = logging.getLogger("mailmeta.sinks.store")
+
+# The longest retention a customer may have (config caps it); bounds the time-range filter.
+MAX_RETENTION_DAYS = 3650
+
+# A row is visible while younger than the shorter of the retention it was stored with and
+# the customer's current one: a shortened promise applies at once, before any rewrite. The
+# first condition is implied by the second; it is there so the primary key and partition
+# pruning can use it.
+_VISIBLE = (
+    "received_at > now64(3) - toIntervalDay({days:UInt16})"
+    " AND received_at + toIntervalDay(least(retention_days, {days:UInt16})) > now64(3)"
+)
+# Duplicates of one event share the sorting key, hence the partition: FINAL may stay
+# within partitions, which is much cheaper.
+_FINAL_SETTINGS = " SETTINGS do_not_merge_across_partitions_select_final = 1"
+
+
+def safe_dsn(dsn: str) -> str:
+    """The DSN without its password, for logs and errors."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def chdb_path(dsn: str) -> Path | None:
+    return Path(dsn.removeprefix("chdb://")) if dsn.startswith("chdb://") else None
+
+
+class ClickHouseStore:
+    """A Store on ClickHouse. Thread-safe: a small pool gives each caller its own client."""
+
+    def __init__(
+        self,
+        dsn: str,
+        retention_days: Mapping[str, int] | None = None,
+        *,
+        apply_migrations: bool = True,
+    ) -> None:
+        self.dsn = dsn
+        self._retention = dict(retention_days or {})
+        self._cond = threading.Condition()
+        self._idle: list[Client] = []
+        self._all: list[Client] = []
+        self._in_use = 0
+        self._closed = False
+        path = chdb_path(dsn)
+        if path is not None:
+            path.mkdir(parents=True, exist_ok=True)
+        try:
+            # Open one client now so a wrong DSN or a chdb dir locked by another process
+            # fails here, with the reason, and not at the first event.
+            with self._client() as client:
+                client.query("SELECT 1")
+            if apply_migrations:
+                self.migrate()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- clients ---------------------------------------------------------------------------
+
+    def _new_client(self) -> Client:
+        try:
+            if self.dsn.startswith("chdb://"):
+                return clickhouse_connect.get_client(dsn=self.dsn)
+            # No session: pooled clients may then share server-side state freely.
+            return clickhouse_connect.get_client(dsn=self.dsn, autogenerate_session_id=False)
+        except Exception as exc:
+            raise StoreError(f"cannot open ClickHouse at {safe_dsn(self.dsn)}: {exc}") from exc
+
+    @contextmanager
+    def _client(self) -> Iterator[Client]:
+        with self._cond:
+            if self._closed:
+                raise StoreError("store is closed")
+            client = self._idle.pop() if self._idle else None
+            self._in_use += 1
+        try:
+            if client is None:
+                client = self._new_client()
+                with self._cond:
+                    self._all.append(client)
+            yield client
+        finally:
+            with self._cond:
+                self._in_use -= 1
+                if client is not None:
+                    self._idle.append(client)
+                self._cond.notify_all()
+
+    def _command(self, sql: str, parameters: Mapping[str, Any] | None = None) -> object:
+        with self._client() as c:
+            try:
+                return c.command(sql, parameters=dict(parameters) if parameters else None)
+            except Exception as exc:
+                raise StoreError(f"ClickHouse command failed: {exc}") from exc
+
+    def _rows(self, sql: str, parameters: Mapping[str, Any] | None = None) -> list[Any]:
+        with self._client() as c:
+            try:
+                result = c.query(sql, parameters=dict(parameters) if parameters else None)
+            except Exception as exc:
+                raise StoreError(f"ClickHouse query failed: {exc}") from exc
+            return list(result.result_rows)
+
+    # --- schema ------------------------------------------------------------------------------
+
+    def migrate(self) -> list[int]:
+        """Apply pending schema migrations; returns the versions applied (empty: none due)."""
+        return migrate(self._command, self._rows, MIGRATIONS)
+
+    def schema_version(self) -> int:
+        return max(applied_versions(self._rows), default=0)
+
+    # --- Store -------------------------------------------------------------------------------
+
+    def check_event(self, event: Event) -> str | None:
+        try:
+            check(event, self._retention)
+        except UnstorableEvent as exc:
+            return str(exc)
+        return None
+
+    def insert_events(self, events: Sequence[Event]) -> int:
+        if not events:
+            return 0
+        table = to_arrow(events, self._retention)  # UnstorableEvent before any write
+        with self._client() as c:
+            try:
+                c.insert_arrow(TABLE, table)
+            except Exception as exc:
+                raise StoreError(f"insert of {len(events)} rows failed: {exc}") from exc
+        return len(events)
+
+    def _days(self, customer: str | None) -> int:
+        if customer is None:
+            return MAX_RETENTION_DAYS
+        return min(self._retention.get(customer, MAX_RETENTION_DAYS), MAX_RETENTION_DAYS)
+
+    def query_messages(
+        self, customer: str, message_id: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        if not 1 <= limit <= MAX_LIMIT:
+            raise ValueError(f"limit must be 1..{MAX_LIMIT}")
+        params: dict[str, Any] = {
+            "customer": customer,
+            "days": self._days(customer),
+            "limit": limit,
+        }
+        where = f"customer_id = {{customer:String}} AND {_VISIBLE}"
+        if message_id is not None:
+            where += " AND message_id = {message_id:String}"
+            params["message_id"] = message_id
+        # Only constant SQL is composed here; every value travels as a bound parameter.
+        sql = (
+            f"SELECT {', '.join(SELECT_COLUMNS)} FROM {TABLE} FINAL WHERE {where} "
+            "ORDER BY received_at DESC, event_id DESC LIMIT {limit:UInt32}" + _FINAL_SETTINGS
+        )
+        return [row_to_message(r) for r in self._rows(sql, params)]
+
+    def count(self, customer: str | None = None, *, visible_only: bool = False) -> int:
+        params: dict[str, Any] = {}
+        clauses = []
+        if customer is not None:
+            clauses.append("customer_id = {customer:String}")
+            params["customer"] = customer
+        if visible_only:
+            clauses.append(_VISIBLE)
+            params["days"] = self._days(customer)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        final = " FINAL" if visible_only else ""
+        sql = f"SELECT count() FROM {TABLE}{final}{where}"
+        if visible_only:
+            sql += _FINAL_SETTINGS
+        return int(self._rows(sql, params)[0][0])
+
+    def force_ttl_merge(self) -> None:
+        # MATERIALIZE TTL recomputes expiry of existing parts; OPTIMIZE FINAL then merges
+        # each partition, which drops expired rows and collapses duplicates.
+        self._command(f"ALTER TABLE {TABLE} MATERIALIZE TTL SETTINGS mutations_sync = 2")
+        self._command(f"OPTIMIZE TABLE {TABLE} FINAL")
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._rows("SELECT 1"))
+        except StoreError:
+            return False
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close every client, after waiting (bounded) for the ones in use to come back."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._closed = True
+            while self._in_use and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            if self._in_use:
+                log.warning("closing ClickHouse clients while %s are still in use", self._in_use)
+            clients, self._all, self._idle = self._all, [], []
+        for client in clients:
+            try:
+                client.close()
+            except Exception as exc:  # closing must reach every client
+                log.warning("closing a ClickHouse client failed: %s", exc)
+
+    def __enter__(self) -> ClickHouseStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

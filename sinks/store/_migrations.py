@@ -1,0 +1,119 @@
+"""Versioned schema migrations: an ordered list of steps, applied once each, recorded.
+
+Every step is itself idempotent (IF NOT EXISTS), so a crash between running a step and
+recording it, or two sinks starting at once against one server, is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger("mailmeta.sinks.store")
+
+TABLE = "messages"
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "create messages",
+        (
+            # ReplacingMergeTree on (customer_id, received_at, event_id): a redelivered event
+            # has the same key and collapses to one row; policy_version as the version keeps
+            # the copy redacted by the newest policy. Rows expire by their own retention.
+            f"""
+            CREATE TABLE IF NOT EXISTS {TABLE}
+            (
+                event_id UUID,
+                received_at DateTime64(3, 'UTC'),
+                customer_id LowCardinality(String),
+                status LowCardinality(String),
+                sender_ip Nullable(String),
+                helo Nullable(String),
+                mail_from Nullable(String),
+                rcpt_to Array(String),
+                message_id Nullable(String),
+                subject Nullable(String),
+                date_text Nullable(String),
+                -- Parsed in ClickHouse, vectorised: RFC 5322 and ISO-8601 dates.
+                date Nullable(DateTime64(3, 'UTC'))
+                    MATERIALIZED parseDateTime64BestEffortOrNull(date_text, 3, 'UTC'),
+                size_bytes Nullable(UInt64),
+                smtp_reply Nullable(String),
+                processing_ms Nullable(Float64),
+                tls_version Nullable(String),
+                policy_version UInt32,
+                retention_days UInt16
+            )
+            ENGINE = ReplacingMergeTree(policy_version)
+            PARTITION BY toYYYYMM(received_at)
+            ORDER BY (customer_id, received_at, event_id)
+            TTL received_at + toIntervalDay(retention_days)
+            SETTINGS merge_with_ttl_timeout = 3600
+            """,
+        ),
+    ),
+    Migration(
+        2,
+        "skip index on message_id",
+        (
+            # The API's message_id filter would otherwise read every granule of a customer.
+            f"ALTER TABLE {TABLE} ADD INDEX IF NOT EXISTS idx_message_id message_id "
+            "TYPE bloom_filter(0.01) GRANULARITY 4",
+        ),
+    ),
+)
+
+_CREATE_LEDGER = """
+CREATE TABLE IF NOT EXISTS schema_migrations
+(
+    version UInt32,
+    name String,
+    applied_at DateTime64(3, 'UTC') DEFAULT now64(3)
+)
+ENGINE = ReplacingMergeTree
+ORDER BY version
+"""
+
+
+def applied_versions(query: Callable[[str], list[tuple[int, ...]]]) -> set[int]:
+    return {int(r[0]) for r in query("SELECT version FROM schema_migrations FINAL")}
+
+
+Command = Callable[..., object]
+
+
+def migrate(
+    command: Command,
+    query: Callable[[str], list[tuple[int, ...]]],
+    migrations: tuple[Migration, ...] = MIGRATIONS,
+) -> list[int]:
+    """Apply the steps not yet recorded, in order; returns the versions applied now."""
+    command(_CREATE_LEDGER)
+    done = applied_versions(query)
+    known = max((m.version for m in migrations), default=0)
+    if done and max(done) > known:
+        # A newer mailmeta migrated this database; reading may still work, so warn only.
+        log.warning("database schema version %s is newer than this code's %s", max(done), known)
+    applied = []
+    for m in sorted(migrations, key=lambda m: m.version):
+        if m.version in done:
+            continue
+        for sql in m.statements:
+            command(sql)
+        command(
+            "INSERT INTO schema_migrations (version, name) SELECT {v:UInt32}, {n:String}",
+            {"v": m.version, "n": m.name},
+        )
+        log.info("applied schema migration %s (%s)", m.version, m.name)
+        applied.append(m.version)
+    return applied

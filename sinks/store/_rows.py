@@ -1,0 +1,186 @@
+"""Events <-> ClickHouse rows: validation, the columnar (Arrow) batch, and rows back to dicts."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pyarrow as pa
+
+from mailmeta.schema import FIELD_NAMES, Event, format_time, parse_time
+from mailmeta.sinks.store._base import UnstorableEvent
+
+# DateTime64's range; a value outside it would make every retry of the batch fail.
+_MIN_TIME = datetime(1900, 1, 1, tzinfo=UTC)
+_MAX_TIME = datetime(2299, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)
+_U32 = (1 << 32) - 1
+_U64 = (1 << 64) - 1
+
+_TEXT_FIELDS = (
+    "customer_id",
+    "status",
+    "sender_ip",
+    "helo",
+    "mail_from",
+    "message_id",
+    "subject",
+    "smtp_reply",
+    "tls_version",
+    "date",
+)
+# Schema fields that go into the table unchanged.
+_PLAIN_FIELDS = (*(f for f in _TEXT_FIELDS if f != "date"), "size_bytes", "policy_version")
+
+_TS = pa.timestamp("ms", tz="UTC")
+
+# Table columns in insert order. The schema's `date` (the Date header, a string) is stored
+# as `date_text`, exactly, so the API returns what the event carried; the table derives the
+# `date` time column from it (NULL when it is no time, e.g. after a policy hashed it).
+ARROW_SCHEMA = pa.schema(
+    [
+        ("event_id", pa.binary(16)),
+        ("received_at", _TS),
+        ("customer_id", pa.string()),
+        ("status", pa.string()),
+        ("sender_ip", pa.string()),
+        ("helo", pa.string()),
+        ("mail_from", pa.string()),
+        ("rcpt_to", pa.list_(pa.string())),
+        ("message_id", pa.string()),
+        ("subject", pa.string()),
+        ("date_text", pa.string()),
+        ("size_bytes", pa.uint64()),
+        ("smtp_reply", pa.string()),
+        ("processing_ms", pa.float64()),
+        ("tls_version", pa.string()),
+        ("policy_version", pa.uint32()),
+        ("retention_days", pa.uint16()),
+    ]
+)
+COLUMNS: tuple[str, ...] = tuple(ARROW_SCHEMA.names)
+
+# What a query selects, in this order, to rebuild a schema dict.
+SELECT_COLUMNS: tuple[str, ...] = tuple(
+    "date_text" if name == "date" else name for name in FIELD_NAMES
+)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
+def _in_range(dt: datetime) -> bool:
+    return _MIN_TIME <= dt <= _MAX_TIME
+
+
+def _uuid_bytes(value: str) -> bytes:
+    # Fast path for the canonical form ingest mints; uuid.UUID is ~7x slower.
+    if len(value) == 36 and value[8] == value[13] == value[18] == value[23] == "-":
+        try:
+            return bytes.fromhex(value.replace("-", ""))
+        except ValueError:
+            pass
+    try:
+        return uuid.UUID(value).bytes
+    except (ValueError, TypeError, AttributeError):
+        raise UnstorableEvent("field 'event_id': not a UUID") from None
+
+
+def _check_text(name: str, value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnstorableEvent(f"field {name!r}: not valid UTF-8 text") from None
+
+
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """The values of an event that need converting; the rest go into the row as they are."""
+
+    event_id: bytes
+    received_ms: int
+    processing_ms: float | None
+    retention_days: int
+
+
+def check(event: Event, retention_days: Mapping[str, int]) -> _Checked:
+    """Validate one event for the table; raises UnstorableEvent (reason without values)."""
+    days = retention_days.get(event.customer_id)
+    if days is None:
+        raise UnstorableEvent("field 'customer_id': not a configured customer")
+    event_id = _uuid_bytes(event.event_id)
+    try:
+        received = parse_time(event.received_at)
+    except (ValueError, TypeError):
+        raise UnstorableEvent("field 'received_at': not an ISO-8601 time") from None
+    if not _in_range(received):
+        raise UnstorableEvent("field 'received_at': outside 1900..2299")
+    pv = event.policy_version
+    if pv is None:
+        # Only the redaction stage sets it: an event without it may hold unredacted values.
+        raise UnstorableEvent("field 'policy_version': missing (event was not redacted)")
+    if not 0 <= pv <= _U32:
+        raise UnstorableEvent("field 'policy_version': outside 0..2^32-1")
+    size = event.size_bytes
+    if size is not None and not 0 <= size <= _U64:
+        raise UnstorableEvent("field 'size_bytes': outside 0..2^64-1")
+    ms: float | None = None
+    if event.processing_ms is not None:
+        try:
+            ms = float(event.processing_ms)
+        except OverflowError:
+            ms = math.inf
+        if not math.isfinite(ms):
+            raise UnstorableEvent("field 'processing_ms': not a finite number")
+    for name in _TEXT_FIELDS:
+        value = getattr(event, name)
+        if value is not None:
+            _check_text(name, value)
+    for r in event.rcpt_to or ():
+        _check_text("rcpt_to", r)
+    return _Checked(event_id, (received - _EPOCH) // _MS, ms, days)
+
+
+def to_arrow(events: Sequence[Event], retention_days: Mapping[str, int]) -> pa.Table:
+    """The events as one Arrow table (a columnar insert is ~3x the rows/s of row tuples)."""
+    checked = [check(ev, retention_days) for ev in events]  # all or nothing
+    cols: dict[str, list[Any]] = {
+        "event_id": [c.event_id for c in checked],
+        "received_at": [c.received_ms for c in checked],
+        "processing_ms": [c.processing_ms for c in checked],
+        "retention_days": [c.retention_days for c in checked],
+        # An empty array stands for a dropped (None) recipient list.
+        "rcpt_to": [ev.rcpt_to or [] for ev in events],
+        "date_text": [ev.date for ev in events],
+    }
+    for name in _PLAIN_FIELDS:
+        cols[name] = [getattr(ev, name) for ev in events]
+    arrays = [
+        # pa.array() takes ~8 us per element for fixed-size binary; one buffer takes 0.1.
+        pa.FixedSizeBinaryArray.from_buffers(
+            f.type, len(checked), [None, pa.py_buffer(b"".join(cols[f.name]))]
+        )
+        if f.name == "event_id"
+        else pa.array(cols[f.name], type=f.type)
+        for f in ARROW_SCHEMA
+    ]
+    return pa.Table.from_arrays(arrays, schema=ARROW_SCHEMA)
+
+
+def _utc(dt: datetime) -> datetime:
+    # clickhouse-connect returns UTC columns as naive datetimes by default.
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def row_to_message(row: Sequence[Any]) -> dict[str, Any]:
+    """A result row (SELECT_COLUMNS order) as a schema dict, as the event carried it."""
+    out = dict(zip(FIELD_NAMES, row, strict=True))
+    out["event_id"] = str(out["event_id"])
+    out["received_at"] = format_time(_utc(out["received_at"]))
+    # An empty array is how a dropped (None) recipient list is stored.
+    out["rcpt_to"] = list(out["rcpt_to"]) or None
+    return out

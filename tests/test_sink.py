@@ -1,0 +1,321 @@
+"""The sink in this process: real Tansu broker -> consumer -> embedded ClickHouse -> HTTP API.
+
+One SinkService serves the whole module (a consumer-group join costs seconds); each test
+uses its own customer or message ids, so tests do not see each other's rows.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import clickhouse_connect
+import httpx
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+
+from mailmeta.config import Customer, Customers, Settings
+from mailmeta.kafka import ensure_topics
+from mailmeta.local.brokers import LocalBroker, free_port
+from mailmeta.schema import Event, encode_drain_marker, encode_event, format_time, new_event_id
+from mailmeta.sinks import SinkService
+
+T = TypeVar("T")
+PARTITIONS = 3
+CUSTOMERS = Customers(
+    [
+        Customer(id=cid, domains=[f"{cid}.example"], retention_days=days)
+        for cid, days in [
+            ("order", 60),
+            ("filter", 60),
+            ("dup", 60),
+            ("expiry", 60),
+            ("drain", 60),
+            ("dead", 60),
+        ]
+    ]
+)
+
+
+def wait_for(fn: Callable[[], T | None], timeout: float = 20.0, what: str = "condition") -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def redacted(customer: str, age: timedelta = timedelta(0), **fields: Any) -> Event:
+    values: dict[str, Any] = {
+        "event_id": new_event_id(),
+        "received_at": format_time(datetime.now(UTC) - age),
+        "customer_id": customer,
+        "status": "delivered",
+        "sender_ip": "198.51.100.0/24",
+        "helo": None,
+        "mail_from": "0d5b1c4e7f",
+        "rcpt_to": ["a***@example.com"],
+        "message_id": f"<{uuid.uuid4().hex}@mx.example>",
+        "subject": "Quarterly report",
+        "date": "2026-01-02T03:04:05.000Z",
+        "size_bytes": 2048,
+        "smtp_reply": "250 2.0.0 Ok",
+        "processing_ms": 3.25,
+        "tls_version": "TLSv1.3",
+        "policy_version": 4,
+    }
+    values.update(fields)
+    return Event(**values)
+
+
+@pytest.fixture(scope="module")
+def sink(tansu: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SinkService]:
+    tmp = tmp_path_factory.mktemp("sink")
+    prefix = f"sink-{uuid.uuid4().hex[:8]}"
+    settings = Settings(
+        config=Path("/nonexistent"),  # customers are given in memory
+        data_dir=tmp / "data",
+        kafka_bootstrap=tansu.bootstrap,
+        raw_topic=f"{prefix}.raw",
+        redacted_topic=f"{prefix}.redacted",
+        deadletter_topic=f"{prefix}.deadletter",
+        partitions=PARTITIONS,
+        api_port=free_port(),
+    )
+    ensure_topics(settings, CUSTOMERS.shortest_retention_days)
+    service = SinkService(settings, CUSTOMERS, group_id=f"{prefix}-sink").start()
+    try:
+        yield service
+    finally:
+        assert service.stop(), "sink did not stop cleanly in time"
+
+
+@pytest.fixture(scope="module")
+def producer(tansu: LocalBroker) -> Iterator[Producer]:
+    p = Producer({"bootstrap.servers": tansu.bootstrap, "acks": "all"})
+    yield p
+    p.flush(5)
+    p.close()
+
+
+def produce(producer: Producer, topic: str, values: list[bytes], partition: int = 0) -> None:
+    for v in values:
+        producer.produce(topic, v, partition=partition)
+    assert producer.flush(15) == 0, "broker did not acknowledge every record"
+
+
+def read_topic(bootstrap: str, topic: str, n: int, timeout: float = 20.0) -> list[Message]:
+    """The first ``n`` records of ``topic`` (assigned, not subscribed: no group join)."""
+    c = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": "unused", "enable.auto.commit": False}
+    )
+    out: list[Message] = []
+    try:
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
+        deadline = time.monotonic() + timeout
+        while len(out) < n and time.monotonic() < deadline:
+            m = c.poll(0.2)
+            if m is not None and m.error() is None:
+                out.append(m)
+    finally:
+        c.close()
+    return out
+
+
+@pytest.fixture
+def api(sink: SinkService) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=sink.url, timeout=10) as client:
+        yield client
+
+
+def send(producer: Producer, sink: SinkService, events: list[Event], partition: int = 0) -> None:
+    produce(producer, sink.settings.redacted_topic, [encode_event(e) for e in events], partition)
+
+
+def messages(api: httpx.Client, **params: Any) -> list[dict[str, Any]]:
+    r = api.get("/v1/messages", params=params)
+    assert r.status_code == 200, r.text
+    return r.json()["messages"]  # type: ignore[no-any-return]
+
+
+def visible(api: httpx.Client, customer: str, event_ids: list[str]) -> bool:
+    got = {m["event_id"] for m in messages(api, customer=customer, limit=1000)}
+    return set(event_ids) <= got
+
+
+def test_events_land_newest_first_with_every_field(
+    sink: SinkService, api: httpx.Client, producer: Producer
+) -> None:
+    events = [redacted("order", age=timedelta(seconds=s)) for s in (30, 10, 20)]
+    events[1].rcpt_to = None  # dropped by policy: comes back null
+    for i, e in enumerate(events):
+        send(producer, sink, [e], partition=i % PARTITIONS)
+    wait_for(lambda: visible(api, "order", [e.event_id for e in events]), what="events")
+
+    got = messages(api, customer="order")
+    expected = sorted(events, key=lambda e: e.received_at, reverse=True)
+    assert got == [e.to_dict() for e in expected]
+
+
+def test_message_id_filter_and_limit(
+    sink: SinkService, api: httpx.Client, producer: Producer
+) -> None:
+    events = [redacted("filter", age=timedelta(seconds=s)) for s in range(5)]
+    send(producer, sink, events)
+    wait_for(lambda: visible(api, "filter", [e.event_id for e in events]), what="events")
+
+    one = messages(api, customer="filter", message_id=events[2].message_id)
+    assert [m["event_id"] for m in one] == [events[2].event_id]
+    assert messages(api, customer="filter", message_id="<nothing@here>") == []
+    two = messages(api, customer="filter", limit=2)
+    assert [m["event_id"] for m in two] == [events[0].event_id, events[1].event_id]
+    assert len(messages(api, customer="filter", limit=1000)) == 5
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"customer": ""},
+        {"customer": "filter", "limit": "0"},
+        {"customer": "filter", "limit": "1001"},
+        {"customer": "filter", "limit": "ten"},
+        {"customer": "filter", "limit": "-1"},
+        {"customer": "filter", "message_id": "x" * 2000},
+        {"customer": "c" * 500},
+    ],
+)
+def test_bad_parameters_are_4xx_json(api: httpx.Client, params: dict[str, str]) -> None:
+    r = api.get("/v1/messages", params=params)
+    assert 400 <= r.status_code < 500, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json()["error"]
+
+
+def test_unknown_customer_is_404(api: httpx.Client) -> None:
+    r = api.get("/v1/messages", params={"customer": "nobody"})
+    assert r.status_code == 404
+    assert r.json() == {"error": "unknown customer"}
+    r = api.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]
+
+
+def test_healthz(api: httpx.Client) -> None:
+    r = api.get("/healthz")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "ok"
+    assert body["clickhouse"] == "ok"
+    assert body["consumer"]["state"] in ("running", "retrying")
+
+
+def test_redelivered_event_shows_once(
+    sink: SinkService, api: httpx.Client, producer: Producer
+) -> None:
+    ev = redacted("dup")
+    later = redacted("dup")
+    # The same event three times, then one more: once that is visible, all were consumed.
+    send(producer, sink, [ev, ev, ev, later])
+    wait_for(lambda: visible(api, "dup", [later.event_id]), what="events")
+    got = messages(api, customer="dup")
+    assert sorted(m["event_id"] for m in got) == sorted([ev.event_id, later.event_id])
+
+
+def test_expired_event_is_stored_but_never_returned(
+    sink: SinkService, api: httpx.Client, producer: Producer
+) -> None:
+    assert sink.store is not None
+    raw = clickhouse_connect.get_client(dsn=sink.settings.resolved_dsn())
+    try:
+        # Hold background TTL merges so the expired row is certainly on disk meanwhile.
+        raw.command("SYSTEM STOP TTL MERGES messages")
+        expired = redacted("expiry", age=timedelta(days=61))  # "expiry" keeps 60 days
+        live = redacted("expiry", age=timedelta(days=59))
+        send(producer, sink, [expired, live])
+        wait_for(lambda: visible(api, "expiry", [live.event_id]), what="live event")
+
+        assert sink.store.count("expiry") == 2  # inserted ...
+        got = messages(api, customer="expiry")
+        assert [m["event_id"] for m in got] == [live.event_id]  # ... but never returned
+        assert messages(api, customer="expiry", message_id=expired.message_id) == []
+
+        raw.command("SYSTEM START TTL MERGES messages")
+        sink.store.force_ttl_merge()
+        rows = raw.query(
+            "SELECT toString(event_id) FROM messages WHERE customer_id = {c:String}",
+            parameters={"c": "expiry"},
+        ).result_rows
+        assert rows == [(live.event_id,)]  # physically gone
+    finally:
+        raw.command("SYSTEM START TTL MERGES messages")
+        raw.close()
+
+
+def test_invalid_records_go_to_deadletter(
+    sink: SinkService, api: httpx.Client, producer: Producer
+) -> None:
+    bad = [
+        b"not json at all",
+        b'{"event_id": "x", "surprise": 1}',  # not schema v1
+        encode_event(redacted("no-such-customer")),  # no retention to store it with
+        encode_event(redacted("dead", policy_version=None)),  # never went through redaction
+        encode_event(redacted("dead", event_id="123")),
+    ]
+    good = redacted("dead")
+    produce(producer, sink.settings.redacted_topic, bad, partition=1)
+    send(producer, sink, [good], partition=1)
+    wait_for(lambda: visible(api, "dead", [good.event_id]), what="the good event")
+
+    letters = read_topic(sink.settings.kafka_bootstrap, sink.settings.deadletter_topic, len(bad))
+    assert sorted(m.value() or b"" for m in letters) == sorted(bad)  # verbatim
+    for m in letters:
+        headers = dict(m.headers() or [])
+        assert headers["mailmeta-error"]
+        assert headers["mailmeta-source"].startswith(sink.settings.redacted_topic.encode())
+    assert [m["event_id"] for m in messages(api, customer="dead")] == [good.event_id]
+
+
+def test_drained_only_after_everything_before_the_markers_is_queryable(
+    sink: SinkService, api: httpx.Client, producer: Producer
+) -> None:
+    nonce = uuid.uuid4().hex
+    per_partition = {q: [redacted("drain") for _ in range(3)] for q in range(PARTITIONS)}
+    for q, events in per_partition.items():
+        send(producer, sink, events, partition=q)
+    pairs = [(q, p) for q in range(PARTITIONS) for p in range(PARTITIONS)]
+    topic = sink.settings.redacted_topic
+    for q, p in pairs[:-1]:
+        produce(producer, topic, [encode_drain_marker(nonce, p)], partition=q)
+
+    def status() -> dict[str, Any]:
+        r = api.get(f"/internal/drain/{nonce}")
+        assert r.status_code == 200
+        return r.json()  # type: ignore[no-any-return]
+
+    seen = wait_for(
+        lambda: (s := status())["markers_seen"] == len(pairs) - 1 and s, what="8 markers"
+    )
+    assert seen["drained"] is False  # one (q, p) is still missing
+    assert status()["drained"] is False
+
+    last_q, last_p = pairs[-1]
+    late = redacted("drain")  # before the last marker in its partition
+    send(producer, sink, [late], partition=last_q)
+    produce(producer, topic, [encode_drain_marker(nonce, last_p)], partition=last_q)
+    wait_for(lambda: status()["drained"], what="drained")
+    # The moment it says drained, everything produced before the markers is queryable.
+    ids = [e.event_id for evs in per_partition.values() for e in evs] + [late.event_id]
+    assert visible(api, "drain", ids)
+    assert api.get("/internal/drain/other-nonce").json() == {
+        "nonce": "other-nonce",
+        "drained": False,
+        "markers_seen": 0,
+        "markers_expected": len(pairs),
+    }
