@@ -6,12 +6,13 @@ import logging
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mailmeta.config import Customers
+from mailmeta.sinks._auth import Principal, require
 from mailmeta.sinks._drain import DrainState
 from mailmeta.sinks.store import MAX_LIMIT, Store, StoreError
 
@@ -62,10 +63,12 @@ def create_api(
 
     @app.get("/v1/messages")
     def messages(
+        principal: Annotated[Principal, Depends(require("messages:read"))],
         customer: Annotated[str, Query(min_length=1, max_length=64)],
         message_id: Annotated[str | None, Query(min_length=1, max_length=_MAX_MESSAGE_ID)] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
     ) -> JSONResponse:
+        principal.check_customer(customer)
         if customer not in customers.by_id:
             return _error(404, "unknown customer")
         rows = store.query_messages(customer, message_id=message_id, limit=limit)

@@ -265,3 +265,15 @@ def test_concurrent_inserts_and_queries(store: ClickHouseStore) -> None:
             t.join(10)
     assert not errors
     assert store.count("acme", visible_only=True) == 2000
+
+
+def test_audit_log_is_append_only_and_newest_first(tmp_path: Path) -> None:
+    with ClickHouseStore(f"chdb://{tmp_path / 'ch'}", {"demo": 60}) as store:
+        store.append_audit("op@example", "policy.set", "demo", {"from": 1, "to": 2})
+        store.append_audit("op@example", "erase", "demo", {"rows": 3})
+        store.append_audit("op@example", "erase", "other", {"rows": 1})
+        demo = store.read_audit("demo")
+        assert [r["action"] for r in demo] == ["erase", "policy.set"]
+        assert demo[1]["details"] == {"from": 1, "to": 2}
+        assert demo[0]["actor"] == "op@example" and demo[0]["at"].endswith("Z")
+        assert len(store.read_audit()) == 3

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from mailmeta.schema import Event
@@ -49,6 +49,16 @@ class Store(Protocol):
 
     def force_ttl_merge(self) -> None:
         """Physically remove expired rows and merge duplicates now instead of eventually."""
+        ...
+
+    def append_audit(
+        self, actor: str, action: str, customer_id: str, details: Mapping[str, Any]
+    ) -> None:
+        """Append one record to the audit log (never erased values: callers pass diffs/counts)."""
+        ...
+
+    def read_audit(self, customer: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Audit records, newest first; ``details`` decoded back to a mapping."""
         ...
 
     def schema_version(self) -> int: ...

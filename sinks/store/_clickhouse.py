@@ -16,11 +16,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import clickhouse_connect
+import orjson
 from clickhouse_connect.driver.client import Client
 
-from mailmeta.schema import Event
+from mailmeta.schema import Event, format_time
 from mailmeta.sinks.store._base import MAX_LIMIT, StoreError, UnstorableEvent
-from mailmeta.sinks.store._migrations import MIGRATIONS, TABLE, applied_versions, migrate
+from mailmeta.sinks.store._migrations import (
+    AUDIT_TABLE,
+    MIGRATIONS,
+    TABLE,
+    applied_versions,
+    migrate,
+)
 from mailmeta.sinks.store._rows import SELECT_COLUMNS, check, row_to_message, to_arrow
 
 log = logging.getLogger("mailmeta.sinks.store")
@@ -201,6 +208,42 @@ class ClickHouseStore:
         if visible_only:
             sql += _FINAL_SETTINGS
         return int(self._rows(sql, params)[0][0])
+
+    # --- audit -------------------------------------------------------------------------------
+
+    def append_audit(
+        self, actor: str, action: str, customer_id: str, details: Mapping[str, Any]
+    ) -> None:
+        self._command(
+            f"INSERT INTO {AUDIT_TABLE} (actor, action, customer_id, details) "
+            "SELECT {a:String}, {act:String}, {c:String}, {d:String}",
+            {"a": actor, "act": action, "c": customer_id, "d": orjson.dumps(details).decode()},
+        )
+
+    def read_audit(self, customer: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        if not 1 <= limit <= MAX_LIMIT:
+            raise ValueError(f"limit must be 1..{MAX_LIMIT}")
+        params: dict[str, Any] = {"limit": limit}
+        where = ""
+        if customer is not None:
+            where = " WHERE customer_id = {c:String}"
+            params["c"] = customer
+        rows = self._rows(
+            f"SELECT at, toString(audit_id), actor, action, customer_id, details FROM {AUDIT_TABLE}"
+            f"{where} ORDER BY at DESC, audit_id DESC LIMIT {{limit:UInt32}}",
+            params,
+        )
+        return [
+            {
+                "at": format_time(at),
+                "audit_id": aid,
+                "actor": actor,
+                "action": action,
+                "customer_id": cid,
+                "details": orjson.loads(details),
+            }
+            for at, aid, actor, action, cid, details in rows
+        ]
 
     def force_ttl_merge(self) -> None:
         # MATERIALIZE TTL recomputes expiry of existing parts; OPTIMIZE FINAL then merges

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 log = logging.getLogger("mailmeta.sinks.store")
 
 TABLE = "messages"
+AUDIT_TABLE = "audit_log"
+
+# Version ranges, so work on separate features never collides on a number:
+#   1-19 messages and storage; 20-29 redaction policies; 30-39 API tokens and access logs.
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,27 @@ MIGRATIONS: tuple[Migration, ...] = (
             # The API's message_id filter would otherwise read every granule of a customer.
             f"ALTER TABLE {TABLE} ADD INDEX IF NOT EXISTS idx_message_id message_id "
             "TYPE bloom_filter(0.01) GRANULARITY 4",
+        ),
+    ),
+    Migration(
+        3,
+        "create audit_log",
+        (
+            # Append-only record of operator actions (policy changes, erasures, retention
+            # changes). It holds who/what/when and a diff, never erased values.
+            f"""
+            CREATE TABLE IF NOT EXISTS {AUDIT_TABLE}
+            (
+                at DateTime64(3, 'UTC') DEFAULT now64(3),
+                audit_id UUID DEFAULT generateUUIDv7(),
+                actor String,
+                action LowCardinality(String),
+                customer_id String,
+                details String
+            )
+            ENGINE = MergeTree
+            ORDER BY (customer_id, at, audit_id)
+            """,
         ),
     ),
 )

@@ -1,30 +1,14 @@
-"""The `mailmeta` command line."""
+"""`mailmeta up`: the whole pipeline on this machine."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from mailmeta.config import ConfigError, Settings, load_customers
-
-app = typer.Typer(
-    name="mailmeta",
-    help="Mail-metadata pipeline with automatic expiry: SMTP -> Kafka -> redaction -> ClickHouse.",
-    no_args_is_help=True,
-    add_completion=False,
-)
-config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
-app.add_typer(config_app, name="config")
-
-DEFAULT_API = "http://127.0.0.1:8025"
-
-
-def api_url(value: str | None) -> str:
-    """Operator commands reach the running pipeline through its API, never its files."""
-    return (value or os.environ.get("MAILMETA_API") or DEFAULT_API).rstrip("/")
+from mailmeta.cli._app import app
+from mailmeta.config import ConfigError, Settings
 
 
 @app.command()
@@ -67,22 +51,3 @@ def up(
         typer.echo(f"mailmeta: could not start: {exc}", err=True)
         raise typer.Exit(1) from None
     raise typer.Exit(code)
-
-
-@config_app.command("validate")
-def config_validate(path: Path) -> None:
-    """Validate a customers YAML file; errors name the file, customer and field."""
-    try:
-        customers = load_customers(path)
-    except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
-    typer.echo(f"{path}: {len(customers)} customer(s) OK")
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

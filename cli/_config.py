@@ -1,0 +1,24 @@
+"""`mailmeta config …`: check configuration files offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from mailmeta.cli._app import app
+from mailmeta.config import ConfigError, load_customers
+
+config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("validate")
+def config_validate(path: Path) -> None:
+    """Validate a customers YAML file; errors name the file, customer and field."""
+    try:
+        customers = load_customers(path)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{path}: {len(customers)} customer(s) OK")
