@@ -23,6 +23,7 @@ up: $(STAMP)
 	$(BIN)/mailmeta up $(ARGS)
 
 test: $(TSTAMP) .tools/usr/sbin/smtp-source
+	tests/tools/browser.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .

@@ -1,11 +1,13 @@
 """SMTP ingest throughput: mailmeta's front end vs a bare aiosmtpd server, same load, one run.
 
-    .venv/bin/python bench/smtp_ingest.py [-n 5000] [--sessions 20] [--size 1024]
+    .venv/bin/python bench/smtp_ingest.py [-n 5000] [--sessions 20] [--size 1024] [--rounds 3]
 
 (a) ``python -m mailmeta.ingest`` producing to a local Tansu broker (250 only after the
-    broker acknowledged), (b) a bare aiosmtpd server whose handler parses the headers with
-    email.parser (default asyncio loop). Both are driven by Postfix's smtp-source, one
-    message per connection. Every process started here is stopped by PID.
+    broker acknowledged), one process and ``--workers 2``; (b) a bare aiosmtpd server whose
+    handler parses the headers with email.parser (default asyncio loop). All are driven by
+    Postfix's smtp-source, one message per connection, in alternating rounds (the machine
+    is shared: figures are medians, compare the ratios). Every process started here is
+    stopped by PID.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import asyncio
 import os
 import selectors
 import signal
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -86,6 +90,24 @@ def _stop(proc: subprocess.Popen[str] | None) -> None:
         proc.wait(5)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its children (the workers of ``--workers N``)."""
+    total = 0.0
+    pids = [pid]
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            pids += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def _smtp_source(port: int, messages: int, sessions: int, size: int) -> float:
     """Seconds smtp-source took to deliver ``messages`` (one per connection)."""
     env = dict(os.environ, LD_LIBRARY_PATH=str(TOOLS / "lib" / "postfix"))
@@ -141,6 +163,7 @@ def main() -> int:
     ap.add_argument("-n", "--messages", type=int, default=5000)
     ap.add_argument("--sessions", type=int, default=20)
     ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=200, help="messages sent first, not timed")
     ap.add_argument("--baseline-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -156,8 +179,8 @@ def main() -> int:
     from mailmeta.local.brokers import LocalBroker, free_port
 
     broker = LocalBroker("tansu", free_port())
-    ingest: subprocess.Popen[str] | None = None
-    baseline: subprocess.Popen[str] | None = None
+    procs: list[subprocess.Popen[str]] = []
+    data_dir = tempfile.TemporaryDirectory(prefix="mailmeta-bench-")
     try:
         broker.start()
         topic = f"bench-{uuid.uuid4().hex[:8]}.raw"
@@ -166,48 +189,73 @@ def main() -> int:
             raw_topic=topic,
             redacted_topic=topic.replace(".raw", ".redacted"),
             deadletter_topic=topic.replace(".raw", ".deadletter"),
-            smtp_port=free_port(),
         )
         ensure_topics(settings, load_customers(settings.config).shortest_retention_days)
-        env = dict(
-            os.environ,
-            MAILMETA_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
-            MAILMETA_RAW_TOPIC=topic,
-            MAILMETA_SMTP_HOST="127.0.0.1",
-            MAILMETA_SMTP_PORT=str(settings.smtp_port),
-            MAILMETA_LOG_LEVEL="warning",  # one INFO line per message would cost throughput
-        )
-        ingest = subprocess.Popen(
-            [sys.executable, "-m", "mailmeta.ingest"], env=env, stdout=subprocess.PIPE, text=True
-        )
-        print(_wait_line(ingest, 30))
+        servers: dict[str, int] = {}
+        pids: dict[str, int] = {}
+
+        def start(name: str, argv: list[str], env: dict[str, str] | None, port: int) -> None:
+            proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+            procs.append(proc)
+            print(f"{name}: {_wait_line(proc, 60)}")
+            servers[name] = port
+            pids[name] = proc.pid
+
         base_port = free_port()
-        baseline = subprocess.Popen(
-            [sys.executable, __file__, "--baseline-server", str(base_port)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        print(_wait_line(baseline, 30))
+        start("bare aiosmtpd", [sys.executable, __file__, "--baseline-server", str(base_port)],
+              None, base_port)  # fmt: skip
+        for workers in (1, 2):
+            port = free_port()
+            env = dict(
+                os.environ,
+                MAILMETA_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
+                MAILMETA_RAW_TOPIC=topic,
+                MAILMETA_SMTP_HOST="127.0.0.1",
+                MAILMETA_SMTP_PORT=str(port),
+                MAILMETA_DATA_DIR=f"{data_dir.name}/w{workers}",
+                MAILMETA_LOG_LEVEL="warning",  # one INFO line per message would cost throughput
+                # smtp-source opens every connection from 127.0.0.1.
+                MAILMETA_SMTP_MAX_CONNECTIONS_PER_IP="1000",
+            )
+            name = "mailmeta ingest" if workers == 1 else f"mailmeta --workers {workers}"
+            start(name, [sys.executable, "-m", "mailmeta.ingest", "--workers", str(workers)],
+                  env, port)  # fmt: skip
 
         n, s, size = args.messages, args.sessions, args.size
-        print(f"load: smtp-source -s {s} -m {n} -l {size} (one message per connection)")
-        results: dict[str, float] = {}
-        for name, port in (("bare aiosmtpd", base_port), ("mailmeta ingest", settings.smtp_port)):
+        print(f"load: smtp-source -s {s} -m {n} -l {size} (one message per connection), "
+              f"{args.rounds} rounds")  # fmt: skip
+        rates: dict[str, list[float]] = {name: [] for name in servers}
+        cpu: dict[str, list[float]] = {name: [] for name in servers}
+        sent = 0
+        for name, port in servers.items():
             if args.warmup:
                 _smtp_source(port, args.warmup, s, size)
-            elapsed = _smtp_source(port, n, s, size)
-            results[name] = n / elapsed
-            print(f"{name:>16}: {n} messages in {elapsed:6.2f} s = {results[name]:8.0f} msg/s")
+                sent += args.warmup if name != "bare aiosmtpd" else 0
+        for r in range(args.rounds):
+            for name, port in servers.items():
+                c0 = _cpu_seconds(pids[name])
+                elapsed = _smtp_source(port, n, s, size)
+                us = (_cpu_seconds(pids[name]) - c0) / n * 1e6
+                rates[name].append(n / elapsed)
+                cpu[name].append(us)
+                sent += n if name != "bare aiosmtpd" else 0
+                print(f"  round {r + 1} {name:>22}: {n / elapsed:8.0f} msg/s {us:6.0f} CPU-us/msg")
+        base = statistics.median(rates["bare aiosmtpd"])
+        base_cpu = statistics.median(cpu["bare aiosmtpd"])
+        print(
+            f"{'server':>24} {'msg/s (median)':>15} {'vs bare':>8} {'CPU-us/msg':>11} {'vs bare':>8}"
+        )
+        for name, values in rates.items():
+            med, c = statistics.median(values), statistics.median(cpu[name])
+            print(f"{name:>24} {med:15.0f} {med / base:7.2f}x {c:11.0f} {c / base_cpu:7.2f}x")
         events = _count_events(broker.bootstrap, topic)
-        expected = n + args.warmup
-        print(f"events on {topic}: {events} (expected {expected})")
-        ratio = results["mailmeta ingest"] / results["bare aiosmtpd"]
-        print(f"ratio mailmeta / bare aiosmtpd: {ratio:.2f}")
-        return 0 if events == expected else 1
+        print(f"events on {topic}: {events} (expected {sent})")
+        return 0 if events == sent else 1
     finally:
-        _stop(baseline)
-        _stop(ingest)
+        for proc in reversed(procs):
+            _stop(proc)
         broker.stop()
+        data_dir.cleanup()
 
 
 if __name__ == "__main__":

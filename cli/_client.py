@@ -7,6 +7,7 @@ from the CLI goes through `mailmeta up`'s API: `--api URL` / env MAILMETA_API.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
@@ -23,7 +24,12 @@ ApiOption = Annotated[
 ]
 TokenOption = Annotated[
     str | None,
-    typer.Option("--token", help="API bearer token (env MAILMETA_TOKEN).", show_default=False),
+    typer.Option(
+        "--token",
+        help="API bearer token (env MAILMETA_TOKEN; else the operator-token file of "
+        "`mailmeta up` in MAILMETA_DATA_DIR or ./.mailmeta).",
+        show_default=False,
+    ),
 ]
 
 
@@ -31,12 +37,22 @@ def api_url(value: str | None) -> str:
     return (value or os.environ.get("MAILMETA_API") or DEFAULT_API).rstrip("/")
 
 
+def operator_token() -> str | None:
+    """The token `mailmeta up` wrote for the local operator, if there is one to read."""
+    data_dir = os.environ.get("MAILMETA_DATA_DIR")
+    path = Path(data_dir) / "operator-token" if data_dir else Path(".mailmeta/operator-token")
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
 class ApiClient:
     """A thin httpx client: errors become one clear CLI message and exit code 1."""
 
     def __init__(self, api: str | None, token: str | None = None, timeout: float = 60.0) -> None:
         self.base = api_url(api)
-        token = token or os.environ.get("MAILMETA_TOKEN")
+        token = token or os.environ.get("MAILMETA_TOKEN") or operator_token()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.base, headers=headers, timeout=timeout)
 

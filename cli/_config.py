@@ -22,3 +22,18 @@ def config_validate(path: Path) -> None:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
     typer.echo(f"{path}: {len(customers)} customer(s) OK")
+
+
+@config_app.command("hash-password")
+def config_hash_password(
+    password: str = typer.Option(
+        ..., prompt=True, hide_input=True, confirmation_prompt=True, help="The SMTP AUTH password."
+    ),
+) -> None:
+    """Print the argon2 hash to put in a customer's `smtp_users[].password_hash`."""
+    from mailmeta.ingest._auth import hash_password
+
+    if len(password) < 8:
+        typer.echo("mailmeta: password: use at least 8 characters", err=True)
+        raise typer.Exit(2)
+    typer.echo(hash_password(password))

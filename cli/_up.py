@@ -27,6 +27,24 @@ def up(
     ] = None,
     broker_port: Annotated[int, typer.Option(help="Port of the bundled local broker.")] = 9092,
     partitions: Annotated[int, typer.Option(help="Partitions of topics mailmeta creates.")] = 3,
+    relay_to: Annotated[
+        str | None,
+        typer.Option(help="Relay mode: forward each message to this next hop (HOST:PORT)."),
+    ] = None,
+    relay_networks: Annotated[
+        str | None, typer.Option(help="Comma-separated CIDRs allowed to relay to any domain.")
+    ] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate for STARTTLS.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key for STARTTLS.")] = None,
+    tls_self_signed: Annotated[
+        bool, typer.Option(help="STARTTLS with a generated self-signed certificate.")
+    ] = False,
+    ingest_workers: Annotated[
+        int, typer.Option(min=1, max=64, help="SMTP front end processes sharing the port.")
+    ] = 1,
+    ingest_metrics_port: Annotated[
+        int, typer.Option(help="Prometheus metrics port of the front end (0: off).")
+    ] = 0,
 ) -> None:
     """Run the whole pipeline on this machine until Ctrl-C (or SIGTERM)."""
     from mailmeta.local.supervisor import run_up
@@ -39,6 +57,17 @@ def up(
     }
     if config is not None:
         overrides["config"] = config
+    # Only what was given: the rest keeps its MAILMETA_* environment value or default.
+    optional: dict[str, object | None] = {
+        "relay_to": relay_to,
+        "relay_networks": relay_networks,
+        "tls_cert": str(tls_cert.resolve()) if tls_cert else None,
+        "tls_key": str(tls_key.resolve()) if tls_key else None,
+        "tls_self_signed": tls_self_signed or None,
+        "ingest_workers": ingest_workers if ingest_workers != 1 else None,
+        "ingest_metrics_port": ingest_metrics_port or None,
+    }
+    overrides.update({k: v for k, v in optional.items() if v is not None})
     if kafka_bootstrap:
         overrides["kafka_bootstrap"] = kafka_bootstrap
     settings = Settings(**overrides)

@@ -56,7 +56,7 @@ def _where(data: Any, loc: tuple[int | str, ...]) -> str:
         prefix = f"customer {cid!r}" if cid else f"customer #{idx + 1}"
         parts = parts[2:]
     # pydantic nests the policy mapping under 'actions'; users never write that word.
-    parts = [p for p in parts if p != "actions"]
+    parts = [p for p in parts if p not in ("actions", "rules")]
     field = ".".join(str(p) for p in parts)
     if prefix and field:
         return f"{prefix}: field {field!r}"

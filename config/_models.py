@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -26,6 +27,8 @@ class Action(StrEnum):
     hmac = "hmac"
     mask = "mask"
     truncate_ip = "truncate_ip"
+    domain_only = "domain_only"
+    length_only = "length_only"
 
 
 # Fields a policy may name: everything but the ones always kept and the version stamp.
@@ -39,21 +42,125 @@ _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-
 _ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
+# Fields holding an address (or an id@domain): domain_only applies to them.
+_ADDRESS_FIELDS = frozenset({"mail_from", "rcpt_to", "message_id"})
+_KEY_ID_RE = r"^[A-Za-z0-9_-]{1,16}$"
+# The key id a single hmac_key / hmac_key_env / hmac_key_file gets.
+DEFAULT_KEY_ID = "k1"
+
+
 def allowed_actions(field: str) -> frozenset[Action]:
     if field in _NUMERIC_FIELDS:
         return frozenset({Action.keep, Action.drop})
     allowed = {Action.keep, Action.drop, Action.hmac, Action.mask}
     if field in _IP_FIELDS:
         allowed.add(Action.truncate_ip)
+    if field in _ADDRESS_FIELDS:
+        allowed.add(Action.domain_only)
+    if field == "subject":
+        allowed.add(Action.length_only)
     return frozenset(allowed)
 
 
+class Replacement(BaseModel):
+    """One regex rule of a subject: every match of ``pattern`` becomes ``with``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    pattern: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+    replacement: str = Field(default="[redacted]", alias="with", max_length=200)
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+
+class FieldRule(BaseModel):
+    """A field's action with its parameters (the mapping form of a policy entry)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    action: Action = Action.keep
+    # mask: what replaces the hidden part, and how many leading characters of an
+    # address's local part stay visible (text other than addresses is masked whole).
+    mask: str | None = Field(default=None, max_length=32)
+    keep_chars: int | None = Field(default=None, ge=0, le=8)
+    # truncate_ip: the prefix lengths kept.
+    ipv4_prefix: int | None = Field(default=None, ge=0, le=32)
+    ipv6_prefix: int | None = Field(default=None, ge=0, le=128)
+    # subject with action keep: regex replacements applied in order.
+    replace: tuple[Replacement, ...] = ()
+
+    @model_validator(mode="after")
+    def _params_fit_action(self) -> FieldRule:
+        owners = {
+            "mask": Action.mask,
+            "keep_chars": Action.mask,
+            "ipv4_prefix": Action.truncate_ip,
+            "ipv6_prefix": Action.truncate_ip,
+        }
+        for param, owner in owners.items():
+            if getattr(self, param) is not None and self.action is not owner:
+                raise ValueError(f"{param!r} applies only to action {owner.value!r}")
+        if self.replace and self.action is not Action.keep:
+            raise ValueError("'replace' applies only to action 'keep'")
+        return self
+
+    def document(self) -> str | dict[str, Any]:
+        """The YAML/JSON form: the bare action when it has no parameters."""
+        doc = self.model_dump(mode="json", exclude_defaults=True, by_alias=True)
+        if set(doc) <= {"action"}:
+            return self.action.value
+        doc["action"] = self.action.value
+        return doc
+
+
 class Policy(BaseModel):
-    """field -> action. Fields not named are dropped (fail closed)."""
+    """field -> action. Fields not named are dropped (fail closed).
+
+    Written as a mapping ``field: action`` or ``field: {action: …, parameters…}``, plus
+    optionally ``hmac_key_id`` (which of the customer's keys hashes; default its active one).
+    """
 
     model_config = ConfigDict(frozen=True)
 
     actions: dict[str, Action]
+    # Fields given with parameters (their action is in ``actions`` too).
+    rules: dict[str, FieldRule] = Field(default_factory=dict)
+    hmac_key_id: Annotated[str, StringConstraints(pattern=_KEY_ID_RE)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_rules(cls, data: Any) -> Any:
+        # The document form {field: action | {action, params}} -> actions + rules, so
+        # ``actions`` keeps meaning field -> Action for every reader.
+        if not isinstance(data, dict):
+            return data
+        if "actions" not in data:
+            data = {"actions": data}
+        actions = data.get("actions")
+        if not isinstance(actions, dict):
+            return data
+        plain: dict[str, Any] = {}
+        rules: dict[str, Any] = dict(data.get("rules") or {})
+        key_id = data.get("hmac_key_id")
+        for name, value in actions.items():
+            if name == "hmac_key_id":
+                key_id = value
+            elif isinstance(value, dict):
+                rules[name] = value
+                plain[name] = value.get("action", Action.keep.value)
+            else:
+                plain[name] = value
+        out = {**data, "actions": plain, "rules": rules}
+        if key_id is not None:
+            out["hmac_key_id"] = key_id
+        return out
 
     @field_validator("actions")
     @classmethod
@@ -70,12 +177,97 @@ class Policy(BaseModel):
                 raise ValueError(f"action {action.value!r} does not apply to field {name!r} ({ok})")
         return actions
 
+    @model_validator(mode="after")
+    def _rules_fit(self) -> Policy:
+        for name, rule in self.rules.items():
+            if rule.replace and name != "subject":
+                raise ValueError(f"field {name!r}: 'replace' applies only to 'subject'")
+        return self
+
     def action_for(self, name: str) -> Action:
         return self.actions.get(name, Action.drop)
+
+    def rule_for(self, name: str) -> FieldRule:
+        """The field's action with its parameters (defaults when given as a bare action)."""
+        rule = self.rules.get(name)
+        if rule is not None:
+            return rule
+        return FieldRule(action=self.action_for(name))
+
+    @property
+    def uses_hmac(self) -> bool:
+        return any(a is Action.hmac for a in self.actions.values())
+
+    def document(self) -> dict[str, Any]:
+        """The policy as written in a customer's ``policy:`` block (round-trips)."""
+        doc: dict[str, Any] = {
+            name: self.rule_for(name).document() for name in POLICY_FIELDS if name in self.actions
+        }
+        if self.hmac_key_id is not None:
+            doc["hmac_key_id"] = self.hmac_key_id
+        return doc
 
 
 # The policy a customer gets when its config names none: only the always-kept fields.
 STRICT_DEFAULT_POLICY = Policy(actions={})
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port); ValueError names what is wrong."""
+    host, sep, port = value.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return host, int(port)
+
+
+class SmtpUser(BaseModel):
+    """An SMTP AUTH login of a customer (outbound relaying). Only a password *hash* is
+    stored: an argon2 hash as written by ``mailmeta.ingest.hash_password``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    username: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    password_hash: str = Field(repr=False)
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hashed(cls, value: str) -> str:
+        if not value.startswith("$argon2"):
+            raise ValueError("must be an argon2 hash ($argon2id$...), never a clear-text password")
+        return value
+
+
+class HmacKey(BaseModel):
+    """One HMAC key of a customer: its id and exactly one place the secret lives."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: Annotated[str, StringConstraints(pattern=_KEY_ID_RE)]
+    key: str | None = Field(default=None, min_length=16, repr=False)
+    env: str | None = None
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> HmacKey:
+        given = [k for k in ("key", "env", "file") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"key {self.id!r}: give exactly one of key, env, file")
+        return self
+
+    def resolve(self, customer: str) -> bytes:
+        if self.key:
+            return self.key.encode()
+        if self.env:
+            value = os.environ.get(self.env)
+            if not value:
+                raise ValueError(f"customer {customer!r}: env var {self.env} is not set")
+            return value.encode()
+        assert self.file is not None
+        value_b = self.file.read_bytes().strip()
+        if len(value_b) < 16:
+            raise ValueError(f"customer {customer!r}: key file {self.file} holds < 16 bytes")
+        return value_b
 
 
 class Customer(BaseModel):
@@ -87,8 +279,39 @@ class Customer(BaseModel):
     hmac_key: str | None = Field(default=None, min_length=16, repr=False)
     hmac_key_env: str | None = None
     hmac_key_file: Path | None = None
+    # Key rotation: several keys by id; hashes carry the id that made them ("k2:hex").
+    # hmac_active_key picks the one new events use (default: the last listed). The single
+    # hmac_key / _env / _file above is the key "k1".
+    hmac_keys: list[HmacKey] = Field(default_factory=list)
+    hmac_active_key: Annotated[str, StringConstraints(pattern=_KEY_ID_RE)] | None = None
     policy: Policy = STRICT_DEFAULT_POLICY
     policy_version: int = Field(default=1, ge=1)
+    # SMTP front end (all optional): where this customer's mail is relayed ("HOST:PORT";
+    # unset: the global MAILMETA_RELAY_TO, or none: a terminal sink), the client networks
+    # and AUTH logins that may relay through mailmeta for it, and whether its mail must
+    # arrive over TLS.
+    relay_to: str | None = None
+    client_networks: list[str] = Field(default_factory=list)
+    smtp_users: list[SmtpUser] = Field(default_factory=list)
+    require_tls: bool = False
+
+    @field_validator("relay_to")
+    @classmethod
+    def _relay_to(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_host_port(value)
+        return value
+
+    @field_validator("client_networks")
+    @classmethod
+    def _networks(cls, nets: list[str]) -> list[str]:
+        out = []
+        for n in nets:
+            try:
+                out.append(str(ipaddress.ip_network(n.strip(), strict=False)))
+            except ValueError:
+                raise ValueError(f"{n!r} is not an IP network (CIDR)") from None
+        return out
 
     @field_validator("domains")
     @classmethod
@@ -117,23 +340,63 @@ class Customer(BaseModel):
             raise ValueError(
                 f"give only one of hmac_key, hmac_key_env, hmac_key_file (got {given})"
             )
-        needs_key = any(a is Action.hmac for a in self.policy.actions.values())
-        if needs_key and not given:
-            raise ValueError("policy uses 'hmac' but no hmac_key / hmac_key_env / hmac_key_file")
+        if given and self.hmac_keys:
+            raise ValueError(f"give either hmac_keys or {given[0]}, not both")
+        ids = [k.id for k in self.hmac_keys]
+        dup = {i for i in ids if ids.count(i) > 1}
+        if dup:
+            raise ValueError(f"hmac key id {sorted(dup)[0]!r} appears twice")
+        if self.hmac_active_key is not None and self.hmac_active_key not in self.key_ids():
+            raise ValueError(f"hmac_active_key {self.hmac_active_key!r} is not one of the keys")
+        problem = self.policy_problem(self.policy)
+        if problem:
+            raise ValueError(problem)
         return self
 
+    def key_ids(self) -> list[str]:
+        if self.hmac_keys:
+            return [k.id for k in self.hmac_keys]
+        if self.hmac_key or self.hmac_key_env or self.hmac_key_file:
+            return [DEFAULT_KEY_ID]
+        return []
+
+    @property
+    def active_key_id(self) -> str | None:
+        ids = self.key_ids()
+        return self.hmac_active_key or (ids[-1] if ids else None)
+
+    def policy_problem(self, policy: Policy) -> str | None:
+        """Why ``policy`` cannot apply to this customer (keys), or None."""
+        if policy.hmac_key_id is not None and policy.hmac_key_id not in self.key_ids():
+            return (
+                f"field 'hmac_key_id': key {policy.hmac_key_id!r} is not configured for "
+                f"customer {self.id!r} (has: {', '.join(self.key_ids()) or 'none'})"
+            )
+        if policy.uses_hmac and not self.key_ids():
+            field = next(n for n, a in policy.actions.items() if a is Action.hmac)
+            return (
+                f"field {field!r}: policy uses 'hmac' but no hmac_key / hmac_key_env / "
+                "hmac_key_file / hmac_keys"
+            )
+        return None
+
+    def keys(self) -> dict[str, bytes]:
+        """Every configured key by id, resolved from where the config says it lives."""
+        if self.hmac_keys:
+            return {k.id: k.resolve(self.id) for k in self.hmac_keys}
+        if not self.key_ids():
+            return {}
+        single = HmacKey(
+            id=DEFAULT_KEY_ID, key=self.hmac_key, env=self.hmac_key_env, file=self.hmac_key_file
+        )
+        return {DEFAULT_KEY_ID: single.resolve(self.id)}
+
     def key_bytes(self) -> bytes:
-        """The customer's HMAC key, resolved from where the config says it lives."""
-        if self.hmac_key:
-            return self.hmac_key.encode()
-        if self.hmac_key_env:
-            value = os.environ.get(self.hmac_key_env)
-            if not value:
-                raise ValueError(f"customer {self.id!r}: env var {self.hmac_key_env} is not set")
-            return value.encode()
-        if self.hmac_key_file:
-            return self.hmac_key_file.read_bytes().strip()
-        raise ValueError(f"customer {self.id!r} has no hmac key")
+        """The customer's active HMAC key."""
+        key_id = self.active_key_id
+        if key_id is None:
+            raise ValueError(f"customer {self.id!r} has no hmac key")
+        return self.keys()[key_id]
 
 
 class CustomersFile(BaseModel):
@@ -155,4 +418,13 @@ class CustomersFile(BaseModel):
                         f"domain {d!r} belongs to both customer {owner[d]!r} and {c.id!r}"
                     )
                 owner[d] = c.id
+        users: dict[str, str] = {}
+        for c in self.customers:
+            for u in c.smtp_users:
+                if u.username in users:
+                    raise ValueError(
+                        f"smtp user {u.username!r} belongs to both customer "
+                        f"{users[u.username]!r} and {c.id!r}"
+                    )
+                users[u.username] = c.id
         return self

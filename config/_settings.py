@@ -21,6 +21,10 @@ class Settings(BaseSettings):
     raw_topic: str = schema.RAW_TOPIC
     redacted_topic: str = schema.REDACTED_TOPIC
     deadletter_topic: str = schema.DEADLETTER_TOPIC
+    # Redaction policies: compacted, one partition, read whole by every redaction worker.
+    policies_topic: str = "mailmeta.policies"
+    # Prometheus metrics of a redaction worker (0 = off).
+    streams_metrics_port: int = Field(default=0, ge=0, le=65535)
     partitions: int = Field(default=3, ge=1)
     # Unredacted metadata must not outlive what customers were promised: keep it hours.
     raw_retention_hours: int = Field(default=6, ge=1)
@@ -33,6 +37,45 @@ class Settings(BaseSettings):
     # Local mode: librdkafka waits ~half a session timeout before a group join completes.
     session_timeout_ms: int = 6000
     log_level: str = "info"
+
+    # --- query API access (sinks/_auth.py) -------------------------------------------------
+    # Bearer tokens required on the API (`mailmeta up` and any deployment: keep it on).
+    api_auth: bool = True
+    # When set (and api_auth is on), the sink creates an operator token on start unless the
+    # file already holds a working one, and writes it here with mode 0600.
+    operator_token_file: Path | None = None
+    # Per-token request budget: a token bucket of `burst` requests refilled at `rate`/s.
+    api_rate_per_s: float = Field(default=20.0, gt=0)
+    api_rate_burst: int = Field(default=60, ge=1)
+
+    # --- SMTP front end (ingest) -----------------------------------------------------------
+    # Next hop "HOST:PORT" for relay mode; empty: terminal sink (events say "accepted").
+    relay_to: str = ""
+    # Comma-separated CIDRs whose clients may relay to foreign domains (besides each
+    # customer's client_networks and AUTH users); the customer is the sender domain's owner.
+    relay_networks: str = ""
+    # PEM files for STARTTLS ("" = none). Strings, not Optional: `mailmeta up` passes every
+    # setting on as text, and None would come back as a file called "None".
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Local use: a self-signed certificate generated under data_dir/tls.
+    tls_self_signed: bool = False
+    ingest_workers: int = Field(default=1, ge=1, le=64)
+    # Set by the parent of --workers N for each child: selects the spool subdir and metrics
+    # port, and makes the child bind with SO_REUSEPORT beside its siblings.
+    ingest_worker_index: int = Field(default=0, ge=0)
+    ingest_reuse_port: bool = False
+    # Prometheus metrics of the front end (0 = off); worker i listens on port + i.
+    ingest_metrics_port: int = Field(default=0, ge=0, le=65535)
+    smtp_max_message_size: int = Field(default=32 * 1024 * 1024, ge=1024)
+    smtp_max_recipients: int = Field(default=1000, ge=100)  # RFC 5321: at least 100
+    smtp_timeout: float = Field(default=300.0, gt=0)
+    smtp_max_errors: int = Field(default=20, ge=1)
+    smtp_max_connections_per_ip: int = Field(default=50, ge=1)
+    # Broker acknowledgement wait before an event goes to the durable spool instead.
+    ingest_spool_after_s: float = Field(default=2.0, gt=0)
+    # Spool capacity; when full the front end answers 451. 0 disables the spool.
+    ingest_spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
 
     def resolved_dsn(self) -> str:
         if self.clickhouse_dsn:

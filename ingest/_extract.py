@@ -1,7 +1,7 @@
 """From an SMTP transaction to schema events: only allow-listed header fields, never the body.
 
-Only the header block (everything before the first empty line) is handed to the parser, so
-the body is never parsed, decoded or copied. Header values other than Message-ID, Subject
+Only the header block (everything before the first empty line) is scanned, so the body is
+never parsed, decoded or copied. Header values other than Message-ID, Subject
 and Date are never read.
 """
 
@@ -12,11 +12,10 @@ import binascii
 import codecs
 import ipaddress
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
-from email.message import Message
-from email.parser import BytesHeaderParser
 from email.utils import parsedate_to_datetime
 
 from mailmeta import schema
@@ -26,7 +25,6 @@ MAX_SUBJECT = 2000
 MAX_MESSAGE_ID = 998
 MAX_HELO = 255
 
-_PARSER = BytesHeaderParser()
 # RFC 5322 unfolding: a line break followed by white space is just that white space.
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 # Any other control character left after unfolding (stray CR/LF, NUL, ...).
@@ -57,9 +55,8 @@ def header_block(content: bytes) -> bytes:
 def extract_headers(content: bytes) -> HeaderFields:
     """Message-ID, Subject and Date from the header block; whatever cannot be parsed is None."""
     try:
-        msg = _PARSER.parsebytes(header_block(content), headersonly=True)
-        raw = _wanted_raw_values(msg)
-    except Exception:  # the compat32 parser is lenient; never let a message crash DATA
+        raw = scan_headers(header_block(content))
+    except Exception:  # never let a message crash DATA
         return HeaderFields(None, None, None)
     return HeaderFields(
         message_id=_safely(_message_id, raw.get("message-id")),
@@ -69,22 +66,51 @@ def extract_headers(content: bytes) -> HeaderFields:
 
 
 _WANTED = ("message-id", "subject", "date")
+# What the compat32 feed parser accepts as a header line (email.feedparser.headerRE); the
+# first line that is none of these ends the header block.
+_HEADER_LINE = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*:|[\t ]")
 
 
-def _wanted_raw_values(msg: Message) -> dict[str, str]:
-    """The first Message-ID, Subject and Date as written (no other header is read).
+def scan_headers(block: bytes) -> dict[str, str]:
+    """The first Message-ID, Subject and Date as written, folds removed.
 
-    raw_items() gives the stored text; ``msg.get`` would turn 8-bit values into Header
-    objects whose str() loses the bytes.
+    A direct scan with the same rules as ``email``'s compat32 parser (a test compares the
+    two on odd inputs) at a fraction of its cost: only the three wanted values are ever
+    decoded, no other header is read into a string.
     """
     out: dict[str, str] = {}
-    for name, value in msg.raw_items():
-        key = name.strip().lower()
-        if key in _WANTED and key not in out:
-            # compat32 keeps 8-bit bytes as surrogate escapes; RFC 6532 says they are UTF-8.
-            text = str(value).encode("ascii", "surrogateescape").decode("utf-8", "replace")
-            out[key] = _FOLD.sub("", text)
+    key: bytes | None = None  # the header being collected, when wanted
+    parts: list[bytes] = []
+    current = False  # a header is open (continuation lines belong to it)
+
+    def finish() -> None:
+        if key is not None:
+            name = key.decode("ascii")
+            if name not in out:
+                # RFC 6532: 8-bit header text is UTF-8.
+                out[name] = _FOLD.sub("", b"".join(parts).decode("utf-8", "replace"))
+
+    for line in block.splitlines():
+        if not line or not _HEADER_LINE.match(line):
+            break
+        if line[0] in b" \t":
+            if current and key is not None:
+                parts.append(b"\r\n" + line)
+            continue
+        finish()
+        key, parts, current = None, [], False
+        i = line.find(b":")
+        if line.startswith(b"From ") or i <= 0:
+            continue  # a Unix From line or a header without a name: skipped, like compat32
+        current = True
+        name = line[:i].strip().lower()
+        if name in _WANTED_BYTES:
+            key, parts = name, [line[i + 1 :].lstrip(b" \t")]
+    finish()
     return out
+
+
+_WANTED_BYTES = frozenset(w.encode() for w in _WANTED)
 
 
 def _safely(parse: Callable[[str], str | None], raw: str | None) -> str | None:
@@ -193,6 +219,20 @@ def envelope_sender(mail_from: object) -> str:
     return mail_from
 
 
+_second: tuple[int, str] = (-1, "")
+
+
+def now_ms() -> str:
+    """``schema.now_ms()`` with the formatted second cached: strftime per event showed in
+    profiles, and events arrive hundreds per second."""
+    global _second
+    ns = time.time_ns()
+    sec, ms = divmod(ns // 1_000_000, 1000)
+    if _second[0] != sec:
+        _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    return f"{_second[1]}.{ms:03d}Z"
+
+
 def accepted_reply(event_ids: list[str]) -> str:
     return "250 2.0.0 Ok: queued as " + " ".join(event_ids)
 
@@ -212,7 +252,7 @@ def build_event(
 ) -> schema.Event:
     return schema.Event(
         event_id=event_id,
-        received_at=schema.now_ms(),
+        received_at=now_ms(),
         customer_id=customer_id,
         status="accepted",
         sender_ip=sender_ip,

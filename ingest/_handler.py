@@ -1,5 +1,6 @@
-"""The aiosmtpd handler: recipients resolved to customers, one event per customer, 250 only
-once the broker has acknowledged every event of the message."""
+"""The aiosmtpd handler: recipients resolved to customers (and who may relay), the message
+relayed to the next hop when there is one, one event per customer, and a 250 only once every
+event is acknowledged by the broker or fsync'd in the durable spool."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailmeta import schema
-from mailmeta.config import Customers
+from mailmeta.config import Customer, Customers
 from mailmeta.ingest import _metrics as metrics
+from mailmeta.ingest._auth import AuthUser, RelayAccess
 from mailmeta.ingest._extract import (
     accepted_reply,
     build_event,
@@ -24,6 +26,10 @@ from mailmeta.ingest._extract import (
     peer_ip,
 )
 from mailmeta.ingest._producer import DeliveryError, EventProducer
+from mailmeta.ingest._protocol import FrontEndSMTP, MailEnvelope
+from mailmeta.ingest._relay import RelayReply, relay
+from mailmeta.ingest._spool import Spool, SpoolFull
+from mailmeta.ingest._tls import tls_info
 
 log = logging.getLogger("mailmeta.ingest")
 
@@ -35,16 +41,11 @@ _PATH_MAX = 254  # 256 octets of path minus the angle brackets
 
 REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 REPLY_BARE_NEWLINE = "550 5.5.2 Error: bare <CR> or <LF> received in message data"
+REPLY_TLS_REQUIRED = "530 5.7.0 Must issue a STARTTLS command first"
 
-
-class Spool(Protocol):
-    """Where records go when the broker cannot take them (the durable spool, a later issue).
-
-    ``store`` returns once the records are durable; raising means they are not, and the
-    client gets a 451 so that it keeps the message and retries.
-    """
-
-    async def store(self, records: Sequence[tuple[bytes, bytes]]) -> None: ...
+# Precomputed children: ``labels()`` takes a lock and a dict lookup on every call.
+_ACCEPTED = metrics.MESSAGES.labels("accepted")
+_SPOOLED = metrics.MESSAGES.labels("spooled")
 
 
 class IngestHandler:
@@ -55,14 +56,37 @@ class IngestHandler:
         *,
         spool: Spool | None = None,
         max_recipients: int = DEFAULT_MAX_RECIPIENTS,
+        relay_to: str | None = None,
+        access: RelayAccess | None = None,
+        spool_after: float = 2.0,
+        relay_timeout: float = 60.0,
     ) -> None:
         self.customers = customers
         self.producer = producer
         self.spool = spool
         self.max_recipients = max_recipients
+        self.relay_to = relay_to or None
+        self.access = access or RelayAccess(customers, "")
+        self.spool_after = spool_after
+        self.relay_timeout = relay_timeout
         self.shutting_down = False
         # DATA handlers running now; graceful shutdown waits for them.
         self.in_flight = 0
+        # Ids of spooled events whose direct produce was acknowledged late: replay skips them.
+        self.late_acked: set[bytes] = set()
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        # aiosmtpd advertises "AUTH" with an empty list after STARTTLS when no mechanism is
+        # configured: not a valid EHLO line.
+        return [r for r in responses if r.rstrip() != "250-AUTH"]
 
     async def handle_MAIL(
         self,
@@ -80,6 +104,26 @@ class IngestHandler:
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
+
+    def next_hop(self, customer: Customer) -> str | None:
+        return customer.relay_to or self.relay_to
+
+    def _relay_customer(
+        self, server: SMTP, session: Session, envelope: Envelope
+    ) -> Customer | bool | None:
+        """Who a foreign recipient is relayed for: the AUTH user's customer, else the owner of
+        the client's network, else (client in the relay networks) the sender domain's owner.
+        False: the client may not relay at all."""
+        user = session.auth_data
+        if isinstance(user, AuthUser):
+            return self.customers.by_id.get(user.customer_id)
+        ip = server.client_ip if isinstance(server, FrontEndSMTP) else peer_ip(session.peer)
+        owner = self.access.network_customer(ip)
+        if owner is not None:
+            return owner
+        if self.access.in_relay_networks(ip):
+            return self.customers.for_address(envelope_sender(envelope.mail_from))
+        return False
 
     async def handle_RCPT(
         self,
@@ -100,25 +144,46 @@ class IngestHandler:
         ):
             metrics.RECIPIENTS_REJECTED.labels("malformed").inc()
             return f"553 5.1.3 <{address}>: malformed recipient address"
-        if self.customers.for_address(address) is None:
-            metrics.RECIPIENTS_REJECTED.labels("unknown_domain").inc()
-            return f"550 5.1.1 <{address}>: recipient domain not served here"
+        # Inbound: mail to a customer's own domain is accepted from anyone.
+        customer = self.customers.for_domain(domain)
+        if customer is None:
+            relay_for = self._relay_customer(server, session, envelope)
+            if relay_for is False:
+                # Never an open relay.
+                metrics.RECIPIENTS_REJECTED.labels("relay_denied").inc()
+                return f"554 5.7.1 <{address}>: Relay access denied"
+            if not isinstance(relay_for, Customer):
+                metrics.RECIPIENTS_REJECTED.labels("unknown_domain").inc()
+                return f"550 5.1.1 <{address}>: recipient domain not served here"
+            customer = relay_for
+        if customer.require_tls and not session.ssl:
+            metrics.RECIPIENTS_REJECTED.labels("tls_required").inc()
+            return REPLY_TLS_REQUIRED
         if len(envelope.rcpt_tos) >= self.max_recipients:
             metrics.RECIPIENTS_REJECTED.labels("too_many").inc()
             return "452 4.5.3 Error: too many recipients"
+        hop = self.next_hop(customer)
+        assert isinstance(envelope, MailEnvelope)
+        if envelope.rcpt_tos and hop != envelope.next_hop:
+            # One transaction, one next hop: the client sends this one separately
+            # (452 makes it retry the recipient, RFC 5321 4.5.3.1.10).
+            metrics.RECIPIENTS_REJECTED.labels("next_hop").inc()
+            return f"452 4.5.3 <{address}>: different next hop, send it in a new transaction"
+        envelope.next_hop = hop
         if address not in envelope.rcpt_tos:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
+            envelope.customer_of[address] = customer.id
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.in_flight += 1
         try:
-            return await self._data(session, envelope)
+            return await self._data(server, session, envelope)
         finally:
             self.in_flight -= 1
 
-    async def _data(self, session: Session, envelope: Envelope) -> str:
+    async def _data(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         started = time.perf_counter()
         content = envelope.original_content or b""
         if not isinstance(content, bytes):  # decode_data=False keeps bytes; be certain
@@ -127,22 +192,36 @@ class IngestHandler:
             metrics.MESSAGES.labels("rejected_bare_newline").inc()
             log.info("rejected message from %s: bare CR/LF in DATA", peer_ip(session.peer))
             return REPLY_BARE_NEWLINE
+        assert isinstance(envelope, MailEnvelope)
 
         headers = extract_headers(content)
         by_customer: dict[str, list[str]] = {}
         for rcpt in envelope.rcpt_tos:
-            customer = self.customers.for_address(rcpt)
-            if customer is not None:  # RCPT already refused the others
-                by_customer.setdefault(customer.id, []).append(rcpt)
+            by_customer.setdefault(envelope.customer_of[rcpt], []).append(rcpt)
+        sender_ip = server.client_ip if isinstance(server, FrontEndSMTP) else peer_ip(session.peer)
+        mail_from = envelope_sender(envelope.mail_from)
+        helo = clean_helo(session.host_name)
 
-        sender_ip = peer_ip(session.peer)
+        verdict: RelayReply | None = None
+        if envelope.next_hop is not None:
+            t_relay = time.perf_counter()
+            verdict = await relay(
+                envelope.next_hop,
+                helo=server.hostname,
+                mail_from=mail_from,
+                rcpt_to=list(envelope.rcpt_tos),
+                content=content,
+                time_limit=self.relay_timeout,
+            )
+            metrics.RELAY_LATENCY.observe(time.perf_counter() - t_relay)
+
         common: dict[str, Any] = {
             "headers": headers,
-            "mail_from": envelope_sender(envelope.mail_from),
+            "mail_from": mail_from,
             "sender_ip": sender_ip,
-            "helo": clean_helo(session.host_name),
+            "helo": helo,
             "size_bytes": len(content),
-            "tls_version": _tls_version(session),
+            "tls_version": tls_info(session.ssl)[0],
         }
         processing_ms = round((time.perf_counter() - started) * 1000, 3)
         events = [
@@ -155,46 +234,81 @@ class IngestHandler:
             )
             for customer_id, rcpts in by_customer.items()
         ]
+        if verdict is not None:
+            for ev in events:
+                ev.status = verdict.status
+                ev.smtp_reply = verdict.line
         records = [(ev.event_id.encode(), schema.encode_event(ev)) for ev in events]
         ids = [ev.event_id for ev in events]
+        failure = await self.record(records)
 
-        t_produce = time.perf_counter()
-        try:
-            await self.producer.deliver(records)
-        except DeliveryError as exc:
-            return await self._undelivered(records, ids, sender_ip, str(exc))
-        metrics.PRODUCE_LATENCY.observe(time.perf_counter() - t_produce)
-        metrics.EVENTS_PRODUCED.inc(len(records))
-        metrics.MESSAGES.labels("accepted").inc()
-        log.info(
-            "accepted message from %s as %s (%d bytes, %.1f ms)",
-            sender_ip,
-            " ".join(ids),
-            len(content),
-            (time.perf_counter() - started) * 1000,
-        )
+        if verdict is not None:
+            # The next hop has decided; its verdict is the client's whatever became of our
+            # event (a 250 here after a delivered message must not make the client resend).
+            metrics.MESSAGES.labels(f"relayed_{verdict.status}").inc()
+            if failure is not None:
+                metrics.METADATA_LOST.inc()
+                log.error("event(s) %s not recorded: %s", " ".join(ids), failure)
+            return verdict.line
+        if failure is not None:
+            log.warning("deferred message from %s: %s", sender_ip, failure)
+            return f"451 4.3.0 Temporary failure, try again later: {failure}"
+        _ACCEPTED.inc()
         return accepted_reply(ids)
 
-    async def _undelivered(
-        self,
-        records: list[tuple[bytes, bytes]],
-        ids: list[str],
-        sender_ip: str | None,
-        reason: str,
-    ) -> str:
-        # Seam for the durable spool: once it holds the records, the message is ours.
-        if self.spool is not None:
-            try:
-                await self.spool.store(records)
-            except Exception as exc:
-                log.error("spool failed: %s", type(exc).__name__)
-            else:
-                metrics.MESSAGES.labels("spooled").inc()
-                log.warning("broker unavailable (%s); spooled %s", reason, " ".join(ids))
-                return accepted_reply(ids)
-        metrics.MESSAGES.labels("deferred_produce_failed").inc()
-        log.warning("deferred message from %s: broker did not acknowledge: %s", sender_ip, reason)
-        return f"451 4.3.0 Temporary failure, try again later: {reason}"
+    async def record(self, records: list[tuple[bytes, bytes]]) -> str | None:
+        """Make the records durable: acknowledged by the broker, or else fsync'd in the spool.
+        None on success, else a short reason (for a 451)."""
+        spool = self.spool
+        if spool is not None and spool.active:
+            # Something is spooled already: queue behind it, so replay keeps the order.
+            return await self._spool(spool, records, "spool in use")
+        t_produce = time.perf_counter()
+        try:
+            futures = self.producer.send(records)
+        except DeliveryError as exc:
+            if spool is None:
+                metrics.MESSAGES.labels("deferred_produce_failed").inc()
+                return str(exc)
+            return await self._spool(spool, records, str(exc))
+        timeout = self.spool_after if spool is not None else self.producer.delivery_timeout + 5.0
+        done, pending = await asyncio.wait(futures, timeout=timeout)
+        errors = [e for e in (f.exception() for f in done) if e is not None]
+        failed = errors[0] if errors else None
+        if not pending and failed is None:
+            metrics.PRODUCE_LATENCY.observe(time.perf_counter() - t_produce)
+            metrics.EVENTS_PRODUCED.inc(len(records))
+            return None
+        reason = str(failed) if failed is not None else "timed out waiting for the event store"
+        if spool is None:
+            _settle_quietly(futures)
+            metrics.MESSAGES.labels("deferred_produce_failed").inc()
+            return reason
+        # The producer may still deliver these; if it does, replay must not send them again.
+        for fut, (key, _) in zip(futures, records, strict=True):
+            if not fut.done():
+                fut.add_done_callback(lambda f, k=key: self._late(f, k))
+        return await self._spool(spool, records, reason)
+
+    def _late(self, fut: asyncio.Future[None], key: bytes) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self.late_acked.add(key)
+
+    async def _spool(
+        self, spool: Spool, records: Sequence[tuple[bytes, bytes]], why: str
+    ) -> str | None:
+        try:
+            await spool.store(records)
+        except SpoolFull as exc:
+            metrics.MESSAGES.labels("deferred_spool_full").inc()
+            log.error("%s; broker: %s", exc, why)
+            return "local spool is full"
+        except OSError:
+            metrics.MESSAGES.labels("deferred_produce_failed").inc()
+            return "local spool write failed"
+        _SPOOLED.inc()
+        log.info("spooled %d event(s) (%s)", len(records), why)
+        return None
 
     async def handle_exception(self, error: Exception) -> str:
         # The type only: an exception's text could quote message data.
@@ -202,13 +316,12 @@ class IngestHandler:
         return "451 4.3.0 Internal error, try again later"
 
 
-def _tls_version(session: Session) -> str | None:
-    info = session.ssl
-    if not info:
-        return None
-    ssl_object = info.get("ssl_object") if isinstance(info, dict) else None
-    version = ssl_object.version() if ssl_object is not None else None
-    return str(version) if version else None
+def _settle_quietly(futures: list[asyncio.Future[None]]) -> None:
+    for fut in futures:
+        if not fut.done():
+            fut.cancel()
+        elif not fut.cancelled():
+            fut.exception()  # mark retrieved: no "exception was never retrieved" noise
 
 
 def _close_after_reply(server: SMTP) -> None:

@@ -57,11 +57,18 @@ class EventProducer:
         config["error_cb"] = self._on_error
         config["logger"] = logging.getLogger("mailmeta.ingest.librdkafka")
         config.update(extra_config or {})
+        self._config = config
         self._producer = Producer(config)
+        # Set by error_cb on a fatal error (e.g. the broker lost the idempotent producer's
+        # sequence state across a restart): the poll thread then replaces the producer.
+        self._fatal = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_error: str | None = None
+        # Delivery reports collected during one poll(), settled on the loop in one callback:
+        # one wake-up of the event loop per poll instead of one per record.
+        self._reports: list[tuple[asyncio.Future[None], KafkaError | None]] = []
 
     def start(self) -> None:
         """Bind to the running loop and start the delivery-report thread."""
@@ -90,8 +97,46 @@ class EventProducer:
         while not self._stop.is_set():
             try:
                 self._producer.poll(0.5)
+            except KafkaException as exc:
+                if exc.args[0].fatal():
+                    log.error("kafka producer hit a fatal error: %s", _reason(exc.args[0]))
+                    self._fatal.set()
+                else:
+                    log.warning("kafka producer poll failed: %s", _reason(exc.args[0]))
             except Exception:  # a failing callback must not end delivery reports for good
                 log.exception("kafka producer poll failed")
+            if self._fatal.is_set():
+                self._replace_producer()
+            self._hand_over()
+
+    def _replace_producer(self) -> None:
+        """A fatal producer error is final for that producer instance: start a new one (a new
+        producer id) and fail what the old one still held, so callers spool or 451 it."""
+        self._fatal.clear()
+        old, self._producer = self._producer, Producer(self._config)
+        log.warning("kafka producer replaced after a fatal error; %d record(s) failed", len(old))
+        try:
+            old.purge()
+        except KafkaException:
+            pass
+        # Serve the purged records' reports (bounded): each settles its caller's future.
+        for _ in range(20):
+            try:
+                old.poll(0.05)
+            except KafkaException:
+                pass
+            if len(old) == 0:
+                break
+
+    def _hand_over(self) -> None:
+        reports, self._reports = self._reports, []
+        loop = self._loop
+        if not reports or loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(_settle_all, reports)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
 
     def _on_error(self, err: KafkaError) -> None:
         reason = err.str()
@@ -100,32 +145,29 @@ class EventProducer:
             self._last_error = reason
         if err.fatal():
             log.error("kafka producer hit a fatal error: %s", reason)
+            self._fatal.set()
 
     def _delivered(self, fut: asyncio.Future[None], err: KafkaError | None, _msg: Message) -> None:
         if err is None:
             self._last_error = None  # the broker is back: log the next outage again
-        loop = self._loop
-        if loop is None:
-            return
-        try:
-            loop.call_soon_threadsafe(_settle, fut, err)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
+        # Runs inside poll()/flush() on a librdkafka-serving thread; handed over after it.
+        self._reports.append((fut, err))
 
-    async def deliver(self, records: Sequence[tuple[bytes, bytes]]) -> None:
-        """Produce ``(key, value)`` records and return once the broker acknowledged all of
-        them; raise :class:`DeliveryError` on the first failure or after the timeout."""
+    def queued(self) -> int:
+        """Records handed to the producer and not yet acknowledged or failed."""
+        return len(self._producer)
+
+    def send(self, records: Sequence[tuple[bytes, bytes]]) -> list[asyncio.Future[None]]:
+        """Enqueue ``(key, value)`` records; one future per record settles with the broker's
+        acknowledgement (or a :class:`DeliveryError`). Raises DeliveryError if the local
+        queue refuses them."""
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[None]] = []
+        produce = self._producer.produce
         for key, value in records:
             fut: asyncio.Future[None] = loop.create_future()
             try:
-                self._producer.produce(
-                    self.topic,
-                    value,
-                    key,
-                    on_delivery=functools.partial(self._delivered, fut),
-                )
+                produce(self.topic, value, key, on_delivery=functools.partial(self._delivered, fut))
             except BufferError:
                 _discard(futures)
                 raise DeliveryError("producer queue is full") from None
@@ -133,6 +175,12 @@ class EventProducer:
                 _discard(futures)
                 raise DeliveryError(_reason(exc.args[0])) from None
             futures.append(fut)
+        return futures
+
+    async def deliver(self, records: Sequence[tuple[bytes, bytes]]) -> None:
+        """Produce ``(key, value)`` records and return once the broker acknowledged all of
+        them; raise :class:`DeliveryError` on the first failure or after the timeout."""
+        futures = self.send(records)
         # librdkafka times each record out after message.timeout.ms; this guard only covers
         # a poll thread that stopped serving reports.
         _done, pending = await asyncio.wait(futures, timeout=self.delivery_timeout + 5.0)
@@ -158,8 +206,14 @@ class EventProducer:
         if thread is not None:
             await asyncio.to_thread(thread.join, 2.0)
         remaining = await asyncio.to_thread(self.flush, flush_timeout)
+        self._hand_over()  # reports served by flush()
         if remaining:
             log.warning("%d event(s) not acknowledged by the broker at shutdown", remaining)
+
+
+def _settle_all(reports: list[tuple[asyncio.Future[None], KafkaError | None]]) -> None:
+    for fut, err in reports:
+        _settle(fut, err)
 
 
 def _settle(fut: asyncio.Future[None], err: KafkaError | None) -> None:

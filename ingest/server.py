@@ -4,19 +4,25 @@ that it can stop gracefully: stop accepting, let transactions finish, flush the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+import ssl
+from pathlib import Path
 from typing import Any
 
-from aiosmtpd.smtp import SMTP
-
 from mailmeta.config import Customers, Settings
-from mailmeta.ingest._handler import DEFAULT_MAX_RECIPIENTS, IngestHandler, Spool
+from mailmeta.ingest import _metrics as metrics
+from mailmeta.ingest._auth import Authenticator, RelayAccess
+from mailmeta.ingest._handler import IngestHandler
 from mailmeta.ingest._producer import DEFAULT_DELIVERY_TIMEOUT, EventProducer
+from mailmeta.ingest._protocol import FrontEndSMTP, Shared
+from mailmeta.ingest._spool import Spool, replay_forever
+from mailmeta.ingest._tls import self_signed, server_context
 
 log = logging.getLogger("mailmeta.ingest")
 
-DATA_SIZE_LIMIT = 32 * 1024 * 1024  # advertised in EHLO as SIZE
+DATA_SIZE_LIMIT = 32 * 1024 * 1024  # the default, advertised in EHLO as SIZE
 SHUTDOWN_GRACE = 8.0
 FLUSH_TIMEOUT = 5.0
 _GOODBYE = b"421 4.3.2 Service shutting down, try again later\r\n"
@@ -30,32 +36,27 @@ class _OnlyWarnings(logging.Filter):
 def quiet_aiosmtpd_log() -> None:
     """aiosmtpd logs every command line at INFO and every DATA line (the body) at DEBUG on
     the ``mail.log`` logger. A filter, unlike a level, survives anyone (a test's caplog, an
-    operator's DEBUG) lowering levels, so nothing below WARNING leaves that logger."""
+    operator's DEBUG) lowering levels, so nothing below WARNING leaves that logger. The
+    level is set as well: it makes those calls return before building a record, which
+    costs several per command otherwise."""
     logger = logging.getLogger("mail.log")
     if not any(isinstance(f, _OnlyWarnings) for f in logger.filters):
         logger.addFilter(_OnlyWarnings())
+    logger.setLevel(logging.WARNING)
 
 
-class _SMTP(SMTP):
-    """aiosmtpd's protocol, registering itself so shutdown can see live connections."""
+def tls_context_for(settings: Settings, hostname: str) -> ssl.SSLContext | None:
+    if settings.tls_cert and settings.tls_key:
+        return server_context(Path(settings.tls_cert), Path(settings.tls_key))
+    if settings.tls_self_signed:
+        cert, key = self_signed(settings.data_dir / "tls", hostname)
+        return server_context(cert, key)
+    return None
 
-    def __init__(self, handler: Any, *, connections: set[_SMTP], **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
-        self._connections = connections
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._connections.add(self)
-
-    def connection_lost(self, error: Exception | None) -> None:
-        self._connections.discard(self)
-        super().connection_lost(error)
-
-    @property
-    def in_transaction(self) -> bool:
-        # MAIL accepted and DATA not yet answered (aiosmtpd resets the envelope only after
-        # the DATA handler returned and writes the reply without yielding in between).
-        return self.envelope is not None and self.envelope.mail_from is not None
+def spool_dir(settings: Settings) -> Path:
+    # Each worker process its own directory: a spool has exactly one writer.
+    return settings.data_dir / "spool" / f"w{settings.ingest_worker_index}"
 
 
 class IngestServer:
@@ -73,32 +74,62 @@ class IngestServer:
         host: str | None = None,
         port: int | None = None,
         hostname: str | None = None,
-        data_size_limit: int = DATA_SIZE_LIMIT,
+        data_size_limit: int | None = None,
         delivery_timeout: float = DEFAULT_DELIVERY_TIMEOUT,
-        max_recipients: int = DEFAULT_MAX_RECIPIENTS,
-        spool: Spool | None = None,
+        max_recipients: int | None = None,
+        spool_enabled: bool | None = None,
         producer_config: dict[str, Any] | None = None,
+        reuse_port: bool = False,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.settings = settings
         self.customers = customers
         self.host = settings.smtp_host if host is None else host
         self._port = settings.smtp_port if port is None else port
+        self.reuse_port = reuse_port
         # Once, here: aiosmtpd would otherwise call socket.getfqdn() (DNS) per connection.
         self.hostname = hostname or socket.gethostname()
-        self.data_size_limit = data_size_limit
+        self.data_size_limit = data_size_limit or settings.smtp_max_message_size
         self.producer = EventProducer(
             settings.kafka_bootstrap,
             settings.raw_topic,
             delivery_timeout=delivery_timeout,
             extra_config=producer_config,
         )
-        self.handler = IngestHandler(
-            customers, self.producer, spool=spool, max_recipients=max_recipients
+        if spool_enabled is None:
+            spool_enabled = settings.ingest_spool_max_bytes > 0
+        self.spool = (
+            Spool(spool_dir(settings), settings.ingest_spool_max_bytes) if spool_enabled else None
         )
-        self._connections: set[_SMTP] = set()
+        self.handler = IngestHandler(
+            customers,
+            self.producer,
+            spool=self.spool,
+            max_recipients=max_recipients or settings.smtp_max_recipients,
+            relay_to=settings.relay_to or None,
+            access=RelayAccess(customers, settings.relay_networks),
+            spool_after=settings.ingest_spool_after_s,
+        )
+        authenticator = Authenticator(customers)
+        self.shared = Shared(
+            handler=self.handler,
+            hostname=self.hostname,
+            ident="mailmeta ESMTP",  # not aiosmtpd's name and version
+            data_size_limit=self.data_size_limit,
+            timeout=settings.smtp_timeout,
+            max_errors=settings.smtp_max_errors,
+            max_per_ip=settings.smtp_max_connections_per_ip,
+            tls_context=tls_context or tls_context_for(settings, self.hostname),
+            authenticator=authenticator if authenticator else None,
+        )
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._replayer: asyncio.Task[None] | None = None
         quiet_aiosmtpd_log()
+
+    @property
+    def _connections(self) -> set[FrontEndSMTP]:
+        return self.shared.connections
 
     @property
     def port(self) -> int:
@@ -106,37 +137,57 @@ class IngestServer:
             return self._port
         return int(self._server.sockets[0].getsockname()[1])
 
-    def _protocol(self) -> _SMTP:
+    def _protocol(self) -> FrontEndSMTP:
         assert self._loop is not None
-        return _SMTP(
-            self.handler,
-            connections=self._connections,
-            hostname=self.hostname,
-            ident="mailmeta ESMTP",  # not aiosmtpd's name and version
-            data_size_limit=self.data_size_limit,
-            decode_data=False,
-            loop=self._loop,
-        )
+        return FrontEndSMTP(self.shared, self._loop)
 
     async def start(self) -> IngestServer:
         self._loop = asyncio.get_running_loop()
+        if self.spool is not None:
+            left = self.spool.open()
+            if left:
+                log.warning("spool %s holds %d event(s) from an earlier run: replaying",
+                            self.spool.directory, left)  # fmt: skip
+            spool = self.spool
+            metrics.SPOOL_DEPTH.set_function(lambda: spool.pending)
+            metrics.SPOOL_BYTES.set_function(lambda: spool.bytes_on_disk)
         self.producer.start()
         await self.producer.warm_up()
         try:
             self._server = await self._loop.create_server(
-                self._protocol, host=self.host, port=self._port, reuse_address=True
+                self._protocol,
+                host=self.host,
+                port=self._port,
+                reuse_address=True,
+                reuse_port=self.reuse_port or None,
+                backlog=1024,
             )
         except BaseException:
             await self.producer.aclose(flush_timeout=1.0)
+            if self.spool is not None:
+                await self.spool.aclose()
             raise
+        if self.spool is not None:
+            self._replayer = self._loop.create_task(self._replay())
         log.info("SMTP listening on %s:%d", self.host, self.port)
         return self
+
+    async def _replay(self) -> None:
+        assert self.spool is not None
+        await replay_forever(
+            self.spool,
+            self.producer.deliver,
+            ready=lambda: self.producer.queued() == 0,
+            skip=self.handler.late_acked,
+            on_replayed=metrics.SPOOL_REPLAYED.inc,
+        )
 
     async def stop(
         self, grace: float = SHUTDOWN_GRACE, flush_timeout: float = FLUSH_TIMEOUT
     ) -> None:
         """Stop accepting, let transactions in flight finish (up to ``grace`` s), close idle
-        connections with a 421, then flush the producer (up to ``flush_timeout`` s)."""
+        connections with a 421, then flush the producer (up to ``flush_timeout`` s). What
+        the spool still holds stays on disk for the next start."""
         server, self._server = self._server, None
         if server is None:
             return
@@ -150,7 +201,7 @@ class IngestServer:
                 if transport is None or transport.is_closing():
                     continue
                 if not proto.in_transaction:
-                    transport.write(_GOODBYE)  # type: ignore[attr-defined]
+                    transport.write(_GOODBYE)
                     transport.close()
             if loop.time() >= deadline:
                 busy = [p for p in self._connections if p.in_transaction]
@@ -158,7 +209,7 @@ class IngestServer:
                     log.warning("aborting %d transaction(s) still open at shutdown", len(busy))
                 for proto in list(self._connections):
                     if proto.transport is not None:
-                        proto.transport.abort()  # type: ignore[attr-defined]
+                        proto.transport.abort()
                 break
             await asyncio.sleep(0.05)
         # Let connection_lost callbacks run before the server object goes away.
@@ -167,7 +218,16 @@ class IngestServer:
             await asyncio.wait_for(server.wait_closed(), 1.0)
         except TimeoutError:
             pass
+        if self._replayer is not None:
+            self._replayer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replayer
+            self._replayer = None
         await self.producer.aclose(flush_timeout=flush_timeout)
+        if self.spool is not None:
+            await self.spool.aclose()
+            if self.spool.pending:
+                log.warning("%d spooled event(s) left for the next start", self.spool.pending)
         log.info("SMTP server stopped")
 
     async def __aenter__(self) -> IngestServer:

@@ -119,6 +119,7 @@ class Supervisor:
         self._stop = threading.Event()
         self.data_dir = settings.data_dir.resolve()
         self.log_dir = self.data_dir / "logs"
+        self.operator_token_file = self.data_dir / "operator-token"
 
     # -- start -----------------------------------------------------------------------------
 
@@ -128,7 +129,14 @@ class Supervisor:
         values = s.model_dump()
         values["data_dir"] = str(self.data_dir)
         values["config"] = str(Path(s.config).resolve())
+        # Local mode always requires API tokens; the sink writes the operator's token to
+        # this file (0600) itself, so the clear token is never in env, argv or logs.
+        values["api_auth"] = True
+        values["operator_token_file"] = str(self.operator_token_file)
         for key, value in values.items():
+            if value is None:  # unset optional settings stay unset (not the text "None")
+                env.pop(f"MAILMETA_{key.upper()}", None)
+                continue
             env[f"MAILMETA_{key.upper()}"] = str(value)
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
@@ -163,6 +171,8 @@ class Supervisor:
                     f"{part.name} did not start; see {self.log_dir / (part.name + '.log')}"
                 )
             self.out(f"  {part.name:<8} {part.where:<35} pid {part.pid}  up")
+            if part.name == "sink":
+                self.out(f"  operator API token in {self.operator_token_file} (mode 0600)")
 
     # -- run -------------------------------------------------------------------------------
 

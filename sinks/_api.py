@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mailmeta.config import Customers
-from mailmeta.sinks._auth import Principal, require
+from mailmeta.sinks._api_dashboard import dashboard_router, mount_web
+from mailmeta.sinks._api_storage import storage_router
+from mailmeta.sinks._api_tokens import tokens_router
+from mailmeta.sinks._auth import AccessLogMiddleware, TokenAuthority
 from mailmeta.sinks._drain import DrainState
-from mailmeta.sinks.store import MAX_LIMIT, Store, StoreError
+from mailmeta.sinks.store import Store, StoreError
+from mailmeta.sinks.store._search import SearchStore
 
 log = logging.getLogger("mailmeta.sinks.api")
 
@@ -31,9 +35,15 @@ def create_api(
     customers: Customers,
     drain_state: DrainState,
     health: Callable[[], dict[str, Any]] | None = None,
+    auth: TokenAuthority | None = None,
 ) -> FastAPI:
-    """The FastAPI app. ``health`` adds parts (e.g. the consumer's state) to /healthz."""
-    app = FastAPI(title="mailmeta query API", docs_url=None, redoc_url=None, openapi_url=None)
+    """The FastAPI app. ``health`` adds parts (e.g. the consumer's state) to /healthz;
+    ``auth`` turns bearer tokens on (None: every caller is the local operator)."""
+    app = FastAPI(
+        title="mailmeta query API", docs_url=None, redoc_url=None, openapi_url="/openapi.json"
+    )
+    app.state.token_authority = auth
+    app.add_middleware(AccessLogMiddleware)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -46,7 +56,9 @@ def create_api(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+        response = _error(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})  # Retry-After, WWW-Authenticate
+        return response
 
     @app.exception_handler(StoreError)
     async def _store_down(_request: Request, exc: StoreError) -> JSONResponse:
@@ -61,18 +73,12 @@ def create_api(
         ok = ok and parts.get("consumer", {}).get("state") not in ("failed", "stopped")
         return JSONResponse({"status": "ok" if ok else "degraded", **parts}, 200 if ok else 503)
 
-    @app.get("/v1/messages")
-    def messages(
-        principal: Annotated[Principal, Depends(require("messages:read"))],
-        customer: Annotated[str, Query(min_length=1, max_length=64)],
-        message_id: Annotated[str | None, Query(min_length=1, max_length=_MAX_MESSAGE_ID)] = None,
-        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
-    ) -> JSONResponse:
-        principal.check_customer(customer)
-        if customer not in customers.by_id:
-            return _error(404, "unknown customer")
-        rows = store.query_messages(customer, message_id=message_id, limit=limit)
-        return JSONResponse({"messages": rows})
+    # /v1/messages (filters, cursor pages), /v1/messages/{id}, /v1/me and the web page.
+    assert isinstance(store, SearchStore)
+    app.include_router(dashboard_router(store, customers))
+    app.include_router(tokens_router(store, customers))
+    mount_web(app)
+    app.include_router(storage_router(store, customers))
 
     @app.get("/internal/drain/{nonce}")
     def drain(nonce: str) -> dict[str, object]:

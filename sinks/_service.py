@@ -14,10 +14,14 @@ from typing import Any
 import uvicorn
 
 from mailmeta.config import Customers, Settings
+from mailmeta.kafka import check_topic_retention
 from mailmeta.sinks._api import create_api
+from mailmeta.sinks._api_policies import install_policies
+from mailmeta.sinks._auth import TokenAuthority, ensure_operator_token
 from mailmeta.sinks._consumer import GROUP_ID, SinkConsumer
 from mailmeta.sinks._drain import DrainState
 from mailmeta.sinks.store import ClickHouseStore, Store
+from mailmeta.sinks.store._tokens import TokenStore
 
 log = logging.getLogger("mailmeta.sinks")
 
@@ -40,6 +44,7 @@ class SinkService:
         self.consumer: SinkConsumer | None = None
         self._server: uvicorn.Server | None = None
         self._server_thread: threading.Thread | None = None
+        self.auth: TokenAuthority | None = None
 
     @property
     def url(self) -> str:
@@ -77,9 +82,31 @@ class SinkService:
             }
         return parts
 
+    def _start_auth(self) -> TokenAuthority | None:
+        """Bearer tokens (settings.api_auth), and the operator token file when asked for."""
+        s = self.settings
+        if not s.api_auth:
+            return None
+        assert isinstance(self.store, TokenStore)
+        auth = TokenAuthority(self.store, rate_per_s=s.api_rate_per_s, burst=s.api_rate_burst)
+        auth.load()
+        if s.operator_token_file is not None:
+            ensure_operator_token(auth, s.operator_token_file)
+        return auth
+
     def _start_api(self, timeout: float) -> None:
         assert self.store is not None
-        app = create_api(self.store, self.customers, self.drain, health=self._health)
+        self.auth = self._start_auth()
+        app = create_api(
+            self.store, self.customers, self.drain, health=self._health, auth=self.auth
+        )
+        settings = self.settings
+        # `retention set` may shorten a customer below what the redacted topic keeps.
+        app.state.topic_retention_check = lambda shortest: check_topic_retention(
+            settings, shortest, timeout=5.0
+        )
+        # Redaction policies (/v1/policies): seeds the policies topic from the config.
+        install_policies(app, settings, self.customers, self.store)
         config = uvicorn.Config(
             app,
             host=self.settings.api_host,
@@ -119,6 +146,9 @@ class SinkService:
                 self._server_thread.join(1.0)
                 clean = False
             self._server = self._server_thread = None
+        if self.auth is not None:
+            self.auth.close()  # flushes the access log while the store is still open
+            self.auth = None
         if self.store is not None and self._given_store is None:
             self.store.close()
         self.store = None

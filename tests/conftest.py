@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,10 @@ import pytest
 from mailmeta.config import Settings, load_customers
 from mailmeta.kafka import ensure_topics
 from mailmeta.local.brokers import LocalBroker, free_port
+
+# Storage and pipeline tests query the API without tokens; the access-control tests turn
+# tokens on explicitly (tests/test_tokens.py …), and `mailmeta up` always does.
+os.environ["MAILMETA_API_AUTH"] = "false"
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = REPO / "config" / "customers.example.yaml"
@@ -59,6 +64,7 @@ def settings(broker: LocalBroker, tmp_path: Path) -> Settings:
         raw_topic=f"{prefix}.raw",
         redacted_topic=f"{prefix}.redacted",
         deadletter_topic=f"{prefix}.deadletter",
+        policies_topic=f"{prefix}.policies",
         smtp_port=free_port(),
         api_port=free_port(),
     )

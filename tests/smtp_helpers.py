@@ -206,3 +206,67 @@ def write_customers(path: Path, customers: list[dict[str, Any]]) -> Path:
 
     path.write_text(yaml.safe_dump({"customers": customers}), encoding="utf-8")
     return path
+
+
+class NextHop:
+    """A real SMTP next hop (aiosmtpd on its own loop in a thread) that keeps what it
+    received and answers DATA with ``reply``; ``rcpt_reply`` refuses recipients."""
+
+    def __init__(self, reply: str = "250 2.0.0 Ok: queued as NEXTHOP1") -> None:
+        from aiosmtpd.smtp import SMTP
+
+        self.reply = reply
+        self.rcpt_reply: str | None = None
+        self.received: list[tuple[str, list[str], bytes]] = []
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._server: asyncio.AbstractServer | None = None
+        hop = self
+
+        class Handler:
+            async def handle_RCPT(self, server, session, envelope, address, options):  # type: ignore[no-untyped-def]
+                if hop.rcpt_reply:
+                    return hop.rcpt_reply
+                envelope.rcpt_tos.append(address)
+                return "250 OK"
+
+            async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+                if hop.reply.startswith("2"):
+                    hop.received.append(
+                        (envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content)
+                    )
+                return hop.reply
+
+        self._factory = lambda: SMTP(Handler(), hostname="nexthop.test", loop=self.loop)
+
+    def __enter__(self) -> NextHop:
+        self.thread.start()
+
+        async def start() -> asyncio.AbstractServer:
+            return await self.loop.create_server(self._factory, "127.0.0.1", 0)
+
+        self._server = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+        return self
+
+    @property
+    def address(self) -> str:
+        assert self._server is not None
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            if self._server is not None:
+                self._server.close()
+            await asyncio.sleep(0.05)
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        self.loop.close()
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

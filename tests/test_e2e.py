@@ -46,6 +46,7 @@ class Up:
     proc: subprocess.Popen[bytes]
     smtp_port: int
     api_port: int
+    data_dir: Path
     lines: list[str] = field(default_factory=list)
     ready: threading.Event = field(default_factory=threading.Event)
 
@@ -64,9 +65,18 @@ class Up:
                 out.append(int(line.split(" pid ")[1].split()[0]))
         return out
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """`mailmeta up` requires API tokens: use the operator token it wrote for us."""
+        token = (self.data_dir / "operator-token").read_text().strip()
+        return {"Authorization": f"Bearer {token}"}
+
     def messages(self, customer: str = "demo", **params: str) -> list[dict[str, object]]:
         r = httpx.get(
-            f"{self.api}/v1/messages", params={"customer": customer, **params}, timeout=10
+            f"{self.api}/v1/messages",
+            params={"customer": customer, **params},
+            headers=self.headers,
+            timeout=10,
         )
         r.raise_for_status()
         return r.json()["messages"]  # type: ignore[no-any-return]
@@ -116,7 +126,7 @@ def mailmeta_up(data_dir: Path, *extra: str, config: Path = EXAMPLE_CONFIG) -> I
         stderr=subprocess.STDOUT,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
-    up = Up(proc, smtp_port, api_port)
+    up = Up(proc, smtp_port, api_port, data_dir)
 
     def pump() -> None:
         assert proc.stdout is not None
@@ -222,12 +232,17 @@ def test_pipeline_end_to_end_on_tansu(tmp_path: Path) -> None:
         assert src.returncode == 0, src.stdout + src.stderr
 
         rows = up.wait_messages(5)
+        # The API requires a token; `mailmeta up` wrote the operator's, readable by us only.
+        assert httpx.get(f"{up.api}/v1/messages", params={"customer": "demo"}).status_code == 401
+        assert (data / "operator-token").stat().st_mode & 0o777 == 0o600
+        token = (data / "operator-token").read_text().strip()
         mine = up.messages(message_id=msg_id)
         assert len(mine) == 1
         row = mine[0]
         # Every action of the demo policy is visible.
         assert (
-            row["mail_from"] == hmac.new(key, b"alice@sender.example", hashlib.sha256).hexdigest()
+            row["mail_from"]
+            == "k1:" + hmac.new(key, b"alice@sender.example", hashlib.sha256).hexdigest()
         )
         assert row["rcpt_to"] == ["j***@demo.example"]
         assert row["sender_ip"] == "127.0.0.0/24"
@@ -238,7 +253,7 @@ def test_pipeline_end_to_end_on_tansu(tmp_path: Path) -> None:
         assert row["status"] == "accepted" and row["policy_version"] == 1
         assert row["customer_id"] == "demo"
         by_sender = {r["mail_from"]: r for r in rows}
-        bob = hmac.new(key, b"bob@sender.example", hashlib.sha256).hexdigest()
+        bob = "k1:" + hmac.new(key, b"bob@sender.example", hashlib.sha256).hexdigest()
         assert by_sender[bob]["subject"] == "from swaks"
         assert by_sender[bob]["rcpt_to"] == ["t***@demo.example"]
         assert sum(1 for r in rows if r["rcpt_to"] == ["s***@demo.example"]) == 3
@@ -261,6 +276,8 @@ def test_pipeline_end_to_end_on_tansu(tmp_path: Path) -> None:
     assert up.proc.returncode == 0, up.output[-3000:]
     # Canary: in no log line, no file under the data dir, no ClickHouse table.
     assert canary not in up.output
+    assert token not in up.output  # the clear token is in its file only
+    assert files_containing(data, token.encode()) == [data / "operator-token"]
     assert files_containing(data, canary.encode()) == []
     dump = _dump_clickhouse(data)
     assert msg_id.encode() in dump  # the dump does see the stored rows…

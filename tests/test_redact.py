@@ -75,8 +75,11 @@ def test_every_action_on_every_field_type() -> None:
     )
     ev = _event()
     out = CompiledPolicy.compile(policy, KEY, version=7).apply(ev)
-    assert out.mail_from == hmac.new(KEY, ev.mail_from.encode(), hashlib.sha256).hexdigest()  # type: ignore[union-attr]
-    assert out.message_id == hmac.new(KEY, ev.message_id.encode(), hashlib.sha256).hexdigest()  # type: ignore[union-attr]
+    # Hashes carry the id of the key that made them ("k1" for a single key).
+    assert out.mail_from == "k1:" + hmac.new(KEY, ev.mail_from.encode(), hashlib.sha256).hexdigest()  # type: ignore[union-attr]
+    assert (
+        out.message_id == "k1:" + hmac.new(KEY, ev.message_id.encode(), hashlib.sha256).hexdigest()
+    )  # type: ignore[union-attr]
     assert out.rcpt_to == ["b***@demo.example", '"***@demo.example']
     assert out.sender_ip == "203.0.113.0/24"
     assert out.subject == "Quarterly report"
@@ -150,3 +153,126 @@ def test_invalid_policies_are_refused_naming_the_field(
     with pytest.raises(ConfigError, match=r"customers\.yaml") as info:
         parse_customers(data, "customers.yaml")
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "rule", "value", "expected"),
+    [
+        ("mail_from", "domain_only", "Jane.Doe+tag@Sender.EXAMPLE", "sender.example"),
+        (
+            "rcpt_to",
+            "domain_only",
+            ['"odd local"@demo.example', "x@b.example"],
+            ["demo.example", "b.example"],
+        ),
+        ("message_id", "domain_only", "<abc.123@mx.sender.example>", "mx.sender.example"),
+        ("mail_from", "domain_only", "no-at-sign", None),
+        ("subject", "length_only", "Grüße – 東京", "10"),
+        (
+            "subject",
+            {"action": "keep", "replace": [{"pattern": r"\b\d{6,}\b", "with": "#"}]},
+            "=?utf-8?q?x?= order 1234567 and 42",
+            "=?utf-8?q?x?= order # and 42",
+        ),
+        ("subject", {"action": "keep", "replace": [{"pattern": "(a)", "with": r"\1"}]}, "a", r"\1"),
+        (
+            "rcpt_to",
+            {"action": "mask", "mask": "•", "keep_chars": 2},
+            ["jane@x.example"],
+            ["ja•@x.example"],
+        ),
+        ("helo", {"action": "mask", "mask": "[hidden]"}, "mx.example", "[hidden]"),
+        (
+            "sender_ip",
+            {"action": "truncate_ip", "ipv4_prefix": 16, "ipv6_prefix": 32},
+            "203.0.113.77",
+            "203.0.0.0/16",
+        ),
+        (
+            "sender_ip",
+            {"action": "truncate_ip", "ipv6_prefix": 32},
+            "2001:db8:1234::1",
+            "2001:db8::/32",
+        ),
+        ("sender_ip", "truncate_ip", "IPv6:2001:db8::1", "2001:db8::/48"),
+        (
+            "sender_ip",
+            "hmac",
+            "203.0.113.77",
+            "k1:" + hmac.new(KEY, b"203.0.113.77", hashlib.sha256).hexdigest(),
+        ),
+        ("tls_version", "keep", None, None),
+    ],
+)
+def test_actions_with_parameters(field: str, rule: object, value: object, expected: object) -> None:
+    policy = Policy.model_validate({field: rule})
+    out = CompiledPolicy.compile(policy, KEY, 3).apply(_event(**{field: value}))
+    assert getattr(out, field) == expected
+
+
+def test_key_rotation_records_the_key_id() -> None:
+    customers = parse_customers(
+        {"customers": [{
+            "id": "demo", "domains": ["demo.example"], "retention_days": 30,
+            "hmac_keys": [{"id": "k1", "key": "a" * 16}, {"id": "k2", "key": "b" * 16}],
+            "policy": {"mail_from": "hmac"},
+        }]},
+        "t",
+    )  # fmt: skip
+    c = customers.by_id["demo"]
+    assert c.active_key_id == "k2"  # default: the last listed
+    r = Redactor(customers)
+    out = r.redact(_event())
+    assert (
+        out.mail_from
+        == "k2:" + hmac.new(b"b" * 16, b"Jane.Doe+tag@sender.example", "sha256").hexdigest()
+    )
+    # A live policy may pin an older key; a key this process lacks fails closed.
+    assert r.update("demo", Policy.model_validate({"mail_from": "hmac", "hmac_key_id": "k1"}), 2)
+    assert str(r.redact(_event()).mail_from).startswith("k1:")
+    assert r.update("demo", Policy.model_validate({"mail_from": "hmac", "hmac_key_id": "k7"}), 3)
+    with pytest.raises(RedactionError, match="policy v3 of customer 'demo' cannot apply"):
+        r.redact(_event())
+    # An older version never replaces a newer one.
+    assert not r.update("demo", Policy.model_validate({"mail_from": "keep"}), 2)
+
+
+@pytest.mark.parametrize(
+    ("customer", "message"),
+    [
+        (
+            {"hmac_key": "x" * 16, "hmac_keys": [{"id": "k1", "key": "y" * 16}]},
+            "either hmac_keys or",
+        ),
+        ({"hmac_keys": [{"id": "k1", "key": "y" * 16}, {"id": "k1", "env": "X"}]}, "appears twice"),
+        ({"hmac_keys": [{"id": "k1"}]}, "exactly one of key, env, file"),
+        (
+            {"hmac_keys": [{"id": "k1", "key": "y" * 16}], "hmac_active_key": "k2"},
+            "not one of the keys",
+        ),
+        (
+            {"policy": {"subject": {"action": "mask", "replace": [{"pattern": "a"}]}}},
+            "'replace' applies only to action 'keep'",
+        ),
+        (
+            {"policy": {"subject": {"action": "keep", "replace": [{"pattern": "("}]}}},
+            "not a valid regular expression",
+        ),
+        (
+            {"policy": {"helo": {"action": "keep", "ipv4_prefix": 8}}},
+            "'ipv4_prefix' applies only to action 'truncate_ip'",
+        ),
+        (
+            {"policy": {"helo": "length_only"}},
+            "action 'length_only' does not apply to field 'helo'",
+        ),
+        ({"policy": {"sender_ip": "domain_only"}}, "action 'domain_only' does not apply"),
+    ],
+)
+def test_invalid_keys_and_rules_name_the_problem(customer: dict[str, object], message: str) -> None:
+    from mailmeta.config import ConfigError
+
+    data = {"customers": [{"id": "a", "domains": ["a.example"], "retention_days": 3, **customer}]}
+    with pytest.raises(ConfigError) as info:
+        parse_customers(data, "customers.yaml")
+    assert message in str(info.value) and "customer 'a'" in str(info.value)

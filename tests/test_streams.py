@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import urllib.request
 
 import orjson
 import pytest
 
 from mailmeta.config import Settings, load_customers
-from mailmeta.local.brokers import LocalBroker
+from mailmeta.kafka import ensure_topics
+from mailmeta.local.brokers import LocalBroker, free_port
 from mailmeta.schema import (
     Event,
     decode_event,
@@ -21,6 +23,14 @@ from mailmeta.schema import (
 from tests.kafka_helpers import consume, produce, run_stage
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def wsettings(settings: Settings) -> Settings:
+    """The test's own policies topic: the session broker is shared by every test."""
+    s = settings.model_copy(update={"policies_topic": f"{settings.raw_topic}.policies"})
+    ensure_topics(s, load_customers(s.config).shortest_retention_days)
+    return s
 
 
 def _raw_event(**kw: object) -> Event:
@@ -41,7 +51,8 @@ def _raw_event(**kw: object) -> Event:
     return Event(**base)  # type: ignore[arg-type]
 
 
-def test_worker_redacts_and_dead_letters(settings: Settings) -> None:
+def test_worker_redacts_and_dead_letters(wsettings: Settings) -> None:
+    settings = wsettings.model_copy(update={"streams_metrics_port": free_port()})
     key = load_customers(settings.config).by_id["demo"].key_bytes()
     good = _raw_event()
     unknown_customer = _raw_event(customer_id="nobody")
@@ -51,13 +62,26 @@ def test_worker_redacts_and_dead_letters(settings: Settings) -> None:
         b'{"event_id": "x", "body": "smuggled"}',
         encode_event(unknown_customer),
     ])  # fmt: skip
-    with run_stage("mailmeta.streams", settings, "Worker]: Ready"):
+    with run_stage("mailmeta.streams", settings, "Worker]: Ready") as stage:
         redacted = consume(settings.kafka_bootstrap, settings.redacted_topic, 1, timeout=45)
         dead = consume(settings.kafka_bootstrap, settings.deadletter_topic, 3, timeout=20)
+        url = f"http://{settings.api_host}:{settings.streams_metrics_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                metrics = r.read().decode()
+        except OSError as exc:
+            raise AssertionError(f"no metrics at {url}: {exc}\n{stage.output[-3000:]}") from None
+    # Counted in metrics, by reason.
+    assert 'mailmeta_redaction_dead_letters_total{reason="schema"} 2.0' in metrics
+    assert 'mailmeta_redaction_dead_letters_total{reason="redaction"} 1.0' in metrics
+    assert "mailmeta_redaction_events_total 1.0" in metrics
+    assert 'mailmeta_redaction_policy_version{customer="demo"} 1.0' in metrics
     assert len(redacted) == 1
     out = decode_event(redacted[0].value())
     assert out.event_id == good.event_id
-    assert out.mail_from == hmac.new(key, b"alice@sender.example", hashlib.sha256).hexdigest()
+    assert (
+        out.mail_from == "k1:" + hmac.new(key, b"alice@sender.example", hashlib.sha256).hexdigest()
+    )
     assert out.rcpt_to == ["j***@demo.example"]
     assert out.sender_ip == "198.51.100.0/24"
     assert out.helo is None
@@ -71,7 +95,8 @@ def test_worker_redacts_and_dead_letters(settings: Settings) -> None:
     assert any("no policy for customer 'nobody'" in r for r in reasons)
 
 
-def test_drain_marker_reaches_every_redacted_partition(settings: Settings) -> None:
+def test_drain_marker_reaches_every_redacted_partition(wsettings: Settings) -> None:
+    settings = wsettings
     events = [_raw_event() for _ in range(30)]
     produce(settings.kafka_bootstrap, settings.raw_topic, [encode_event(e) for e in events])
     for p in range(settings.partitions):
@@ -95,7 +120,8 @@ def test_drain_marker_reaches_every_redacted_partition(settings: Settings) -> No
 
 @pytest.mark.noida
 @pytest.mark.parametrize("broker", ["noida"], indirect=True)
-def test_worker_on_noida(broker: LocalBroker, settings: Settings) -> None:
+def test_worker_on_noida(broker: LocalBroker, wsettings: Settings) -> None:
+    settings = wsettings
     good = _raw_event()
     produce(settings.kafka_bootstrap, settings.raw_topic, [encode_event(good)])
     with run_stage("mailmeta.streams", settings, "Worker]: Ready"):

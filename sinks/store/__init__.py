@@ -1,6 +1,13 @@
 """Storage for redacted events: the Store interface and its ClickHouse backend."""
 
-from mailmeta.sinks.store._base import MAX_LIMIT, Store, StoreError, UnstorableEvent
+from mailmeta.sinks.store._base import (
+    MAX_LIMIT,
+    Erased,
+    RetentionChange,
+    Store,
+    StoreError,
+    UnstorableEvent,
+)
 from mailmeta.sinks.store._clickhouse import ClickHouseStore, safe_dsn
 from mailmeta.sinks.store._migrations import MIGRATIONS, Migration
 
@@ -8,7 +15,9 @@ __all__ = [
     "MAX_LIMIT",
     "MIGRATIONS",
     "ClickHouseStore",
+    "Erased",
     "Migration",
+    "RetentionChange",
     "Store",
     "StoreError",
     "UnstorableEvent",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
 from mailmeta.schema import Event
@@ -20,6 +22,23 @@ class UnstorableEvent(ValueError):
 
 class StoreError(RuntimeError):
     """The storage backend failed (unreachable, query error); the caller may retry."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionChange:
+    customer: str
+    previous_days: int
+    days: int
+    rows_updated: int
+    rows_expired: int
+
+
+@dataclass(frozen=True, slots=True)
+class Erased:
+    """What an erasure removed: stored rows (every physical copy) and aggregate rows."""
+
+    rows: int
+    aggregate_rows: int = 0
 
 
 @runtime_checkable
@@ -59,6 +78,49 @@ class Store(Protocol):
 
     def read_audit(self, customer: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Audit records, newest first; ``details`` decoded back to a mapping."""
+        ...
+
+    # --- retention (seeded by the customers file, overridden by `retention set`) -------------
+
+    def retention(self) -> dict[str, int]:
+        """The retention (days) in force per configured customer."""
+        ...
+
+    def set_retention(self, customer: str, days: int) -> RetentionChange:
+        """Apply ``days`` to future rows (every sink learns it) and to stored rows."""
+        ...
+
+    # --- erasure -------------------------------------------------------------------------
+
+    def erase(
+        self,
+        customer: str,
+        *,
+        addresses: Sequence[str] = (),
+        message_ids: Sequence[str] = (),
+        everything: bool = False,
+    ) -> Erased:
+        """Physically delete matching rows (and with ``everything`` the aggregates)."""
+        ...
+
+    # --- dashboards and export -----------------------------------------------------------
+
+    def hourly_stats(self, customer: str, since: datetime, until: datetime) -> list[dict[str, Any]]:
+        """Event counts and bytes per hour and status (hourly aggregates)."""
+        ...
+
+    def count_export(
+        self, customer: str, since: datetime | None = None, until: datetime | None = None
+    ) -> int: ...
+
+    def export_pages(
+        self,
+        customer: str,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        page: int = ...,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Visible events oldest first, in bounded pages."""
         ...
 
     def schema_version(self) -> int: ...

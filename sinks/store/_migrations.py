@@ -14,6 +14,15 @@ log = logging.getLogger("mailmeta.sinks.store")
 
 TABLE = "messages"
 AUDIT_TABLE = "audit_log"
+RETENTION_TABLE = "retention_overrides"
+HOURLY_TABLE = "messages_hourly"
+HOURLY_VIEW = "messages_hourly_mv"
+# Hourly counts hold no personal data: they outlive the rows they count (13 months, so a
+# dashboard can compare a month with the same month last year), then expire by their TTL.
+HOURLY_RETENTION_DAYS = 400
+TOKENS_TABLE = "api_tokens"
+ACCESS_LOG_TABLE = "api_access_log"
+ACCESS_LOG_RETENTION_DAYS = 30
 
 # Version ranges, so work on separate features never collides on a number:
 #   1-19 messages and storage; 20-29 redaction policies; 30-39 API tokens and access logs.
@@ -93,6 +102,142 @@ MIGRATIONS: tuple[Migration, ...] = (
             )
             ENGINE = MergeTree
             ORDER BY (customer_id, at, audit_id)
+            """,
+        ),
+    ),
+    Migration(
+        4,
+        "create retention_overrides",
+        (
+            # `mailmeta retention set` writes here; every sink reads it at start (and
+            # periodically), so a changed retention survives restarts and reaches every
+            # sink process. The customers file is the seed for customers without a row.
+            f"""
+            CREATE TABLE IF NOT EXISTS {RETENTION_TABLE}
+            (
+                customer_id String,
+                retention_days UInt16,
+                updated_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            )
+            ENGINE = ReplacingMergeTree(updated_at)
+            ORDER BY customer_id
+            """,
+        ),
+    ),
+    Migration(
+        5,
+        "hourly aggregates",
+        (
+            f"""
+            CREATE TABLE IF NOT EXISTS {HOURLY_TABLE}
+            (
+                customer_id LowCardinality(String),
+                hour DateTime('UTC'),
+                status LowCardinality(String),
+                messages UInt64,
+                bytes UInt64
+            )
+            ENGINE = SummingMergeTree
+            PARTITION BY toYYYYMM(hour)
+            ORDER BY (customer_id, hour, status)
+            TTL hour + toIntervalDay({HOURLY_RETENTION_DAYS})
+            """,
+            # Backfill rows stored before this migration; guarded so a re-run after a crash
+            # between this step and its ledger entry cannot count them twice. It runs before
+            # the view exists and before the consumer starts, so nothing is counted twice.
+            f"""
+            INSERT INTO {HOURLY_TABLE}
+            SELECT customer_id, toStartOfHour(received_at) AS hour, status,
+                   count() AS messages, sum(ifNull(size_bytes, 0)) AS bytes
+            FROM {TABLE} FINAL
+            WHERE (SELECT count() FROM {HOURLY_TABLE}) = 0
+              AND NOT EXISTS (SELECT 1 FROM system.tables
+                              WHERE database = currentDatabase() AND name = '{HOURLY_VIEW}')
+            GROUP BY customer_id, hour, status
+            """,
+            f"""
+            CREATE MATERIALIZED VIEW IF NOT EXISTS {HOURLY_VIEW} TO {HOURLY_TABLE} AS
+            SELECT customer_id, toStartOfHour(received_at) AS hour, status,
+                   count() AS messages, sum(ifNull(size_bytes, 0)) AS bytes
+            FROM {TABLE}
+            GROUP BY customer_id, hour, status
+            """,
+        ),
+    ),
+    # --- 30-39: API tokens and access logs -------------------------------------------------
+    Migration(
+        30,
+        "create api_tokens",
+        (
+            # One row per token state; a revocation writes a newer row (updated_at wins).
+            # Only an argon2 hash of the secret is stored; the clear token is shown once.
+            f"""
+            CREATE TABLE IF NOT EXISTS {TOKENS_TABLE}
+            (
+                token_id String,
+                name String,
+                customer_id Nullable(String),
+                scopes Array(String),
+                secret_hash String,
+                created_at DateTime64(3, 'UTC'),
+                revoked_at Nullable(DateTime64(3, 'UTC')),
+                updated_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            )
+            ENGINE = ReplacingMergeTree(updated_at)
+            ORDER BY token_id
+            """,
+        ),
+    ),
+    Migration(
+        31,
+        "create api_access_log",
+        (
+            # Request metadata only: no query string, no payload, never the token itself.
+            f"""
+            CREATE TABLE IF NOT EXISTS {ACCESS_LOG_TABLE}
+            (
+                at DateTime64(3, 'UTC'),
+                token_id String,
+                method LowCardinality(String),
+                route LowCardinality(String),
+                status UInt16,
+                latency_ms Float32
+            )
+            ENGINE = MergeTree
+            PARTITION BY toYYYYMMDD(at)
+            ORDER BY (token_id, at)
+            TTL toDateTime(at) + toIntervalDay({ACCESS_LOG_RETENTION_DAYS})
+            SETTINGS merge_with_ttl_timeout = 3600
+            """,
+        ),
+    ),
+    Migration(
+        32,
+        "skip index on event_id",
+        (
+            # GET /v1/messages/{event_id} looks one event up inside a customer's rows.
+            f"ALTER TABLE {TABLE} ADD INDEX IF NOT EXISTS idx_event_id event_id "
+            "TYPE bloom_filter(0.01) GRANULARITY 4",
+        ),
+    ),
+    Migration(
+        20,
+        "create policy_versions",
+        (
+            # Every redaction policy version of a customer (the policies topic keeps only
+            # the latest): how a row stamped with a version was redacted.
+            """
+            CREATE TABLE IF NOT EXISTS policy_versions
+            (
+                customer_id String,
+                version UInt32,
+                policy String,
+                actor String,
+                source LowCardinality(String),
+                at DateTime64(3, 'UTC') DEFAULT now64(3)
+            )
+            ENGINE = ReplacingMergeTree
+            ORDER BY (customer_id, version)
             """,
         ),
     ),

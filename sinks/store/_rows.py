@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
 
 from mailmeta.schema import FIELD_NAMES, Event, format_time, parse_time
 from mailmeta.sinks.store._base import UnstorableEvent
@@ -184,3 +186,121 @@ def row_to_message(row: Sequence[Any]) -> dict[str, Any]:
     # An empty array is how a dropped (None) recipient list is stored.
     out["rcpt_to"] = list(out["rcpt_to"]) or None
     return out
+
+
+# --- the batch fast path: JSON records straight to the Arrow table -------------------------
+
+# Schema v1 as Arrow types: the JSON reader then enforces the field set and the JSON types
+# that decode_event enforces (it refuses a key not named here, a number for a string,
+# a float or negative or oversized number for an integer, a boolean anywhere).
+_JSON_SCHEMA = pa.schema(
+    [
+        # The two converted columns are read as text and checked for their canonical form.
+        (name, pa.string())
+        if name in ("event_id", "received_at")
+        else (name, ARROW_SCHEMA.field("date_text" if name == "date" else name).type)
+        for name in FIELD_NAMES
+    ]
+)
+_JSON_PARSE = pj.ParseOptions(explicit_schema=_JSON_SCHEMA, unexpected_field_behavior="error")
+# One block for a whole batch; the sink's consumer already runs beside the insert threads.
+_JSON_READ = pj.ReadOptions(use_threads=False, block_size=1 << 26)
+# Only the canonical forms ingest mints take the fast path; anything else (other ISO-8601
+# spellings, other UUID spellings) goes the per-event way, so both agree on every value.
+_CANON_UUID = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+_CANON_TIME = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z$"
+_EMPTY_LIST = pa.scalar([], type=pa.list_(pa.string()))
+_MIN_MS = (_MIN_TIME - _EPOCH) // _MS
+_MAX_MS = (_MAX_TIME - _EPOCH) // _MS
+
+
+def _all(mask: pa.ChunkedArray | pa.Array) -> bool:
+    return bool(pc.all(mask).as_py())
+
+
+def _uuid_column(col: pa.ChunkedArray) -> pa.Array:
+    """Canonical 36-character UUID strings as 16-byte binaries, in two C calls for all."""
+    arr = col.combine_chunks()
+    n = len(arr)
+    offsets, data = arr.buffers()[1:3]
+    start = memoryview(offsets).cast("i")[arr.offset]  # int32 offsets of pa.string()
+    text = memoryview(data)[start : start + 36 * n].tobytes()
+    raw = bytes.fromhex(text.replace(b"-", b"").decode("ascii"))
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), n, [None, pa.py_buffer(raw)])
+
+
+def arrow_from_json(values: Sequence[bytes], retention_days: Mapping[str, int]) -> pa.Table | None:
+    """The records (schema-v1 JSON) as one insertable table, or None to decode one by one.
+
+    None when any record is not a canonical, valid, storable event, or two share an
+    event_id: the caller then takes the per-event path (decode_event + check), which names
+    and dead-letters exactly the bad records. A table is returned only when every record
+    would pass decode_event and check unchanged, with the same stored values.
+    """
+    n = len(values)
+    if not n:
+        return None
+    data = b"\n".join(values)
+    # Exactly one line per record, each an object: a record holding a line break or two
+    # objects (or none) would shift rows against records; NaN/Infinity (which the reader
+    # accepts and orjson refuses) are caught by the finiteness test below.
+    if data.count(b"\n") != n - 1 or data.count(b"\n{") != n - 1 or data[:1] != b"{":
+        return None
+    if b"\r" in data:
+        return None
+    # The reader does not validate UTF-8 (orjson does); the strict codec also refuses
+    # encoded surrogates, as orjson does.
+    if not data.isascii():
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    try:
+        t = pj.read_json(pa.BufferReader(data), read_options=_JSON_READ, parse_options=_JSON_PARSE)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return None
+    if t.num_rows != n:
+        return None
+    # What decode_event and check refuse, column by column.
+    for name in ("event_id", "received_at", "customer_id", "status", "policy_version"):
+        if t.column(name).null_count:
+            return None
+    for name in ("customer_id", "status"):
+        if not _all(pc.greater(pc.binary_length(t.column(name)), 0)):
+            return None
+    event_id = t.column("event_id")
+    if not _all(pc.match_substring_regex(event_id, _CANON_UUID)):
+        return None
+    if pc.count_distinct(event_id).as_py() != n:
+        return None  # the per-event path keeps the newest policy's copy of a duplicate
+    received_text = t.column("received_at")
+    if not _all(pc.match_substring_regex(received_text, _CANON_TIME)):
+        return None
+    try:
+        received = received_text.cast(_TS)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None  # e.g. a day that does not exist
+    received_ms = received.cast(pa.int64())
+    if pc.min(received_ms).as_py() < _MIN_MS or pc.max(received_ms).as_py() > _MAX_MS:
+        return None
+    processing = t.column("processing_ms")
+    if processing.null_count < n and not _all(pc.is_finite(processing.drop_null())):
+        return None
+    rcpt = t.column("rcpt_to")
+    if pc.list_flatten(rcpt).null_count:
+        return None
+    customer = t.column("customer_id")
+    known = pa.array(list(retention_days), type=pa.string())
+    index = pc.index_in(customer, value_set=known)
+    if index.null_count:
+        return None
+    days = pc.take(pa.array(list(retention_days.values()), type=pa.uint16()), index)
+    columns = {
+        "event_id": _uuid_column(event_id),
+        "received_at": received,
+        "rcpt_to": pc.fill_null(rcpt, _EMPTY_LIST),  # how a dropped list is stored
+        "date_text": t.column("date"),
+        "retention_days": days,
+    }
+    arrays = [columns[f.name] if f.name in columns else t.column(f.name) for f in ARROW_SCHEMA]
+    return pa.Table.from_arrays(arrays, schema=ARROW_SCHEMA)

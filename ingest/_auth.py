@@ -1,0 +1,97 @@
+"""Who may relay: SMTP AUTH users (argon2-hashed passwords from the customers file) and
+client networks. Inbound mail to a customer's own domain needs neither."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from dataclasses import dataclass
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from mailmeta.config import Customer, Customers
+
+_HASHER = PasswordHasher()
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def hash_password(password: str) -> str:
+    """The value to put in a customer's ``smtp_users[].password_hash``."""
+    return _HASHER.hash(password)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthUser:
+    login: str
+    customer_id: str
+
+
+class Authenticator:
+    """Checks AUTH PLAIN/LOGIN credentials against the customers' smtp_users."""
+
+    def __init__(self, customers: Customers) -> None:
+        self._users: dict[str, tuple[str, str]] = {
+            u.username: (c.id, u.password_hash) for c in customers for u in c.smtp_users
+        }
+        # Unknown users are checked against a real hash too: the reply takes as long as
+        # for a known user with a wrong password, so logins cannot be probed by timing.
+        self._dummy = _HASHER.hash("mailmeta-no-such-user")
+
+    def __bool__(self) -> bool:
+        return bool(self._users)
+
+    def _verify_sync(self, login: str, password: str) -> AuthUser | None:
+        customer_id, hashed = self._users.get(login, ("", self._dummy))
+        try:
+            _HASHER.verify(hashed, password)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return None
+        return AuthUser(login, customer_id) if customer_id else None
+
+    async def verify(self, login: bytes, password: bytes) -> AuthUser | None:
+        try:
+            user, pw = login.decode("utf-8"), password.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        # argon2 costs tens of ms of CPU by design: off the event loop.
+        return await asyncio.to_thread(self._verify_sync, user, pw)
+
+
+class RelayAccess:
+    """Maps a client address to who it may relay for."""
+
+    def __init__(self, customers: Customers, relay_networks: str) -> None:
+        self._customer_nets: list[tuple[IPNetwork, Customer]] = sorted(
+            ((ipaddress.ip_network(n), c) for c in customers for n in c.client_networks),
+            key=lambda item: -item[0].prefixlen,  # the most specific network wins
+        )
+        self._global: list[IPNetwork] = [
+            ipaddress.ip_network(n.strip(), strict=False)
+            for n in relay_networks.split(",")
+            if n.strip()
+        ]
+
+    def network_customer(self, ip: str | None) -> Customer | None:
+        addr = _ip(ip)
+        if addr is None:
+            return None
+        for net, customer in self._customer_nets:
+            if addr.version == net.version and addr in net:
+                return customer
+        return None
+
+    def in_relay_networks(self, ip: str | None) -> bool:
+        addr = _ip(ip)
+        return addr is not None and any(
+            addr.version == n.version and addr in n for n in self._global
+        )
+
+
+def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if not text:
+        return None
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None

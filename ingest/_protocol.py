@@ -1,0 +1,317 @@
+"""aiosmtpd's SMTP protocol, hardened and with its per-connection overheads removed.
+
+aiosmtpd stays the protocol engine (its command loop, DATA reader, STARTTLS and the CVE
+fixes in them are used as they are); this subclass changes only what is costly or missing:
+
+- ``__init__``: aiosmtpd introspects the handler and itself (``inspect.getmembers``,
+  ``dir``) and formats a log line on *every* connection, ~25 % of a one-message session.
+  What it derives is the same for every connection of a server, so :class:`Shared`
+  computes it once.
+- ``_getaddr``: the common ``<local@domain>`` form is matched by one regex; anything else
+  (quoted local parts, source routes, address literals, ``<>``) still goes to aiosmtpd's
+  RFC 5322 parser, so results are the same (a test compares them).
+- limits: connections per client IP (421 at the greeting), a reply budget for errors
+  (421 and close after ``max_errors`` 5xx replies), an idle timeout that says 421 first.
+- AUTH PLAIN/LOGIN verify the password off the event loop (argon2 is slow by design).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import re
+from base64 import b64decode
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiosmtpd.smtp
+from aiosmtpd.smtp import (
+    SMTP,
+    AuthResult,
+    Envelope,
+    _AuthMechAttr,
+    login_always_fail,
+)
+
+from mailmeta.ingest import _metrics as metrics
+from mailmeta.ingest._auth import Authenticator
+from mailmeta.ingest._extract import peer_ip
+from mailmeta.ingest._tls import tls_info
+
+_sanitized_log = aiosmtpd.smtp.sanitized_log
+
+
+def _lazy_sanitized_log(func: Callable[..., None], msg: Any, *args: Any, **kwargs: Any) -> None:
+    # aiosmtpd sanitizes (copies) every command line for two log calls per command before
+    # the logger decides to drop them; ask the logger first.
+    logger = getattr(func, "__self__", None)
+    if isinstance(logger, logging.Logger):
+        level = logging.DEBUG if func.__name__ == "debug" else logging.INFO
+        if not logger.isEnabledFor(level):
+            return
+    _sanitized_log(func, msg, *args, **kwargs)
+
+
+aiosmtpd.smtp.sanitized_log = _lazy_sanitized_log
+
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_FAST_ADDR = re.compile(rf"<({_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*)>(?:[ \t]+(.*))?\Z")
+
+REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address, try again later"
+REPLY_TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
+
+
+class MailEnvelope(Envelope):
+    """aiosmtpd's envelope plus what RCPT decided: each recipient's customer, the next hop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.customer_of: dict[str, str] = {}
+        self.next_hop: str | None = None
+
+
+@dataclass
+class Shared:
+    """Everything the protocol objects of one server have in common (built once)."""
+
+    handler: Any
+    hostname: str
+    ident: str
+    data_size_limit: int
+    timeout: float
+    max_errors: int
+    max_per_ip: int
+    tls_context: Any = None
+    authenticator: Authenticator | None = None
+    connections: set[FrontEndSMTP] = field(default_factory=set)
+    per_ip: collections.Counter[str] = field(default_factory=collections.Counter)
+    handle_hooks: dict[str, Any] = field(init=False)
+    ehlo_hook_ver: str | None = field(init=False)
+    smtp_methods: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        h = self.handler
+        self.handle_hooks = {
+            m.removeprefix("handle_"): getattr(h, m) for m in dir(h) if m.startswith("handle_")
+        }
+        # Our handler's handle_EHLO takes the 5-argument (new) form.
+        self.ehlo_hook_ver = "new" if "EHLO" in self.handle_hooks else None
+        self.smtp_methods = {
+            m.removeprefix("smtp_"): m for m in dir(FrontEndSMTP) if m.startswith("smtp_")
+        }
+
+
+class _BoundMethods:
+    """aiosmtpd's ``_smtp_methods`` dict, binding a method only when a command uses it."""
+
+    __slots__ = ("_names", "_proto")
+
+    def __init__(self, proto: SMTP, names: dict[str, str]) -> None:
+        self._proto, self._names = proto, names
+
+    def get(self, command: str, default: Any = None) -> Any:
+        attr = self._names.get(command)
+        return default if attr is None else getattr(self._proto, attr)
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(name, getattr(self._proto, attr)) for name, attr in self._names.items()]
+
+
+class FrontEndSMTP(SMTP):
+    def __init__(self, shared: Shared, loop: asyncio.AbstractEventLoop) -> None:
+        # Mirrors aiosmtpd 1.4.6 SMTP.__init__ (pinned in pyproject) with the per-server
+        # parts taken from ``shared``; options we never use are set to their off values.
+        self._shared = shared
+        self.__ident__ = shared.ident
+        self.loop = loop
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=loop,
+        )
+        self.event_handler = shared.handler
+        self.data_size_limit = shared.data_size_limit
+        self.enable_SMTPUTF8 = False
+        self._decode_data = False
+        # Per connection: aiosmtpd keeps this dict on the class, so EHLO on one connection
+        # (MAIL limit += 26 for SIZE) changes every other connection's limits.
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        self.hostname = shared.hostname
+        self.tls_context = shared.tls_context
+        self.require_starttls = False  # per customer, at RCPT (the handler)
+        self._timeout_duration = shared.timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = True  # AUTH only over TLS: never a clear-text password
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = login_always_fail
+        self._auth_required = False
+        self._auth_methods = (
+            {
+                "LOGIN": _AuthMechAttr(self.auth_LOGIN, True),
+                "PLAIN": _AuthMechAttr(self.auth_PLAIN, True),
+            }
+            if shared.authenticator
+            else {}
+        )
+        self._handle_hooks = shared.handle_hooks
+        self._ehlo_hook_ver = shared.ehlo_hook_ver
+        self._smtp_methods = _BoundMethods(self, shared.smtp_methods)  # type: ignore[assignment]
+        self._enforce_call_limit = False
+        self._errors = 0
+        self._peer_ip: str | None = None
+        self.client_ip: str | None = None  # normalised (IPv4-mapped shown as IPv4)
+        self._refused = False
+        self._deadline = 0.0
+
+    def _create_envelope(self) -> MailEnvelope:
+        return MailEnvelope()
+
+    # -- connection lifecycle --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        starttls = self._original_transport is not None
+        super().connection_made(transport)
+        if starttls:
+            version, cipher = tls_info(self.session.ssl if self.session else None)
+            metrics.TLS_SESSIONS.labels(version or "unknown", cipher or "unknown").inc()
+            return
+        shared = self._shared
+        shared.connections.add(self)
+        metrics.ACTIVE_CONNECTIONS.inc()
+        peer = self.session.peer if self.session else None
+        ip = peer[0] if isinstance(peer, tuple) and peer else None
+        self.client_ip = peer_ip(peer)
+        if isinstance(ip, str):
+            self._peer_ip = ip
+            shared.per_ip[ip] += 1
+            if shared.per_ip[ip] > shared.max_per_ip:
+                self._refused = True
+        metrics.CONNECTIONS.labels("refused_per_ip" if self._refused else "accepted").inc()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        shared = self._shared
+        if self in shared.connections:
+            shared.connections.discard(self)
+            metrics.ACTIVE_CONNECTIONS.dec()
+            ip = self._peer_ip
+            if ip is not None:
+                shared.per_ip[ip] -= 1
+                if shared.per_ip[ip] <= 0:
+                    del shared.per_ip[ip]
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        if self._refused:
+            # Before the greeting, like Postfix's anvil limits: the client retries later.
+            await self.push(REPLY_TOO_MANY_CONNECTIONS)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await super()._handle_client()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd cancels and re-creates a timer on every command; moving a deadline and
+        # re-arming only when the timer fires early does the same with one timer per
+        # connection (most sessions are over before it fires).
+        duration = duration or self._timeout_duration
+        self._deadline = self.loop.time() + duration
+        if self._timeout_handle is None or self._timeout_handle.cancelled():
+            self._timeout_handle = self.loop.call_later(duration, self._timeout_cb)
+
+    def _timeout_cb(self) -> None:
+        left = self._deadline - self.loop.time()
+        if left > 0:
+            self._timeout_handle = self.loop.call_later(left, self._timeout_cb)
+            return
+        # aiosmtpd closes silently; RFC 5321 4.2.2 wants a 421 so the client knows why.
+        metrics.CONNECTIONS.labels("timeout").inc()
+        if self.transport is not None and not self.transport.is_closing():
+            self._writer.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
+            self.transport.close()
+
+    @property
+    def in_transaction(self) -> bool:
+        # MAIL accepted and DATA not yet answered (aiosmtpd resets the envelope only after
+        # the DATA handler returned and writes the reply without yielding in between).
+        return self.envelope is not None and self.envelope.mail_from is not None
+
+    # -- replies ---------------------------------------------------------------------------
+
+    async def push(self, status: str | bytes) -> None:
+        # aiosmtpd's push plus the error budget (Postfix's smtpd_hard_error_limit): a client
+        # that keeps earning 5xx replies (bad commands, refused recipients, failed AUTH)
+        # is disconnected.
+        response = status.encode("ascii", "replace") if isinstance(status, str) else status
+        self._writer.write(response + b"\r\n")
+        if response[:1] == b"5":
+            self._errors += 1
+            if self._errors >= self._shared.max_errors:
+                metrics.CONNECTIONS.labels("too_many_errors").inc()
+                self._writer.write(REPLY_TOO_MANY_ERRORS.encode() + b"\r\n")
+                if self.transport is not None:
+                    self.transport.close()
+                return
+        await self._writer.drain()
+
+    # -- parsing ---------------------------------------------------------------------------
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        m = _FAST_ADDR.match(arg)
+        if m is not None:
+            return m.group(1), m.group(2) or ""
+        return super()._getaddr(arg)
+
+    # -- AUTH ------------------------------------------------------------------------------
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if not isinstance(blob, bytes):
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            await self.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        return await self._verify(parts[1], parts[2])
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+            if not isinstance(login, bytes):
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                login = b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if not isinstance(password, bytes):
+            return AuthResult(success=False, handled=True)
+        return await self._verify(login, password)
+
+    async def _verify(self, login: bytes, password: bytes) -> AuthResult:
+        authenticator = self._shared.authenticator
+        user = await authenticator.verify(login, password) if authenticator else None
+        metrics.AUTH.labels("success" if user else "failure").inc()
+        if user is None:
+            return AuthResult(success=False, handled=False)
+        return AuthResult(success=True, auth_data=user)

@@ -1,0 +1,197 @@
+"""Dashboard routes: message search with cursor pages, one message with its status history,
+who-am-I, and the static web dashboard at ``/``.
+
+Every query is bound to one customer: a customer token's own (``customer`` may be omitted, a
+different one is 403), or the one an operator names. Filters on fields a policy HMACs take the
+clear value: the API hashes it with the customer's key and matches both forms, so rows stored
+under an older policy that kept the value still match.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from mailmeta.config import Action, Customer, Customers
+from mailmeta.config._models import POLICY_FIELDS
+from mailmeta.schema import STATUSES
+from mailmeta.sinks._auth import Principal, current_principal, require
+from mailmeta.sinks.store import MAX_LIMIT
+from mailmeta.sinks.store._search import Cursor, SearchFilter, SearchStore
+from mailmeta.streams._redact import hmac_hex
+
+log = logging.getLogger("mailmeta.sinks.api")
+
+WEB_DIR = Path(__file__).with_name("web")
+_MAX_TEXT = 998  # RFC 5322 line length: nothing longer can match
+_Text = Query(min_length=1, max_length=_MAX_TEXT)
+# Pages the dashboard's own code may load; nothing from elsewhere, no inline script.
+_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+def _utc(dt: datetime | None) -> datetime | None:
+    if dt is None:
+        return None
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def encode_cursor(c: Cursor) -> str:
+    return base64.urlsafe_b64encode(f"{c.received_ms}.{c.event_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> Cursor:
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+        at, _, eid = raw.partition(".")
+        return Cursor(int(at), str(uuid.UUID(eid)))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise HTTPException(400, "invalid cursor") from None
+
+
+def _key(customer: Customer) -> bytes | None:
+    if not (customer.hmac_key or customer.hmac_key_env or customer.hmac_key_file):
+        return None
+    try:
+        return customer.key_bytes()
+    except (OSError, ValueError) as exc:
+        log.error("customer %s: cannot read its hmac key: %s", customer.id, exc)
+        raise HTTPException(503, "the customer's hmac key cannot be read") from None
+
+
+def _forms(customer: Customer, value: str | None) -> tuple[str, ...]:
+    """The stored forms a clear value may have: itself and, with a key, its HMAC."""
+    if value is None:
+        return ()
+    key = _key(customer)
+    return (value, hmac_hex(key, value)) if key else (value,)
+
+
+def redaction_info(customer: Customer) -> dict[str, Any]:
+    """The customer's current policy: each field's action (fields not named are dropped)."""
+    return {
+        "policy_version": customer.policy_version,
+        "actions": {f: customer.policy.action_for(f).value for f in POLICY_FIELDS},
+    }
+
+
+def dashboard_router(store: SearchStore, customers: Customers) -> APIRouter:
+    router = APIRouter()
+
+    def customer_for(principal: Principal, requested: str | None) -> Customer:
+        cid = principal.customer_or(requested)
+        found = customers.by_id.get(cid)
+        if found is None:
+            raise HTTPException(404, "unknown customer")
+        return found
+
+    @router.get("/", include_in_schema=False)
+    def index() -> Response:
+        return FileResponse(
+            WEB_DIR / "index.html",
+            headers={"Content-Security-Policy": _CSP, "Cache-Control": "no-store"},
+        )
+
+    @router.get("/v1/me")
+    def me(principal: Annotated[Principal, Depends(current_principal)]) -> JSONResponse:
+        """Who this token is: its scopes and the customers it may see (with their policies)."""
+        visible = [c for c in customers if principal.customer in (None, c.id)]
+        return JSONResponse(
+            {
+                "name": principal.name,
+                "token_id": principal.token_id,
+                "scopes": sorted(principal.scopes),
+                "customer": principal.customer,
+                "customers": [{"id": c.id, "redaction": redaction_info(c)} for c in visible],
+            }
+        )
+
+    @router.get("/v1/messages")
+    def messages(
+        principal: Annotated[Principal, Depends(require("messages:read"))],
+        customer: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+        since: Annotated[datetime | None, Query(alias="from")] = None,
+        until: Annotated[datetime | None, Query(alias="to")] = None,
+        status: Annotated[list[str] | None, Query(max_length=len(STATUSES))] = None,
+        sender: Annotated[str | None, _Text] = None,
+        recipient: Annotated[str | None, _Text] = None,
+        message_id: Annotated[str | None, _Text] = None,
+        subject: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+        cursor: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
+    ) -> JSONResponse:
+        """The customer's events, newest first, filtered; ``next`` is the following page's
+        cursor (null on the last page). Each status change of a message is its own event."""
+        c = customer_for(principal, customer)
+        lo, hi = _utc(since), _utc(until)
+        if lo is not None and hi is not None and lo >= hi:
+            raise HTTPException(400, "'from' must be before 'to'")
+        bad = sorted(set(status or ()) - STATUSES)
+        if bad:
+            raise HTTPException(
+                400, f"unknown status; expected one of {', '.join(sorted(STATUSES))}"
+            )
+        if subject is not None and c.policy.action_for("subject") is not Action.keep:
+            raise HTTPException(400, "this customer's policy does not keep subjects")
+        flt = SearchFilter(
+            since=lo,
+            until=hi,
+            statuses=tuple(status or ()),
+            senders=_forms(c, sender),
+            recipients=_forms(c, recipient),
+            message_ids=_forms(c, message_id),
+            subject=subject,
+        )
+        after = decode_cursor(cursor) if cursor else None
+        rows, nxt = store.search_events(c.id, flt, limit, after)
+        return JSONResponse(
+            {
+                "customer": c.id,
+                "messages": rows,
+                "next": encode_cursor(nxt) if nxt else None,
+            }
+        )
+
+    @router.get("/v1/messages/{event_id}")
+    def message(
+        principal: Annotated[Principal, Depends(require("messages:read"))],
+        event_id: str,
+        customer: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+    ) -> JSONResponse:
+        """One event, its message's status history (oldest first) and how it was redacted."""
+        c = customer_for(principal, customer)
+        try:
+            eid = str(uuid.UUID(event_id))
+        except ValueError:
+            raise HTTPException(404, "no such message") from None
+        row = store.get_event(c.id, eid)
+        if row is None:
+            # Also what another customer's event id gives: nothing says it exists.
+            raise HTTPException(404, "no such message")
+        mid = row.get("message_id")
+        history = store.message_history(c.id, mid) if mid and "***" not in mid else [row]
+        return JSONResponse(
+            {
+                "customer": c.id,
+                "message": row,
+                "history": history or [row],
+                "redaction": redaction_info(c),
+            }
+        )
+
+    return router
+
+
+def mount_web(app: Any) -> None:
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")

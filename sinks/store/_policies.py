@@ -1,0 +1,118 @@
+"""Store methods for redaction policies: the version history and retroactive rewrites.
+
+Mixed into ClickHouseStore (uses its ``_rows``/``_command``/``_client``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+
+from mailmeta.schema import Event, format_time
+from mailmeta.sinks.store._base import StoreError
+from mailmeta.sinks.store._migrations import TABLE
+from mailmeta.sinks.store._rows import SELECT_COLUMNS, row_to_message, to_arrow
+
+POLICY_VERSIONS = "policy_versions"
+_PAGE = 20_000
+
+
+class PolicyStoreMixin:
+    _rows: Callable[..., list[Any]]
+    _command: Callable[..., object]
+    _client: Callable[..., Any]
+
+    def record_policy_version(
+        self, customer: str, version: int, document: Mapping[str, Any], actor: str, source: str
+    ) -> None:
+        """Keep every version's policy: preview and retroactive rewrites need to know how
+        a stored row (stamped with its version) was redacted."""
+        self._command(
+            f"INSERT INTO {POLICY_VERSIONS} (customer_id, version, policy, actor, source) "
+            "SELECT {c:String}, {v:UInt32}, {p:String}, {a:String}, {s:String}",
+            {"c": customer, "v": version, "p": orjson.dumps(document).decode(), "a": actor,
+             "s": source},
+        )  # fmt: skip
+
+    def policy_versions(self, customer: str) -> dict[int, dict[str, Any]]:
+        rows = self._rows(
+            f"SELECT version, policy, actor, source, at FROM {POLICY_VERSIONS} FINAL "
+            "WHERE customer_id = {c:String} ORDER BY version",
+            {"c": customer},
+        )
+        return {
+            int(v): {"policy": orjson.loads(p), "actor": a, "source": s, "at": format_time(at)}
+            for v, p, a, s, at in rows
+        }
+
+    def stored_versions(self, customer: str) -> dict[int, int]:
+        """policy_version -> rows stored under it (physically, expired or not)."""
+        rows = self._rows(
+            f"SELECT policy_version, count() FROM {TABLE} WHERE customer_id = {{c:String}} "
+            "GROUP BY policy_version ORDER BY policy_version",
+            {"c": customer},
+        )
+        return {int(v): int(n) for v, n in rows}
+
+    def rewrite_stored(
+        self,
+        customer: str,
+        versions: list[int],
+        new_version: int,
+        rewrite: Callable[[dict[str, Any]], dict[str, Any] | None],
+    ) -> int:
+        """Rewrite the customer's rows stored under ``versions`` through ``rewrite`` (a
+        schema dict -> the rewritten dict, or None: unchanged).
+
+        No value and no key appears in any SQL text (a server keeps mutations' text in
+        system.mutations): rewritten rows are inserted stamped ``new_version`` (so the
+        ReplacingMergeTree keeps them), then the old copies are deleted by a mutation
+        that names only the customer and versions. Returns the number rewritten.
+        """
+        if not versions:
+            return 0
+        cols = ", ".join((*SELECT_COLUMNS, "retention_days"))
+        where = "customer_id = {c:String} AND has({vs:Array(UInt32)}, policy_version)"
+        params: dict[str, Any] = {"c": customer, "vs": versions, "n": _PAGE}
+        done = 0
+        after: tuple[Any, str] | None = None
+        while True:
+            page_where = where
+            if after is not None:
+                page_where += " AND (received_at, event_id) > ({t:DateTime64(3, 'UTC')}, {e:UUID})"
+                params["t"], params["e"] = after
+            rows = self._rows(
+                f"SELECT {cols} FROM {TABLE} WHERE {page_where} "
+                "ORDER BY received_at, event_id LIMIT {n:UInt32}",
+                params,
+            )
+            if not rows:
+                break
+            after = (rows[-1][1], str(rows[-1][0]))
+            by_days: dict[int, list[Event]] = {}
+            for row in rows:
+                msg = row_to_message(row[:-1])
+                new = rewrite(msg)
+                if new is not None:
+                    new["policy_version"] = new_version
+                    by_days.setdefault(int(row[-1]), []).append(Event(**new))
+            for days, events in by_days.items():
+                table = to_arrow(events, {customer: days})
+                with self._client() as c:
+                    try:
+                        c.insert_arrow(TABLE, table)
+                    except Exception as exc:
+                        raise StoreError(f"rewrite insert failed: {exc}") from exc
+                done += len(events)
+            if len(rows) < _PAGE:
+                break
+        if done:
+            self._command(
+                f"ALTER TABLE {TABLE} DELETE WHERE {where} AND event_id IN "
+                f"(SELECT event_id FROM {TABLE} WHERE customer_id = {{c:String}} "
+                "AND policy_version = {nv:UInt32}) SETTINGS mutations_sync = 2",
+                {"c": customer, "vs": versions, "nv": new_version},
+            )
+        return done

@@ -1,0 +1,125 @@
+"""The query API in this process on a fresh embedded ClickHouse, with tokens on.
+
+No broker: rows go in through the store (as the sink would insert them); the API is served by
+uvicorn in a thread on a free loopback port and stopped by the fixture that started it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from mailmeta.config import Customer, Customers
+from mailmeta.local.brokers import free_port
+from mailmeta.schema import Event, format_time, new_event_id
+from mailmeta.sinks import DrainState, create_api
+from mailmeta.sinks._auth import SCOPES, TokenAuthority
+from mailmeta.sinks.store import ClickHouseStore
+from mailmeta.streams._redact import hmac_hex
+
+ACME_KEY = "acme-test-hmac-key-0123456789abcdef"
+CUSTOMERS = Customers(
+    [
+        Customer(
+            id="acme",
+            domains=["acme.example"],
+            retention_days=60,
+            hmac_key=ACME_KEY,
+            policy_version=3,
+            policy={
+                "mail_from": "hmac",
+                "rcpt_to": "hmac",
+                "message_id": "keep",
+                "subject": "keep",
+                "smtp_reply": "keep",
+                "size_bytes": "keep",
+                "sender_ip": "truncate_ip",
+            },
+        ),
+        Customer(
+            id="globex",
+            domains=["globex.example"],
+            retention_days=90,
+            policy={"mail_from": "keep", "rcpt_to": "mask", "message_id": "keep"},
+        ),
+    ]
+)
+
+
+def acme_hmac(value: str) -> str:
+    return hmac_hex(ACME_KEY.encode(), value)
+
+
+def event(customer: str, age: timedelta = timedelta(0), **fields: Any) -> Event:
+    """A stored (already redacted) event as the sink would receive it."""
+    values: dict[str, Any] = {
+        "event_id": new_event_id(),
+        "received_at": format_time(datetime.now(UTC) - age),
+        "customer_id": customer,
+        "status": "delivered",
+        "message_id": f"<{uuid.uuid4().hex}@mx.example>",
+        "subject": "Quarterly report",
+        "size_bytes": 1000,
+        "smtp_reply": "250 2.0.0 Ok",
+        "policy_version": 3 if customer == "acme" else 1,
+    }
+    if customer == "acme":
+        values["mail_from"] = acme_hmac("alice@sender.example")
+        values["rcpt_to"] = [acme_hmac("bob@acme.example")]
+        values["sender_ip"] = "198.51.100.0/24"
+    else:
+        values["mail_from"] = "carol@sender.example"
+        values["rcpt_to"] = ["d***@globex.example"]
+    values.update(fields)
+    return Event(**values)
+
+
+class ApiServer:
+    def __init__(self, tmp: Path, *, rate_per_s: float = 1000.0, burst: int = 1000) -> None:
+        self.store = ClickHouseStore(
+            f"chdb://{tmp / 'ch'}", {c.id: c.retention_days for c in CUSTOMERS}
+        )
+        self.chdb_dir = tmp / "ch"
+        self.auth = TokenAuthority(self.store, rate_per_s=rate_per_s, burst=burst).load()
+        self.app = create_api(self.store, CUSTOMERS, DrainState(1), auth=self.auth)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        _, self.operator = self.auth.create("operator", None, SCOPES)
+
+    def start(self) -> ApiServer:
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            assert self.thread.is_alive(), "API server thread died"
+            assert time.monotonic() < deadline, "API not listening within 15 s"
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "API server thread did not stop"
+        self.auth.close()
+        self.store.close()
+
+    def client(self, token: str | None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def token(self, customer: str | None, *scopes: str, name: str = "t") -> str:
+        with self.client(self.operator) as c:
+            r = c.post("/v1/tokens", json={"name": name, "customer": customer, "scopes": scopes})
+        assert r.status_code == 201, r.text
+        return str(r.json()["token"])

@@ -1,0 +1,210 @@
+"""Retention, erasure, status history, hourly aggregates and export pages on the real engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import clickhouse_connect
+import pytest
+from clickhouse_connect.driver.client import Client
+
+from mailmeta.schema import format_time
+from mailmeta.sinks.store import MIGRATIONS, ClickHouseStore
+from mailmeta.sinks.store._migrations import migrate
+from tests.test_store import full_event
+
+RETENTION = {"acme": 60, "long": 90, "beta": 30}
+
+
+@pytest.fixture
+def dsn(tmp_path: Path) -> str:
+    return f"chdb://{tmp_path / 'ch'}"
+
+
+@pytest.fixture
+def store(dsn: str) -> Iterator[ClickHouseStore]:
+    with ClickHouseStore(dsn, RETENTION) as s:
+        yield s
+
+
+@pytest.fixture
+def raw(store: ClickHouseStore, dsn: str) -> Iterator[Client]:
+    client = clickhouse_connect.get_client(dsn=dsn)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def stored(raw: Client, customer: str) -> dict[str, int]:
+    """event_id -> retention_days of every physical row of ``customer``."""
+    rows = raw.query(
+        "SELECT toString(event_id), retention_days FROM messages WHERE customer_id = {c:String}",
+        parameters={"c": customer},
+    ).result_rows
+    return {eid: days for eid, days in rows}
+
+
+def test_retention_per_customer_60_vs_90(store: ClickHouseStore, raw: Client) -> None:
+    raw.command("SYSTEM STOP TTL MERGES messages")
+    try:
+        acme = full_event("acme", age=timedelta(days=75))
+        long = full_event("long", age=timedelta(days=75))
+        store.insert_events([acme, long])
+        assert stored(raw, "acme") == {acme.event_id: 60}
+        assert stored(raw, "long") == {long.event_id: 90}
+        # 75 days old: past acme's 60, within long's 90.
+        assert store.query_messages("acme") == []
+        assert [m["event_id"] for m in store.query_messages("long")] == [long.event_id]
+    finally:
+        raw.command("SYSTEM START TTL MERGES messages")
+    store.force_ttl_merge()
+    assert stored(raw, "acme") == {}
+    assert stored(raw, "long") == {long.event_id: 90}
+
+
+def test_shortening_retention_rewrites_and_removes_stored_rows(
+    store: ClickHouseStore, raw: Client, dsn: str
+) -> None:
+    young, old = full_event(age=timedelta(days=10)), full_event(age=timedelta(days=40))
+    other = full_event("long", age=timedelta(days=40))
+    store.insert_events([young, old, other])
+
+    change = store.set_retention("acme", 30)
+    assert (change.previous_days, change.days) == (60, 30)
+    assert (change.rows_expired, change.rows_updated) == (1, 1)
+    # Physically: the 40-day row is gone, the other carries the new retention (its TTL).
+    assert stored(raw, "acme") == {young.event_id: 30}
+    assert stored(raw, "long") == {other.event_id: 90}  # other customers untouched
+    # Future rows get it too, and it outlives this store (the sink's restart).
+    new = full_event()
+    store.insert_events([new])
+    assert stored(raw, "acme")[new.event_id] == 30
+    assert store.retention()["acme"] == 30
+    with ClickHouseStore(dsn, RETENTION) as again:
+        assert again.retention() == {**RETENTION, "acme": 30}
+
+    longer = store.set_retention("acme", 120)
+    assert (longer.previous_days, longer.rows_updated, longer.rows_expired) == (30, 2, 0)
+    assert set(stored(raw, "acme").values()) == {120}
+    audit_free = store.read_audit("acme")  # the store does not audit; the API does
+    assert audit_free == []
+    with pytest.raises(ValueError):
+        store.set_retention("acme", 0)
+    with pytest.raises(KeyError):
+        store.set_retention("nobody", 5)
+
+
+def test_another_process_store_learns_a_retention_change(store: ClickHouseStore, dsn: str) -> None:
+    # In server mode several sinks share the tables; each re-reads the overrides.
+    with ClickHouseStore(dsn, RETENTION) as other:
+        store.set_retention("beta", 7)
+        assert other.retention()["beta"] == 30
+        other.load_retention_overrides()
+        assert other.retention()["beta"] == 7
+
+
+def test_erase_by_value_and_everything(store: ClickHouseStore, raw: Client) -> None:
+    hit_from = full_event(mail_from="k1:abc", rcpt_to=["x@y.example"])
+    hit_rcpt = full_event(mail_from="other", rcpt_to=["a@b.example", "alice@x.example"])
+    hit_mid = full_event(message_id="<m1@x>")
+    keep = full_event(mail_from="k1:abcd", rcpt_to=["alice@x.example.org"])
+    beta = full_event("beta", mail_from="k1:abc")
+    store.insert_events([hit_from, hit_rcpt, hit_mid, keep, beta])
+    store.insert_events([hit_from])  # a duplicate copy not merged yet: erased as well
+
+    erased = store.erase("acme", addresses=["k1:abc", "alice@x.example"])
+    assert erased.rows == 3
+    assert set(stored(raw, "acme")) == {hit_mid.event_id, keep.event_id}
+    assert store.erase("acme", message_ids=["<m1@x>"]).rows == 1
+    assert set(stored(raw, "acme")) == {keep.event_id}
+    assert set(stored(raw, "beta")) == {beta.event_id}  # same value, other customer
+
+    hourly = "SELECT count() FROM messages_hourly WHERE customer_id = {c:String}"
+    assert raw.query(hourly, parameters={"c": "acme"}).result_rows[0][0] > 0
+    everything = store.erase("acme", everything=True)
+    assert everything.rows == 1 and everything.aggregate_rows > 0
+    assert stored(raw, "acme") == {}
+    assert raw.query(hourly, parameters={"c": "acme"}).result_rows[0][0] == 0
+    assert raw.query(hourly, parameters={"c": "beta"}).result_rows[0][0] == 1
+    with pytest.raises(ValueError):
+        store.erase("acme")
+    with pytest.raises(ValueError):
+        store.erase("acme", addresses=["a"], everything=True)
+
+
+def test_hourly_stats_count_by_hour_and_status(store: ClickHouseStore) -> None:
+    now = datetime.now(UTC).replace(minute=30, second=0, microsecond=0)
+    events = [
+        full_event(
+            received_at=format_time(now - timedelta(hours=2)), status="delivered", size_bytes=100
+        ),
+        full_event(
+            received_at=format_time(now - timedelta(hours=2)), status="delivered", size_bytes=50
+        ),
+        full_event(
+            received_at=format_time(now - timedelta(hours=2)), status="bounced", size_bytes=None
+        ),
+        full_event(
+            received_at=format_time(now - timedelta(hours=1)), status="delivered", size_bytes=7
+        ),
+        full_event("beta", received_at=format_time(now - timedelta(hours=1)), size_bytes=1),
+    ]
+    for e in events:  # one insert each: the aggregate sums across inserts
+        store.insert_events([e])
+    hours = store.hourly_stats("acme", now - timedelta(hours=3), now + timedelta(hours=1))
+    h2 = format_time((now - timedelta(hours=2)).replace(minute=0))
+    h1 = format_time((now - timedelta(hours=1)).replace(minute=0))
+    assert hours == [
+        {"hour": h2, "status": "bounced", "messages": 1, "bytes": 0},
+        {"hour": h2, "status": "delivered", "messages": 2, "bytes": 150},
+        {"hour": h1, "status": "delivered", "messages": 1, "bytes": 7},
+    ]
+    assert store.hourly_stats("acme", now - timedelta(minutes=90), now) == hours[2:]
+
+
+def test_export_pages_are_bounded_and_complete_across_equal_times(store: ClickHouseStore) -> None:
+    at = datetime.now(UTC) - timedelta(hours=1)
+    same_ms = [full_event(received_at=format_time(at)) for _ in range(23)]
+    later = [full_event(received_at=format_time(at + timedelta(seconds=i))) for i in range(1, 6)]
+    store.insert_events([*same_ms, *later])
+    store.insert_events(same_ms[:3])  # unmerged duplicates are exported once
+    pages = list(store.export_pages("acme", page=7))
+    assert all(len(p) <= 7 for p in pages)
+    got = [m for p in pages for m in p]
+    assert len(got) == len(same_ms) + len(later) == store.count_export("acme")
+    # Each exactly once, oldest first (ties in ClickHouse's UUID order, whatever it is).
+    by_id = {e.event_id: e.to_dict() for e in [*same_ms, *later]}
+    assert sorted(m["event_id"] for m in got) == sorted(by_id)
+    assert all(m == by_id[m["event_id"]] for m in got)
+    assert [m["event_id"] for m in got[len(same_ms) :]] == [e.event_id for e in later]
+    window = [
+        m["event_id"]
+        for p in store.export_pages("acme", at + timedelta(seconds=2), at + timedelta(seconds=4))
+        for m in p
+    ]
+    assert window == [later[1].event_id, later[2].event_id]
+
+
+def test_hourly_migration_backfills_once(dsn: str) -> None:
+    ev = full_event()
+    # A database from before the aggregates existed, with a row in it.
+    with ClickHouseStore(dsn, RETENTION, apply_migrations=False) as old:
+        migrate(old._command, old._rows, tuple(m for m in MIGRATIONS if m.version < 5))
+        old._command(
+            "INSERT INTO messages (event_id, received_at, customer_id, status, policy_version,"
+            " retention_days, size_bytes) SELECT {e:UUID}, now64(3), 'acme', 'delivered', 1, 60, 9",
+            {"e": ev.event_id},
+        )
+    with ClickHouseStore(dsn, RETENTION) as store:
+        hour = datetime.now(UTC) - timedelta(hours=1)
+        assert store.hourly_stats("acme", hour, hour + timedelta(hours=2))[0]["messages"] == 1
+        # A re-run of the step (crash before the ledger entry) must not count it again.
+        [m5] = [m for m in MIGRATIONS if m.version == 5]
+        for sql in m5.statements:
+            store._command(sql)
+        assert store.migrate() == []
+        stats = store.hourly_stats("acme", hour, hour + timedelta(hours=2))
+        assert [(s["messages"], s["bytes"]) for s in stats] == [(1, 9)]
