@@ -95,6 +95,47 @@ def test_every_action_on_every_field_type() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"mail_from": None, "rcpt_to": None, "sender_ip": "2001:db8::1"},
+        {"sender_ip": "010.1.2.3", "rcpt_to": [], "policy_version": 3},
+    ],
+)
+def test_apply_dict_is_apply(kw: dict[str, object]) -> None:
+    """The worker's hot path (dict in, dict out) gives what apply() gives, field order too."""
+    policy = Policy(
+        actions={
+            "mail_from": Action.hmac,
+            "rcpt_to": Action.mask,
+            "sender_ip": Action.truncate_ip,
+            "helo": Action.hmac,
+            "message_id": Action.hmac,
+            "size_bytes": Action.keep,
+        }
+    )
+    compiled = CompiledPolicy.compile(policy, KEY, version=4)
+    ev = _event(**kw)
+    out = compiled.apply_dict(ev.to_dict())
+    assert list(out.items()) == list(compiled.apply(ev).to_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("value", "prefix", "expected"),
+    [
+        ("10.20.30.40", 16, "10.20.0.0/16"),
+        ("10.20.30.40", 32, "10.20.30.40/32"),
+        ("255.255.255.255", 24, "255.255.255.0/24"),
+        ("01.2.3.4", 24, None),  # leading zero: not an address for ipaddress either
+        ("256.2.3.4", 24, None),
+        (" 10.20.30.40 ", 24, "10.20.30.0/24"),
+    ],
+)
+def test_truncate_ipv4_fast_path(value: str, prefix: int, expected: str | None) -> None:
+    assert truncate_ip(value, prefix) == expected
+
+
 def test_missing_fields_stay_missing() -> None:
     policy = Policy(actions={"mail_from": Action.hmac, "subject": Action.mask})
     out = CompiledPolicy.compile(policy, KEY, 1).apply(_event(mail_from=None, subject=None))
@@ -276,3 +317,37 @@ def test_invalid_keys_and_rules_name_the_problem(customer: dict[str, object], me
     with pytest.raises(ConfigError) as info:
         parse_customers(data, "customers.yaml")
     assert message in str(info.value) and "customer 'a'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        {"body": "smuggled"},
+        {"event_id": ""},
+        {"status": 3},
+        {"received_at": "yesterday"},
+        {"received_at": "2026-01-02T03:04:05+02:00"},
+        {"helo": 5},
+        {"rcpt_to": "a@b"},
+        {"rcpt_to": ["a@b", 1]},
+        {"size_bytes": True},
+        {"size_bytes": 1.5},
+        {"processing_ms": False},
+        {"processing_ms": 2},
+        {"policy_version": "1"},
+        {"subject": None, "date": None},
+    ],
+)
+def test_worker_fast_check_never_looser_than_schema(change: dict[str, object]) -> None:
+    """The worker's fast validity check accepts only what schema.event_from_dict accepts."""
+    from mailmeta.schema import SchemaError, event_from_dict
+    from mailmeta.streams.app import _plainly_valid
+
+    obj = {**_event().to_dict(), **change}
+    try:
+        event_from_dict(dict(obj))
+        valid = True
+    except SchemaError:
+        valid = False
+    assert _plainly_valid(obj) == valid
