@@ -2,7 +2,7 @@
 
 .venv/bin/python bench/sink_throughput.py [--rows 200000]
 
-1. raw: the same events as one Arrow table per 10k rows (built beforehand, not timed),
+1. raw: the same events as one Arrow table per sink batch (MAX_ROWS) (built beforehand, not timed),
    inserted with clickhouse-connect's insert_arrow into a fresh embedded ClickHouse.
 2. sink: the events produced to a local Tansu topic beforehand; a SinkService (consumer,
    decode, validate, batch, insert, commit) into another fresh data dir. Timed from the
@@ -25,11 +25,12 @@ from mailmeta.kafka import ensure_topics
 from mailmeta.local.brokers import LocalBroker, free_port
 from mailmeta.schema import Event, encode_event, format_time, new_event_id
 from mailmeta.sinks import SinkService
+from mailmeta.sinks._consumer import MAX_ROWS
 from mailmeta.sinks.store import ClickHouseStore
 from mailmeta.sinks.store._migrations import TABLE
 from mailmeta.sinks.store._rows import to_arrow
 
-BATCH = 10_000
+BATCH = MAX_ROWS  # the raw inserts use the sink's own batch size
 CUSTOMERS = Customers(
     [Customer(id=f"c{i}", domains=[f"c{i}.example"], retention_days=60) for i in range(10)]
 )
@@ -94,14 +95,22 @@ def through_sink(evs: list[Event], tmp: Path, broker: LocalBroker) -> tuple[floa
     with SinkService(s, CUSTOMERS, group_id=f"bench-{uuid.uuid4().hex}") as sink:
         assert sink.consumer is not None
         stats = sink.consumer.stats
+        deadline = time.monotonic() + 300
         while stats.rows_inserted == 0:
-            time.sleep(0.005)
+            _check(stats, deadline)
         t_first = time.perf_counter()
         first = stats.rows_inserted
         while stats.rows_inserted < len(evs):
-            time.sleep(0.005)
+            _check(stats, deadline)
         t_end = time.perf_counter()
     return (len(evs) - first) / (t_end - t_first), t_first - t_start
+
+
+def _check(stats: object, deadline: float) -> None:
+    # A failed or stuck sink ends the run with its state rather than hanging it.
+    if time.monotonic() > deadline or getattr(stats, "state", "") in ("failed", "stopped"):
+        raise SystemExit(f"sink did not store every row: {stats}")
+    time.sleep(0.005)
 
 
 def main() -> None:

@@ -3,11 +3,18 @@
 At-least-once: offsets are committed (synchronously) only after the batch is inserted and
 its dead letters are acknowledged; a failure is retried with backoff, never skipped. A
 redelivered event collapses into the row it duplicates (ReplacingMergeTree).
+
+Two threads: one consumes and batches while a writer inserts the batch before. ClickHouse's
+insert runs without the GIL, so consuming the next batch overlaps it (one batch in hand, one
+being written: bounded memory, and backpressure on the consumer). The writer hands each
+stored batch back and the consumer thread commits it: the Kafka consumer is only ever used
+from its own thread. Batches are stored and committed in order.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -25,11 +32,12 @@ from mailmeta.sinks.store import Store
 log = logging.getLogger("mailmeta.sinks.consumer")
 
 GROUP_ID = "mailmeta-sink"
-MAX_ROWS = 10_000
+MAX_ROWS = 25_000  # larger parts: ~25% less ClickHouse CPU per row than 10k (bench)
 MAX_WAIT = 0.5  # seconds a lone event waits for company before it is inserted
 IDLE_POLL = 0.5  # blocking poll while idle: ~0 CPU, and stop() is noticed within this
 _BACKOFF_MAX = 5.0
 _COMMIT_ATTEMPTS = 3
+_WRITER_POLL = 0.05  # poll timeout while a batch is being written, so its commit is prompt
 _T = TypeVar("_T")
 
 
@@ -47,6 +55,9 @@ class _Batch:
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     started: float = 0.0
     records: int = 0
+    # The store's columnwise decoding of records_in, done on the consumer thread (see _flush);
+    # None when it declined the batch or the store has no such path.
+    prepared: Any = None
 
     def add(self, msg: Message) -> None:
         if not self.records:
@@ -87,6 +98,12 @@ class SinkConsumer:
         self._stopping = threading.Event()
         self._abort = threading.Event()
         self._thread: threading.Thread | None = None
+        self._writer: threading.Thread | None = None
+        # One batch waits here while the writer stores the one before it.
+        self._handoff: queue.Queue[_Batch | None] = queue.Queue(maxsize=1)
+        self._writer_error: BaseException | None = None
+        # Batches the writer stored, for the consumer thread to commit in order.
+        self._stored: queue.SimpleQueue[_Batch] = queue.SimpleQueue()
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self.stats = ConsumerStats()
@@ -121,9 +138,13 @@ class SinkConsumer:
         self._consumer.subscribe(
             [s.redacted_topic], on_revoke=self._on_revoke, on_lost=self._on_lost
         )
+        self._writer = threading.Thread(
+            target=self._write_loop, name="mailmeta-sink-writer", daemon=True
+        )
         self._thread = threading.Thread(
             target=self._run, name="mailmeta-sink-consumer", daemon=True
         )
+        self._writer.start()
         self._thread.start()
 
     def stop(self, timeout: float = 6.0) -> bool:
@@ -152,11 +173,15 @@ class SinkConsumer:
         self.stats.state = "running"
         try:
             while not self._stopping.is_set():
+                self._check_writer()
+                self._commit_stored()
                 batch = self._batch
                 if batch.records:
                     timeout = max(0.0, batch.started + self._max_wait - time.monotonic())
                 else:
                     timeout = IDLE_POLL
+                if self._handoff.unfinished_tasks:
+                    timeout = min(timeout, _WRITER_POLL)  # commit soon after it is stored
                 room = max(1, self._max_rows - batch.records)
                 for msg in consumer.consume(num_messages=room, timeout=timeout):
                     self._take(msg)
@@ -167,6 +192,7 @@ class SinkConsumer:
                 ):
                     self._flush()
             self._flush()
+            self._finish_writer()
             self.stats.state = "stopped"
         except _Aborted:
             self.stats.state = "stopped"
@@ -176,7 +202,67 @@ class SinkConsumer:
             self.stats.state = "failed"
             self.stats.last_error = f"{type(exc).__name__}: {exc}"
         finally:
+            self._finish_writer()
             self._close()
+
+    # --- the writer --------------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        while True:
+            batch = self._handoff.get()
+            try:
+                if batch is None:
+                    return
+                self._store_batch(batch)
+            except BaseException as exc:  # handed to the consumer thread
+                self._writer_error = exc
+                return
+            finally:
+                self._handoff.task_done()
+
+    def _check_writer(self) -> None:
+        exc = self._writer_error
+        if exc is not None:
+            raise exc
+
+    def _hand_off(self, batch: _Batch | None) -> None:
+        writer = self._writer
+        while writer is not None and writer.is_alive():
+            try:
+                self._handoff.put(batch, timeout=0.1)
+                return
+            except queue.Full:
+                if self._abort.is_set():
+                    raise _Aborted from None
+        self._check_writer()
+
+    def _wait_written(self) -> None:
+        """Until every batch handed off is stored and committed (or the writer ended)."""
+        writer = self._writer
+        while writer is not None and writer.is_alive():
+            with self._handoff.all_tasks_done:
+                if not self._handoff.unfinished_tasks:
+                    break
+                self._handoff.all_tasks_done.wait(0.1)
+            if self._abort.is_set():
+                raise _Aborted
+        self._check_writer()
+        self._commit_stored()
+
+    def _finish_writer(self) -> None:
+        """Let the writer store what was handed off, then end it (sooner once aborted)."""
+        writer = self._writer
+        if writer is None or not writer.is_alive():
+            return
+        try:
+            self._hand_off(None)
+        except _Aborted:
+            pass
+        while writer.is_alive() and not self._abort.is_set():
+            writer.join(0.1)
+        writer.join(1.0)  # an aborted retry ends within its wait
+        if not self._abort.is_set():
+            self._commit_stored()
 
     def _close(self) -> None:
         if self._consumer is not None:
@@ -242,12 +328,12 @@ class SinkConsumer:
             return 0
         # The columnwise path (one JSON parse and check for the whole batch) when the store
         # has it; it declines, writing nothing, a batch with any record it cannot vouch for.
-        if hasattr(self._store, "insert_json"):
-            values = [msg.value() or b"" for msg in batch.records_in]
+        prepared = batch.prepared
+        if prepared is not None:
             # Looked up on each attempt, like insert_events below (the store may be swapped).
-            done = self._retry("insert", lambda: getattr(self._store, "insert_json")(values))  # noqa: B009
+            done = self._retry("insert", lambda: getattr(self._store, "insert_prepared")(prepared))  # noqa: B009
             if done is not None:
-                return len(values)
+                return len(batch.records_in)
         self._decode(batch)
         if batch.events:
             self._retry("insert", lambda: self._store.insert_events(batch.events))
@@ -256,9 +342,17 @@ class SinkConsumer:
     # --- flushing ----------------------------------------------------------------------------
 
     def _flush(self) -> None:
+        """Hand the batch in hand to the writer (waits while it still writes the one before)."""
         batch, self._batch = self._batch, _Batch()
         if not batch.records:
             return
+        prepare = getattr(self._store, "prepare_json", None)
+        if prepare is not None and batch.records_in:
+            # Decoding here overlaps the writer's insert of the batch before.
+            batch.prepared = prepare([msg.value() or b"" for msg in batch.records_in])
+        self._hand_off(batch)
+
+    def _store_batch(self, batch: _Batch) -> None:
         self.stats.rows_inserted += self._insert(batch)
         if batch.dead:
             self._retry("dead letter", lambda: self._send_dead(batch.dead))
@@ -271,12 +365,21 @@ class SinkConsumer:
                 _where(msg),
                 reason,
             )
-        if self._commit(batch.offsets):
-            # Only now is everything before these markers stored and committed.
-            self._drain.record(batch.markers)
-        self.stats.batches += 1
+        self._stored.put(batch)
         if self.stats.state == "retrying":
             self.stats.state = "running"
+
+    def _commit_stored(self) -> None:
+        """Commit the batches the writer has stored (on the consumer's own thread)."""
+        while True:
+            try:
+                batch = self._stored.get_nowait()
+            except queue.Empty:
+                return
+            if self._commit(batch.offsets):
+                # Only now is everything before these markers stored and committed.
+                self._drain.record(batch.markers)
+            self.stats.batches += 1
 
     def _retry(self, what: str, fn: Callable[[], _T]) -> _T:
         delay = 0.1
@@ -341,9 +444,11 @@ class SinkConsumer:
         # Store and commit what we hold while the partitions are still ours.
         if self._batch.records:
             self._flush()
+        self._wait_written()
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Commits would fail now; the new owner re-reads these records.
+        # Commits would fail now; the new owner re-reads these records (a batch already
+        # with the writer is stored, and its commit fails harmlessly).
         self._batch = _Batch()
 
 

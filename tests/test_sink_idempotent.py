@@ -96,10 +96,10 @@ class RestartableStore:
             self.failures += 1
             raise
 
-    def insert_json(self, values: Any) -> int | None:
+    def insert_prepared(self, prepared: Any) -> int | None:
         assert self.inner is not None
         try:
-            return self.inner.insert_json(values)
+            return self.inner.insert_prepared(prepared)
         except StoreError:
             self.failures += 1
             raise

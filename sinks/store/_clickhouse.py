@@ -11,12 +11,14 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import clickhouse_connect
 import orjson
+import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 
 from mailmeta.schema import Event, format_time
@@ -63,6 +65,15 @@ def safe_dsn(dsn: str) -> str:
 
 def chdb_path(dsn: str) -> Path | None:
     return Path(dsn.removeprefix("chdb://")) if dsn.startswith("chdb://") else None
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """Records decoded for insert_prepared, with the retention they were decoded under."""
+
+    values: Sequence[bytes]
+    retention: dict[str, int]
+    table: pa.Table
 
 
 class ClickHouseStore(
@@ -198,17 +209,34 @@ class ClickHouseStore(
         """
         if not values:
             return 0
+        prepared = self.prepare_json(values)
+        return None if prepared is None else self.insert_prepared(prepared)
+
+    def prepare_json(self, values: Sequence[bytes]) -> PreparedBatch | None:
+        """insert_json's decoding and checks alone, so a caller can run them on another
+        thread than the insert (the sink overlaps them); None as in insert_json."""
         self._refresh_retention()
+        retention = dict(self._retention)
+        table = arrow_from_json(values, retention)
+        return None if table is None else PreparedBatch(values, retention, table)
+
+    def insert_prepared(self, prepared: PreparedBatch) -> int | None:
+        """Insert a prepare_json result; None (nothing written) as in insert_json."""
         with self._write_lock:  # as in insert_events: retention read and insert together
-            table = arrow_from_json(values, self._retention)
-            if table is None:
-                return None
+            table: pa.Table | None = prepared.table
+            if prepared.retention != self._retention:
+                # A retention change since it was prepared: rebuild with the value in force.
+                table = arrow_from_json(prepared.values, self._retention)
+                if table is None:
+                    return None
             with self._client() as c:
                 try:
                     c.insert_arrow(TABLE, table)
                 except Exception as exc:
-                    raise StoreError(f"insert of {len(values)} rows failed: {exc}") from exc
-        return len(values)
+                    raise StoreError(
+                        f"insert of {len(prepared.values)} rows failed: {exc}"
+                    ) from exc
+        return len(prepared.values)
 
     def _days(self, customer: str | None) -> int:
         if customer is None:
