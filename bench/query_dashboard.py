@@ -32,7 +32,7 @@ def fill(store: ClickHouseStore, rows: int) -> None:
             "retention_days) SELECT generateUUIDv7(number), "
             "now64(3) - toIntervalMillisecond(rand64(1) % {span:UInt64}), "
             "concat('c', toString(number % {n:UInt32})), "
-            "['delivered','delivered','delivered','deferred','bounced'][1 + number % 5], "
+            "['delivered','delivered','delivered','deferred','bounced'][1 + intDiv(number, {n:UInt32}) % 5], "
             "'198.51.100.0/24', concat('k1:', hex(sipHash64(number))), ['j***@x.example'], "
             "concat('<', toString(number), '@mx.example>'), concat('Invoice ', toString(number)), "
             "1000 + number % 5000, '250 2.0.0 Ok', 1, 60 "
@@ -89,6 +89,19 @@ def main() -> None:
             cases["dashboard search page (50)"] = lambda: s.search_events(
                 customer(), SearchFilter(), 50
             )
+            bounced = SearchFilter(statuses=("bounced",))
+            cases["search, status=bounced (50)"] = lambda: s.search_events(customer(), bounced, 50)
+
+            def tenth_page() -> object:
+                c, after = customer(), None
+                for _ in range(10):
+                    _, after = s.search_events(c, SearchFilter(), 50, after)
+                return after
+
+            cases["10 pages via cursor (total)"] = tenth_page
+            # The worst case: a filter nothing matches reads every row of the customer.
+            nobody = SearchFilter(senders=("k1:nobody",))
+            cases["search, no match (worst)"] = lambda: s.search_events(customer(), nobody, 50)
         print(f"{'query':<30} {'p50 ms':>8} {'p95 ms':>8}   ({args.runs} runs each)")
         for name, fn in cases.items():
             p50, p95 = timed(fn, args.runs)

@@ -12,6 +12,7 @@ import pytest
 
 from mailmeta.schema import Event, format_time, new_event_id
 from mailmeta.sinks.store import MIGRATIONS, ClickHouseStore, UnstorableEvent
+from mailmeta.sinks.store._search import SearchFilter
 
 RETENTION = {"acme": 60, "beta": 30}
 
@@ -277,3 +278,47 @@ def test_audit_log_is_append_only_and_newest_first(tmp_path: Path) -> None:
         assert demo[1]["details"] == {"from": 1, "to": 2}
         assert demo[0]["actor"] == "op@example" and demo[0]["at"].endswith("Z")
         assert len(store.read_audit()) == 3
+
+
+def _all_pages(
+    store: ClickHouseStore, flt: SearchFilter, limit: int, customer: str = "acme"
+) -> list[str]:
+    got: list[str] = []
+    after = None
+    for _ in range(100):
+        page, after = store.search_events(customer, flt, limit, after)
+        got += [m["event_id"] for m in page]
+        if after is None:
+            return got
+    raise AssertionError("paging did not end")
+
+
+def test_search_pages_are_exact_across_look_back_windows(store: ClickHouseStore) -> None:
+    # Ages on both sides of each look-back window (1 h, 12 h, 7 d) and past the last one, and
+    # a bounced minority that only the widest steps find: every page must be the exact
+    # newest-first slice, whatever window the previous page left as the hint.
+    ages = [timedelta(minutes=m) for m in (1, 2, 30, 59, 61, 90)]
+    ages += [timedelta(hours=h) for h in (11, 13, 30, 160, 170)]
+    ages += [timedelta(days=d) for d in (8, 20, 40)]
+    events = [
+        event(age=age, status="bounced" if i % 4 == 0 else "delivered")
+        for i, age in enumerate(ages)
+    ]
+    store.insert_events(events)
+    newest_first = [e.event_id for e in sorted(events, key=lambda e: e.received_at, reverse=True)]
+    bounced = [
+        e.event_id
+        for e in sorted(events, key=lambda e: e.received_at, reverse=True)
+        if e.status == "bounced"
+    ]
+    for limit in (1, 2, 3, 5, 50):
+        assert _all_pages(store, SearchFilter(), limit) == newest_first, limit
+        assert _all_pages(store, SearchFilter(statuses=("bounced",)), limit) == bounced, limit
+    # A busier customer later: the hint left by sparse pages must not hide the new rows.
+    fresh = [event(age=timedelta(seconds=s)) for s in range(1, 8)]
+    store.insert_events(fresh)
+    first, _ = store.search_events("acme", SearchFilter(), 3)
+    assert [m["event_id"] for m in first] == [e.event_id for e in fresh[:3]]
+    assert [m["event_id"] for m in store.query_messages("acme", limit=4)] == [
+        e.event_id for e in fresh[:4]
+    ]

@@ -36,13 +36,11 @@ from mailmeta.sinks.store._policies import PolicyStoreMixin
 from mailmeta.sinks.store._reads import ReadsMixin
 from mailmeta.sinks.store._retention import RetentionMixin
 from mailmeta.sinks.store._rows import (
-    SELECT_COLUMNS,
     arrow_from_json,
     check,
-    row_to_message,
     to_arrow,
 )
-from mailmeta.sinks.store._search import SearchMixin
+from mailmeta.sinks.store._search import SearchFilter, SearchMixin
 from mailmeta.sinks.store._tokens import TokensMixin
 
 log = logging.getLogger("mailmeta.sinks.store")
@@ -93,6 +91,7 @@ class ClickHouseStore(
         self._seed_retention = dict(retention_days or {})
         self._retention = dict(self._seed_retention)
         self._write_lock = threading.RLock()
+        self._window_hint: dict[tuple[str, bool], int] = {}
         self._cond = threading.Condition()
         self._idle: list[Client] = []
         self._all: list[Client] = []
@@ -248,31 +247,9 @@ class ClickHouseStore(
     ) -> list[dict[str, Any]]:
         if not 1 <= limit <= MAX_LIMIT:
             raise ValueError(f"limit must be 1..{MAX_LIMIT}")
-        params: dict[str, Any] = {
-            "customer": customer,
-            "days": self._days(customer),
-            "limit": limit,
-        }
-        where = f"customer_id = {{customer:String}} AND {_VISIBLE}"
-        if message_id is not None:
-            where += " AND message_id = {message_id:String}"
-            params["message_id"] = message_id
-        # Only constant SQL is composed here; every value travels as a bound parameter.
-        order = " ORDER BY received_at DESC, event_id DESC LIMIT {limit:UInt32}"
-        sql = f"SELECT {', '.join(SELECT_COLUMNS)} FROM {TABLE} FINAL WHERE {where}"
-        # FINAL over all of a customer's rows is what makes the newest page slow on a big
-        # table. First bound it below by the time of the newest `limit` rows (no FINAL, read
-        # in key order: cheap). The bounded result is a prefix of the unbounded one (newest
-        # first), so when it is full it is exactly the answer; when duplicates or the
-        # visibility filter leave it short, ask again unbounded.
-        since = (
-            f" AND received_at >= (SELECT min(received_at) FROM (SELECT received_at FROM {TABLE}"
-            f" WHERE {where}{order}))"
-        )
-        rows = self._rows(sql + since + order + _FINAL_SETTINGS, params)
-        if len(rows) < limit:
-            rows = self._rows(sql + order + _FINAL_SETTINGS, params)
-        return [row_to_message(r) for r in rows]
+        # The dashboard's search: one query path, with its bounded look-back (see there).
+        flt = SearchFilter(message_ids=(message_id,)) if message_id is not None else SearchFilter()
+        return self.search_events(customer, flt, limit)[0]
 
     def count(self, customer: str | None = None, *, visible_only: bool = False) -> int:
         params: dict[str, Any] = {}

@@ -8,6 +8,7 @@ Every value travels as a bound parameter; only constant SQL is composed.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +20,10 @@ from mailmeta.sinks.store._rows import SELECT_COLUMNS, row_to_message
 
 _COLS = ", ".join(SELECT_COLUMNS)
 _T = "fromUnixTimestamp64Milli({cur_at:Int64}, 'UTC')"
+_WINDOW = " AND received_at >= fromUnixTimestamp64Milli({win_from:Int64}, 'UTC')"
+# How far search_events looks back, step by step, before it looks at everything.
+_HOUR_MS = 3_600_000
+_WINDOWS_MS = (_HOUR_MS, 12 * _HOUR_MS, 7 * 24 * _HOUR_MS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +56,14 @@ class SearchStore(Protocol):
     def message_history(self, customer: str, message_id: str) -> list[dict[str, Any]]: ...
 
 
+_NO_FILTER = SearchFilter()
+
+
 class SearchMixin(StoreCore):
+    # Per (customer, unfiltered?): the window step the last page was found in. Only a
+    # starting guess: every step is exact, so a stale hint costs time, never correctness.
+    _window_hint: dict[tuple[str, bool], int]
+
     def _where(self, customer: str, flt: SearchFilter, params: dict[str, Any]) -> str:
         params.update(c=customer, days=self._days(customer))
         where = f"customer_id = {{c:String}} AND {VISIBLE}"
@@ -88,12 +100,32 @@ class SearchMixin(StoreCore):
             # Spelled out (not a tuple comparison) so the primary key prunes on received_at.
             where += f" AND received_at <= {_T} AND (received_at < {_T} OR event_id < toUUID({{cur_id:String}}))"
             params.update(cur_at=after.received_ms, cur_id=after.event_id)
-        rows = self._rows(
-            f"SELECT {_COLS}, toUnixTimestamp64Milli(received_at) FROM {TABLE} FINAL "
-            f"WHERE {where} ORDER BY received_at DESC, event_id DESC LIMIT {{limit:UInt32}}"
-            + FINAL_SETTINGS,
-            params,
+        sql = (
+            f"SELECT {_COLS}, toUnixTimestamp64Milli(received_at) FROM {TABLE} FINAL WHERE {where}"
         )
+        order = " ORDER BY received_at DESC, event_id DESC LIMIT {limit:UInt32}" + FINAL_SETTINGS
+        # FINAL over all of a customer's rows is what makes a page slow on a big table, so
+        # look back from the cursor (or now) through growing windows. Everything inside a
+        # window is newer than everything outside it: a window holding limit+1 matches holds
+        # exactly the newest limit+1, so the page is exact; the last step has no bound.
+        anchor = after.received_ms if after is not None else int(time.time() * 1000)
+        key = (customer, flt == _NO_FILTER)
+        step = self._window_hint.get(key, 0)
+        while True:
+            window = _WINDOWS_MS[step] if step < len(_WINDOWS_MS) else None
+            if window is None:
+                rows = self._rows(sql + order, params)
+                break
+            params["win_from"] = anchor - window
+            rows = self._rows(sql + _WINDOW + order, params)
+            if len(rows) > limit:
+                break
+            step += 1
+        if len(rows) > limit:
+            # The next page starts at the smallest window that would have held this one.
+            reach = anchor - int(rows[-1][-1])
+            step = next((i for i, w in enumerate(_WINDOWS_MS) if reach < w), len(_WINDOWS_MS))
+        self._window_hint[key] = step
         page = rows[:limit]
         out = [row_to_message(r[:-1]) for r in page]
         nxt = Cursor(int(page[-1][-1]), str(page[-1][0])) if len(rows) > limit else None
