@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 import uuid
@@ -60,20 +61,31 @@ def events(n: int) -> list[Event]:
     ]
 
 
-def raw_insert(evs: list[Event], tmp: Path) -> float:
+def cpu_seconds(pid: int | None = None) -> float:
+    """User+system CPU of this process (or of pid), from /proc: what the machine spent."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def raw_insert(evs: list[Event], tmp: Path) -> tuple[float, float]:
     retention = {c.id: c.retention_days for c in CUSTOMERS}
     tables = [to_arrow(evs[i : i + BATCH], retention) for i in range(0, len(evs), BATCH)]
     with ClickHouseStore(f"chdb://{tmp / 'raw'}", retention) as store:
         with store._client() as client:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             for t in tables:
                 client.insert_arrow(TABLE, t)
-            took = time.perf_counter() - t0
+            took, cpu = time.perf_counter() - t0, cpu_seconds() - c0
         assert store.count() == len(evs)
-    return len(evs) / took
+    return len(evs) / took, cpu / len(evs) * 1e6
 
 
-def through_sink(evs: list[Event], tmp: Path, broker: LocalBroker) -> tuple[float, float]:
+def through_sink(
+    evs: list[Event], tmp: Path, broker: LocalBroker
+) -> tuple[float, float, float, float]:
     s = Settings(
         config=Path("/nonexistent"),
         data_dir=tmp / "sink",
@@ -99,11 +111,14 @@ def through_sink(evs: list[Event], tmp: Path, broker: LocalBroker) -> tuple[floa
         while stats.rows_inserted == 0:
             _check(stats, deadline)
         t_first = time.perf_counter()
+        c_first, b_first = cpu_seconds(), cpu_seconds(broker.pid)
         first = stats.rows_inserted
         while stats.rows_inserted < len(evs):
             _check(stats, deadline)
         t_end = time.perf_counter()
-    return (len(evs) - first) / (t_end - t_first), t_first - t_start
+        cpu, broker_cpu = cpu_seconds() - c_first, cpu_seconds(broker.pid) - b_first
+    n = len(evs) - first
+    return n / (t_end - t_first), t_first - t_start, cpu / n * 1e6, broker_cpu / n * 1e6
 
 
 def _check(stats: object, deadline: float) -> None:
@@ -119,11 +134,17 @@ def main() -> None:
     args = ap.parse_args()
     evs = events(args.rows)
     with tempfile.TemporaryDirectory() as tmp, LocalBroker("tansu", free_port()) as broker:
-        raw = raw_insert(evs, Path(tmp))
-        sink, join = through_sink(evs, Path(tmp), broker)
-    print(f"rows:              {args.rows}")
-    print(f"raw insert_arrow:  {raw:,.0f} rows/s (prebuilt Arrow tables of {BATCH})")
-    print(f"sink via broker:   {sink:,.0f} rows/s (after a {join:.1f} s group join)")
+        raw, raw_cpu = raw_insert(evs, Path(tmp))
+        sink, join, sink_cpu, broker_cpu = through_sink(evs, Path(tmp), broker)
+    print(f"rows:              {args.rows} on {os.cpu_count()} cores")
+    print(
+        f"raw insert_arrow:  {raw:,.0f} rows/s, {raw_cpu:.1f} CPU-us/row "
+        f"(prebuilt Arrow tables of {BATCH})"
+    )
+    print(
+        f"sink via broker:   {sink:,.0f} rows/s, {sink_cpu:.1f} CPU-us/row "
+        f"+ {broker_cpu:.1f} in the broker (after a {join:.1f} s group join)"
+    )
     print(f"ratio sink/raw:    {sink / raw:.2f}")
 
 
