@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
 from mailmeta.config import Customer, Customers, Settings
 from mailmeta.kafka import ensure_topics
@@ -154,3 +157,49 @@ def test_clickhouse_down_then_back_loses_nothing(
         assert sorted(m["event_id"] for m in got["messages"]) == sorted(
             e.event_id for e in before + during
         )
+
+
+class GatedStore(RestartableStore):
+    """Its columnwise inserts wait at a gate: a batch stays "being written" while held."""
+
+    def __init__(self, dsn: str, retention: dict[str, int]) -> None:
+        super().__init__(dsn, retention)
+        self.gate = threading.Event()
+        self.writing = threading.Event()
+
+    def insert_prepared(self, prepared: Any) -> int | None:
+        self.writing.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        return super().insert_prepared(prepared)
+
+
+def committed(settings: Settings, group: str) -> int:
+    """The group's committed offsets on the redacted topic, summed over partitions."""
+    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
+    try:
+        tps = [TopicPartition(settings.redacted_topic, p) for p in range(settings.partitions)]
+        return sum(max(tp.offset, 0) for tp in c.committed(tps, timeout=10))
+    finally:
+        c.close()
+
+
+def test_a_batch_is_committed_only_once_the_writer_stored_it(settings: Settings) -> None:
+    store = GatedStore(settings.resolved_dsn(), {"idem": 60})
+    group = f"gated-{uuid.uuid4().hex}"
+    events = [redacted("idem") for _ in range(30)]
+    try:
+        with SinkService(settings, CUSTOMERS, store=store, group_id=group) as service:  # type: ignore[arg-type]
+            produce(
+                settings.kafka_bootstrap, settings.redacted_topic, [encode_event(e) for e in events]
+            )
+            assert store.writing.wait(20), "the writer never started an insert"
+            time.sleep(1.5)  # several consumer-loop turns (and commit chances) while it writes
+            assert committed(settings, group) == 0
+            assert rows_inserted(service) == 0
+            store.gate.set()
+            wait_for(lambda: rows_inserted(service) >= 30, what="the held batch")
+            wait_for(lambda: committed(settings, group) == 30, what="its commit")
+            assert store.count("idem", visible_only=True) == 30
+    finally:
+        store.gate.set()
+        store.close()
