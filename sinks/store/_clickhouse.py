@@ -199,28 +199,22 @@ class ClickHouseStore(
                     raise StoreError(f"insert of {len(events)} rows failed: {exc}") from exc
         return len(events)
 
-    def insert_json(self, values: Sequence[bytes]) -> int | None:
-        """Insert schema-v1 JSON records as they are, decoded and checked columnwise.
-
-        Returns None, having written nothing, when the batch needs per-event handling (a bad
-        record, a non-canonical value, a duplicate): then decode_event, check_event and
-        insert_events name the bad records and insert the rest. ~10x faster per record.
-        """
-        if not values:
-            return 0
-        prepared = self.prepare_json(values)
-        return None if prepared is None else self.insert_prepared(prepared)
-
     def prepare_json(self, values: Sequence[bytes]) -> PreparedBatch | None:
-        """insert_json's decoding and checks alone, so a caller can run them on another
-        thread than the insert (the sink overlaps them); None as in insert_json."""
+        """Schema-v1 JSON records decoded and checked columnwise, for insert_prepared.
+
+        Apart from the insert so the sink can decode one batch while the one before is
+        inserted. None when the batch needs per-event handling (a bad record, a
+        non-canonical value, a duplicate): then decode_event, check_event and insert_events
+        name the bad records and insert the rest. ~10x faster per record.
+        """
         self._refresh_retention()
         retention = dict(self._retention)
         table = arrow_from_json(values, retention)
         return None if table is None else PreparedBatch(values, retention, table)
 
     def insert_prepared(self, prepared: PreparedBatch) -> int | None:
-        """Insert a prepare_json result; None (nothing written) as in insert_json."""
+        """Insert a prepare_json result; None, having written nothing, when a retention
+        change since then makes the batch need per-event handling after all."""
         with self._write_lock:  # as in insert_events: retention read and insert together
             table: pa.Table | None = prepared.table
             if prepared.retention != self._retention:
