@@ -60,6 +60,13 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _FAST_ADDR = re.compile(rf"<({_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*)>(?:[ \t]+(.*))?\Z")
 
+# Controls in a command line (TAB still separates words) or anywhere in an address: a next
+# hop that ends lines at a bare CR would read what follows one as a command of ours.
+_LINE_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_ADDR_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+REPLY_CONTROL_IN_COMMAND = "501 5.5.2 Syntax error: control character in command"
+REPLY_CONTROL_IN_ADDRESS = "553 5.1.3 Error: control character in address"
 REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address, try again later"
 REPLY_TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 
@@ -114,7 +121,12 @@ class _BoundMethods:
 
     def get(self, command: str, default: Any = None) -> Any:
         attr = self._names.get(command)
-        return default if attr is None else getattr(self._proto, attr)
+        if attr is None:
+            return default
+        method = getattr(self._proto, attr)
+        proto = self._proto
+        assert isinstance(proto, FrontEndSMTP)
+        return lambda arg: proto._guarded(command, method, arg)
 
     def items(self) -> list[tuple[str, Any]]:
         return [(name, getattr(self._proto, attr)) for name, attr in self._names.items()]
@@ -267,11 +279,28 @@ class FrontEndSMTP(SMTP):
 
     # -- parsing ---------------------------------------------------------------------------
 
+    async def _guarded(self, command: str, method: Any, arg: str | None) -> None:
+        """Run a command whose line holds no control character; else 553 when one is in
+        the address of MAIL/RCPT, 501 otherwise."""
+        if arg is None or not _LINE_CONTROL.search(arg):
+            await method(arg)
+        elif command in ("MAIL", "RCPT") and self._bad_address(arg):
+            await self.push(REPLY_CONTROL_IN_ADDRESS)
+        else:
+            await self.push(REPLY_CONTROL_IN_COMMAND)
+
+    def _bad_address(self, arg: str) -> bool:
+        _, _, rest = arg.partition(":")
+        return self._getaddr(rest.strip())[0] is None
+
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         m = _FAST_ADDR.match(arg)
         if m is not None:
             return m.group(1), m.group(2) or ""
-        return super()._getaddr(arg)
+        address, rest = super()._getaddr(arg)
+        if address is not None and _ADDR_CONTROL.search(address):
+            return None, None
+        return address, rest
 
     # -- AUTH ------------------------------------------------------------------------------
 

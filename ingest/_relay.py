@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
-from mailmeta.config._models import parse_host_port
+from mailmeta.config import parse_host_port
 
 _MAX_REPLY_TEXT = 400
 
@@ -29,6 +29,9 @@ class RelayReply:
     @property
     def line(self) -> str:
         return f"{self.code} {self.text}".rstrip()
+
+
+_UNSAFE = RelayReply(501, "5.5.2 control character in envelope, not relayed")
 
 
 class _ReplyError(Exception):
@@ -53,12 +56,26 @@ def dot_stuff(content: bytes) -> bytes:
     return stuffed + b".\r\n"
 
 
+class UnsafeCommand(ValueError):
+    """A command part holds a control or non-ASCII character: never sent."""
+
+
+def command_line(verb: str, *parts: str) -> bytes:
+    """One outbound command from its parts, each printable ASCII (no CR, LF, NUL or other
+    control): a next hop must never read part of an argument as a command of ours."""
+    for part in (verb, *parts):
+        if not all(" " <= ch <= "~" for ch in part):
+            raise UnsafeCommand(f"unsafe character in {verb} command")
+    return ("".join((verb, *parts)) + "\r\n").encode("ascii")
+
+
 class _Client:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
         self.extensions: set[str] = set()
 
-    async def reply(self) -> RelayReply:
+    async def _lines(self) -> tuple[int, list[str]]:
+        """One (possibly multi-line) reply: its code and the text of each line."""
         lines: list[str] = []
         while True:
             raw = await self.reader.readuntil(b"\n")
@@ -67,38 +84,29 @@ class _Client:
                 raise ConnectionError("next hop sent a malformed reply")
             lines.append(line[4:])
             if line[3:4] != "-":
-                return RelayReply(int(line[:3]), _printable(" ".join(lines).strip()))
+                return int(line[:3]), lines
 
-    async def command(self, line: str) -> RelayReply:
-        self.writer.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
+    async def reply(self) -> RelayReply:
+        code, lines = await self._lines()
+        return RelayReply(code, _printable(" ".join(lines).strip()))
+
+    async def command(self, verb: str, *parts: str) -> RelayReply:
+        self.writer.write(command_line(verb, *parts))
         return await self.reply()
 
-    async def expect(self, line: str, ok: range = range(200, 300)) -> RelayReply:
-        reply = await self.command(line)
+    async def expect(self, verb: str, *parts: str, ok: range = range(200, 300)) -> RelayReply:
+        reply = await self.command(verb, *parts)
         if reply.code not in ok:
             raise _ReplyError(reply)
         return reply
 
     async def ehlo(self, helo: str) -> None:
-        self.writer.write(f"EHLO {helo}\r\n".encode())
-        reply = await self.reply_lines()
-        if reply is None:  # no ESMTP: plain HELO
-            await self.expect(f"HELO {helo}")
-
-    async def reply_lines(self) -> RelayReply | None:
-        lines: list[str] = []
-        while True:
-            raw = await self.reader.readuntil(b"\n")
-            line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
-            if len(line) < 3 or not line[:3].isdigit():
-                raise ConnectionError("next hop sent a malformed reply")
-            lines.append(line[4:])
-            if line[3:4] != "-":
-                break
-        if not line.startswith("2"):
-            return None
+        self.writer.write(command_line("EHLO ", helo))
+        code, lines = await self._lines()
+        if code // 100 != 2:  # no ESMTP: plain HELO
+            await self.expect("HELO ", helo)
+            return
         self.extensions = {ln.split(" ", 1)[0].upper() for ln in lines[1:]}
-        return RelayReply(int(line[:3]), "")
 
 
 async def relay(
@@ -114,6 +122,11 @@ async def relay(
     first refusal) is the verdict. Connection problems are a 451 (deferred)."""
     host, port = parse_host_port(next_hop)
     try:
+        for part in (helo, mail_from, *rcpt_to):
+            command_line("", part)  # refused before connecting
+    except UnsafeCommand:
+        return _UNSAFE
+    try:
         async with asyncio.timeout(time_limit):
             reader, writer = await asyncio.open_connection(host, port, limit=64 * 1024)
             try:
@@ -126,6 +139,8 @@ async def relay(
                     await asyncio.wait_for(writer.wait_closed(), 1.0)
     except _ReplyError as exc:
         return exc.reply
+    except UnsafeCommand:
+        return _UNSAFE
     except TimeoutError:
         return RelayReply(451, f"4.4.2 next hop {next_hop} timed out")
     except (OSError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
@@ -144,10 +159,10 @@ async def _transaction(
         params += f" SIZE={len(content)}"
     if "8BITMIME" in client.extensions and not content.isascii():
         params += " BODY=8BITMIME"
-    await client.expect(f"MAIL FROM:<{mail_from}>{params}")
+    await client.expect("MAIL FROM:<", mail_from, ">", params)
     refusals: list[RelayReply] = []
     for rcpt in rcpt_to:
-        reply = await client.command(f"RCPT TO:<{rcpt}>")
+        reply = await client.command("RCPT TO:<", rcpt, ">")
         if reply.code // 100 != 2:
             refusals.append(reply)
     if refusals:
@@ -157,7 +172,7 @@ async def _transaction(
         await _quit(client)
         temporary = [r for r in refusals if r.code // 100 == 4]
         return temporary[0] if temporary else refusals[0]
-    await client.expect("DATA", range(354, 355))
+    await client.expect("DATA", ok=range(354, 355))
     client.writer.write(dot_stuff(content))
     verdict = await client.reply()
     await _quit(client)

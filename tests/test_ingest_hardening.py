@@ -1,0 +1,71 @@
+"""Hardening of the SMTP front end, each on a real SMTP conversation with the real server:
+command injection, STARTTLS, odd charsets, reply codes, privacy of logs and replies, AUTH
+cost, PROXY protocol."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from mailmeta.config import Customers, Settings, load_customers
+from mailmeta.ingest._relay import relay
+from tests.smtp_helpers import NextHop, Wire, message, read_events, running_server, write_customers
+
+RCPT = "alice@demo.example"
+
+
+def _customers(tmp_path: Path, **demo: Any) -> Customers:
+    return load_customers(
+        write_customers(
+            tmp_path / "customers.yaml",
+            [{"id": "demo", "domains": ["demo.example"], "retention_days": 30, **demo}],
+        )
+    )
+
+
+def _with(settings: Settings, **update: Any) -> Settings:
+    return settings.model_copy(update=update)
+
+
+# --- item 14.3: no command injection through relay mode ----------------------------------
+
+
+def test_control_characters_in_commands_refused(settings: Settings, tmp_path: Path) -> None:
+    injected = b'MAIL FROM:<"x\rRCPT TO:<victim@evil.example>\r"@sender.example>\r\n'
+    with NextHop() as hop:
+        s = _with(settings, relay_to=hop.address)
+        with running_server(s, _customers(tmp_path)) as srv, Wire(srv.port) as w:
+            assert w.send(b"EHLO client\x00.example\r\n")[0] == 501
+            assert w.cmd("EHLO client.example.org")[0] == 250
+            code, _ = w.send(injected)
+            assert code == 553
+            assert w.send(b"MAIL FROM:<bob@example.org\x00>\r\n")[0] == 553
+            assert w.send(b"MAIL FROM:<bob@example.org> SIZE=10\x0bX\r\n")[0] == 501
+            assert w.cmd("MAIL FROM:<bob@example.org>")[0] == 250
+            assert w.send(b"RCPT TO:<alice\r@demo.example>\r\n")[0] == 553
+            assert w.send(b"RCPT TO:<alice@demo.example\x7f>\r\n")[0] == 553
+            assert w.send(b"NOOP a\x01b\r\n")[0] == 501
+            assert w.cmd(f"RCPT TO:<{RCPT}>")[0] == 250
+            assert w.cmd("DATA")[0] == 354
+            assert w.send(message("clean") + b".\r\n")[0] == 250
+    [(mail_from, rcpts, _)] = hop.received
+    assert (mail_from, rcpts) == ("bob@example.org", [RCPT])
+    assert [e["subject"] for e in read_events(settings, min_count=1)] == ["clean"]
+
+
+def test_relay_refuses_to_send_control_characters() -> None:
+    # Defence in depth: whatever got past the front end, the relay sends no line with a
+    # control character to the next hop.
+    async def attempt(**kw: Any) -> int:
+        args: dict[str, Any] = {"helo": "mx.test", "mail_from": "a@b.example"}
+        args |= {"rcpt_to": [RCPT], "content": message("x"), **kw}
+        return (await relay(hop.address, **args)).code
+
+    with NextHop() as hop:
+        assert asyncio.run(attempt(mail_from='"x\rRCPT TO:<v@evil.example>"@b.example')) == 501
+        assert asyncio.run(attempt(rcpt_to=["v@evil.example\x00"])) == 501
+        assert asyncio.run(attempt(helo="mx\n.test")) == 501
+        assert hop.received == []
+        assert asyncio.run(attempt()) == 250
+    assert len(hop.received) == 1
