@@ -22,7 +22,7 @@ $(TSTAMP): pyproject.toml | $(BIN)/python
 up: $(STAMP)
 	$(BIN)/mailmeta up $(ARGS)
 
-test: $(TSTAMP) .tools/usr/sbin/smtp-source
+test: $(TSTAMP) .tools/usr/sbin/smtp-source .tools/kafka.fetched
 	tests/tools/browser.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -41,3 +41,8 @@ bench: $(TSTAMP) .tools/usr/sbin/smtp-source
 
 clean:
 	rm -rf $(VENV) .tools .mailmeta .pytest_cache .mypy_cache .ruff_cache
+# Apache Kafka (KRaft) jars for tests and benchmarks; refetched when the pinned version changes.
+.tools/kafka.fetched: tests/tools/kafka-pom.xml tests/tools/fetch_kafka.sh
+	tests/tools/fetch_kafka.sh .tools
+	touch $@
+
