@@ -33,6 +33,7 @@ from aiosmtpd.smtp import (
     Envelope,
     _AuthMechAttr,
     login_always_fail,
+    syntax,
 )
 
 from mailmeta.ingest import _metrics as metrics
@@ -67,6 +68,7 @@ _ADDR_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 REPLY_CONTROL_IN_COMMAND = "501 5.5.2 Syntax error: control character in command"
 REPLY_CONTROL_IN_ADDRESS = "553 5.1.3 Error: control character in address"
+REPLY_TLS_ACTIVE = "503 5.5.1 Error: TLS already active"
 REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address, try again later"
 REPLY_TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 
@@ -301,6 +303,17 @@ class FrontEndSMTP(SMTP):
         if address is not None and _ADDR_CONTROL.search(address):
             return None, None
         return address, rest
+
+    # -- STARTTLS --------------------------------------------------------------------------
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        # RFC 3207 4.2: no STARTTLS inside TLS. aiosmtpd would start a second handshake,
+        # and every byte that follows would log an asyncio traceback at ERROR.
+        if self._tls_protocol is not None:
+            await self.push(REPLY_TLS_ACTIVE)
+            return
+        await super().smtp_STARTTLS(arg)
 
     # -- AUTH ------------------------------------------------------------------------------
 

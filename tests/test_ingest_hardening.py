@@ -5,8 +5,13 @@ cost, PROXY protocol."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import ssl
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from mailmeta.config import Customers, Settings, load_customers
 from mailmeta.ingest._relay import relay
@@ -69,3 +74,43 @@ def test_relay_refuses_to_send_control_characters() -> None:
         assert hop.received == []
         assert asyncio.run(attempt()) == 250
     assert len(hop.received) == 1
+
+
+# --- item 14.4: STARTTLS inside TLS -------------------------------------------------------
+
+
+def _client_hello() -> bytes:
+    ctx = ssl.create_default_context()
+    tls = ctx.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname="mx.test")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return out.read()
+
+
+def _starttls(w: Wire) -> None:
+    assert w.cmd("EHLO client.example.org")[0] == 250
+    assert w.cmd("STARTTLS")[0] == 220
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # the self-signed certificate
+    w.sock = ctx.wrap_socket(w.sock)
+    assert w.cmd("EHLO client.example.org")[0] == 250
+
+
+def test_second_starttls_refused_without_log_flood(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    s = _with(settings, tls_self_signed=True)
+    with running_server(s, _customers(tmp_path)) as srv, Wire(srv.port) as w:
+        _starttls(w)
+        _, ehlo = w.cmd("EHLO client.example.org")
+        assert "STARTTLS" not in ehlo
+        assert w.cmd("STARTTLS") == (503, "5.5.1 Error: TLS already active")
+        # A client that goes on with a handshake anyway: its bytes are bad commands.
+        w.sock.sendall(_client_hello() + b"\r\n")
+        code, _ = w.cmd("NOOP")
+        while code != 250:  # one 500 per line of handshake bytes, then the NOOP
+            assert code == 500
+            code, _ = w.reply()
+        assert w.cmd("MAIL FROM:<bob@example.org>")[0] == 250
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
