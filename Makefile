@@ -39,10 +39,10 @@ bench: $(TSTAMP) .tools/usr/sbin/smtp-source
 .tools/usr/sbin/smtp-source:
 	tests/tools/fetch.sh .tools
 
-clean:
-	rm -rf $(VENV) .tools .mailmeta .pytest_cache .mypy_cache .ruff_cache
 # Apache Kafka (KRaft) jars for tests and benchmarks; refetched when the pinned version changes.
 .tools/kafka.fetched: tests/tools/kafka-pom.xml tests/tools/fetch_kafka.sh
 	tests/tools/fetch_kafka.sh .tools
 	touch $@
 
+clean:
+	rm -rf $(VENV) .tools .mailmeta .pytest_cache .mypy_cache .ruff_cache
