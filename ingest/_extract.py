@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import functools
 import ipaddress
 import re
 import time
@@ -139,8 +140,8 @@ def decode_rfc2047(value: str) -> str:
     """Decode RFC 2047 encoded-words one by one, keeping what decodes.
 
     Unlike ``email.header.decode_header``, one broken word does not cost the whole value:
-    bad bytes become U+FFFD, an unknown charset is read as UTF-8 or else Latin-1, and a word
-    that cannot be decoded at all stays as written.
+    bad bytes become U+FFFD, an unknown or non-text charset (rot13, base64 …) is read as
+    UTF-8 or else Latin-1, and a word that cannot be decoded at all stays as written.
     """
     out: list[str] = []
     pos = 0
@@ -168,14 +169,24 @@ def _decode_word(m: re.Match[str]) -> str:
             data = binascii.a2b_qp(text.encode("ascii", "replace"), header=True)
     except (binascii.Error, ValueError):
         return m.group(0)
-    try:
-        codecs.lookup(charset)
-    except LookupError:
+    if _is_text_codec(charset):
         try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError:
-            return data.decode("latin-1")
-    return data.decode(charset, "replace")
+            return data.decode(charset, "replace")
+        except (UnicodeError, ValueError, TypeError):
+            pass  # e.g. idna takes no "replace": read like an unknown charset
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+@functools.lru_cache(maxsize=256)
+def _is_text_codec(charset: str) -> bool:
+    # Bytes-to-bytes codecs (base64, hex, zlib, uu, rot13 …) are no charsets.
+    try:
+        return bool(codecs.lookup(charset)._is_text_encoding)
+    except LookupError:
+        return False
 
 
 def _date(raw: str) -> str | None:

@@ -114,3 +114,23 @@ def test_second_starttls_refused_without_log_flood(
             code, _ = w.reply()
         assert w.cmd("MAIL FROM:<bob@example.org>")[0] == 250
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+# --- item 14.5: odd charset names in the Subject ------------------------------------------
+
+_ODD_CHARSETS = ["rot13", "base64", "hex", "zlib", "uu", "idna", "undefined", "x-unknown"]
+
+
+def test_odd_charset_costs_only_its_word(settings: Settings, tmp_path: Path) -> None:
+    with running_server(settings, _customers(tmp_path)) as srv, Wire(srv.port) as w:
+        assert w.cmd("EHLO client.example.org")[0] == 250
+        for cs in _ODD_CHARSETS:
+            subject = f"=?utf-8?Q?ok?= =?{cs}?Q?x?= tail =?utf-8?B?w6Q=?="
+            assert w.cmd("MAIL FROM:<bob@example.org>")[0] == 250
+            assert w.cmd(f"RCPT TO:<{RCPT}>")[0] == 250
+            assert w.cmd("DATA")[0] == 354
+            assert w.send(message(subject, message_id=f"<{cs}@t>") + b".\r\n")[0] == 250
+    events = read_events(settings, min_count=len(_ODD_CHARSETS))
+    by_charset = {e["message_id"][1:-3]: e["subject"] for e in events}
+    # Not a text codec (or one that cannot decode): the word is read as UTF-8 / Latin-1.
+    assert by_charset == {cs: "okx tail ä" for cs in _ODD_CHARSETS}
