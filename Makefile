@@ -27,11 +27,13 @@ test: $(TSTAMP) .tools/usr/sbin/smtp-source .tools/kafka.fetched
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(TSTAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy .
+	$(BIN)/lint-imports
 
 bench: $(TSTAMP) .tools/usr/sbin/smtp-source
 	$(BIN)/python bench/smtp_ingest.py

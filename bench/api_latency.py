@@ -34,8 +34,7 @@ ROUTES = {
 
 
 def generate(store: object, rows: int, chunk: int = 1_000_000) -> float:
-    from mailmeta.sinks.store._migrations import TABLE
-    from mailmeta.sinks.store._rows import ARROW_SCHEMA
+    from mailmeta.store import ARROW_SCHEMA, TABLE
     from tests.api_helpers import acme_hmac
 
     rng = np.random.default_rng(1)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from mailmeta.sinks.store import ClickHouseStore
+from mailmeta.store import ClickHouseStore
 
 CUSTOMERS = 20
 DAYS = 50
@@ -84,7 +84,7 @@ def main() -> None:
             ),
         }
         if hasattr(s, "search_events"):  # the dashboard's page query, when present
-            from mailmeta.sinks.store._search import SearchFilter
+            from mailmeta.store import SearchFilter
 
             cases["dashboard search page (50)"] = lambda: s.search_events(
                 customer(), SearchFilter(), 50

@@ -55,7 +55,7 @@ import json, sys, time
 from collections import deque
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from mailmeta.config import Settings, load_customers
-from mailmeta.streams._redact import Redactor
+from mailmeta.policy import Redactor
 from mailmeta.streams.app import Transformer
 
 s = Settings()

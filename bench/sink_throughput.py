@@ -25,11 +25,9 @@ from mailmeta.config import Customer, Customers, Settings
 from mailmeta.kafka import ensure_topics
 from mailmeta.local.brokers import LocalBroker, free_port
 from mailmeta.schema import Event, encode_event, format_time, new_event_id
-from mailmeta.sinks import SinkService
-from mailmeta.sinks._consumer import MAX_ROWS
-from mailmeta.sinks.store import ClickHouseStore
-from mailmeta.sinks.store._migrations import TABLE
-from mailmeta.sinks.store._rows import to_arrow
+from mailmeta.service import SinkService
+from mailmeta.sinks import MAX_ROWS
+from mailmeta.store import TABLE, ClickHouseStore, to_arrow
 
 BATCH = MAX_ROWS  # the raw inserts use the sink's own batch size
 CUSTOMERS = Customers(

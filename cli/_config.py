@@ -31,7 +31,7 @@ def config_hash_password(
     ),
 ) -> None:
     """Print the argon2 hash to put in a customer's `smtp_users[].password_hash`."""
-    from mailmeta.ingest._auth import hash_password
+    from mailmeta.ingest import hash_password
 
     if len(password) < 8:
         typer.echo("mailmeta: password: use at least 8 characters", err=True)

@@ -1,13 +1,15 @@
 """Settings, customers and their redaction policies, validated on load."""
 
-from mailmeta.config._load import ConfigError, Customers, load_customers
+from mailmeta.config._load import ConfigError, Customers, load_customers, parse_customers
 from mailmeta.config._models import (
     POLICY_FIELDS,
     STRICT_DEFAULT_POLICY,
     Action,
     Customer,
+    FieldRule,
     Policy,
     allowed_actions,
+    parse_host_port,
 )
 from mailmeta.config._settings import Settings
 
@@ -18,8 +20,11 @@ __all__ = [
     "ConfigError",
     "Customer",
     "Customers",
+    "FieldRule",
     "Policy",
     "Settings",
     "allowed_actions",
     "load_customers",
+    "parse_customers",
+    "parse_host_port",
 ]

@@ -159,7 +159,7 @@ class Supervisor:
         py = sys.executable
         api = f"http://{s.api_host}:{s.api_port}"
         self.parts = [
-            Part("sink", [py, "-m", "mailmeta.sinks"], "API listening", f"API {api}"),
+            Part("sink", [py, "-m", "mailmeta.service"], "API listening", f"API {api}"),
             Part("streams", [py, "-m", "mailmeta.streams"], "Worker]: Ready", "redaction worker"),
             Part("ingest", [py, "-m", "mailmeta.ingest"], "SMTP listening", f"SMTP {s.smtp_host}:{s.smtp_port}"),
         ]  # fmt: skip

@@ -1,13 +1,10 @@
-"""The sink stage: redacted events -> ClickHouse (per-row TTL), and the query API.
+"""Stage 3: land redacted events in the store (ClickHouse, per-row TTL), exactly once per event.
 
-Run it with ``python -m mailmeta.sinks``; in-process use: ``SinkService(settings,
-customers).start()`` / ``.stop()``, or the parts: ``create_api``, ``SinkConsumer``,
-``DrainState`` and ``mailmeta.sinks.store``.
+``SinkConsumer`` consumes, batches, inserts, and commits offsets only after the insert;
+``DrainState`` tells when everything produced before a shutdown request is stored.
 """
 
-from mailmeta.sinks._api import create_api
-from mailmeta.sinks._consumer import GROUP_ID, SinkConsumer
+from mailmeta.sinks._consumer import GROUP_ID, MAX_ROWS, SinkConsumer
 from mailmeta.sinks._drain import DrainState
-from mailmeta.sinks._service import SinkService
 
-__all__ = ["GROUP_ID", "DrainState", "SinkConsumer", "SinkService", "create_api"]
+__all__ = ["GROUP_ID", "MAX_ROWS", "DrainState", "SinkConsumer"]

@@ -27,7 +27,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from mailmeta.config import Settings
 from mailmeta.schema import Event, SchemaError, control_of, decode_event
 from mailmeta.sinks._drain import DrainState
-from mailmeta.sinks.store import Store
+from mailmeta.store import Store
 
 log = logging.getLogger("mailmeta.sinks.consumer")
 
@@ -331,7 +331,7 @@ class SinkConsumer:
         prepared = batch.prepared
         if prepared is not None:
             # Looked up on each attempt, like insert_events below (the store may be swapped).
-            done = self._retry("insert", lambda: getattr(self._store, "insert_prepared")(prepared))  # noqa: B009
+            done = self._retry("insert", lambda: self._store.insert_prepared(prepared))
             if done is not None:
                 return len(batch.records_in)
         self._decode(batch)
@@ -346,10 +346,11 @@ class SinkConsumer:
         batch, self._batch = self._batch, _Batch()
         if not batch.records:
             return
-        prepare = getattr(self._store, "prepare_json", None)
-        if prepare is not None and batch.records_in:
+        if batch.records_in:
             # Decoding here overlaps the writer's insert of the batch before.
-            batch.prepared = prepare([msg.value() or b"" for msg in batch.records_in])
+            batch.prepared = self._store.prepare_json(
+                [msg.value() or b"" for msg in batch.records_in]
+            )
         self._hand_off(batch)
 
     def _store_batch(self, batch: _Batch) -> None:

@@ -1,12 +1,8 @@
-"""Stage 2: apply each customer's redaction policy, raw topic -> redacted topic (faust)."""
+"""Stage 2: apply each customer's redaction policy, raw topic -> redacted topic (faust).
 
-from mailmeta.streams._redact import (
-    CompiledPolicy,
-    RedactionError,
-    Redactor,
-    hmac_hex,
-    mask,
-    truncate_ip,
-)
+Run it with ``python -m mailmeta.streams``; the policies themselves live in ``mailmeta.policy``.
+"""
 
-__all__ = ["CompiledPolicy", "RedactionError", "Redactor", "hmac_hex", "mask", "truncate_ip"]
+from mailmeta.streams.app import create_app
+
+__all__ = ["create_app"]

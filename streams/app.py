@@ -24,6 +24,13 @@ from confluent_kafka import Consumer, TopicPartition
 from faust.tables.globaltable import GlobalTable
 
 from mailmeta.config import Settings, load_customers
+from mailmeta.policy import (
+    POLICY_PARTITION,
+    PolicyRecordError,
+    RedactionError,
+    Redactor,
+    decode_record,
+)
 from mailmeta.schema import (
     FIELD_NAMES,
     Event,
@@ -35,9 +42,7 @@ from mailmeta.schema import (
 )
 from mailmeta.streams import _metrics as metrics
 from mailmeta.streams._fast import BatchApp
-from mailmeta.streams._policies import POLICY_PARTITION, PolicyRecordError, decode_record
 from mailmeta.streams._produce import Sender
-from mailmeta.streams._redact import RedactionError, Redactor
 
 log = logging.getLogger("mailmeta.streams")
 

@@ -1,6 +1,7 @@
 """The query API in this process on a fresh embedded ClickHouse, with tokens on.
 
-No broker: rows go in through the store (as the sink would insert them); the API is served by
+No broker: rows are raw events redacted by the real redactor, inserted through the store
+(as the sink would insert them); the API is served by
 uvicorn in a thread on a free loopback port and stopped by the fixture that started it.
 """
 
@@ -16,13 +17,13 @@ from typing import Any
 import httpx
 import uvicorn
 
+from mailmeta.api import SCOPES, TokenAuthority, create_api
 from mailmeta.config import Customer, Customers
 from mailmeta.local.brokers import free_port
+from mailmeta.policy import Redactor
 from mailmeta.schema import Event, format_time, new_event_id
-from mailmeta.sinks import DrainState, create_api
-from mailmeta.sinks._auth import SCOPES, TokenAuthority
-from mailmeta.sinks.store import ClickHouseStore
-from mailmeta.streams._redact import hmac_hex
+from mailmeta.sinks import DrainState
+from mailmeta.store import ClickHouseStore
 
 ACME_KEY = "acme-test-hmac-key-0123456789abcdef"
 CUSTOMERS = Customers(
@@ -53,12 +54,13 @@ CUSTOMERS = Customers(
 )
 
 
-def acme_hmac(value: str) -> str:
-    return hmac_hex(ACME_KEY.encode(), value)
+# Rows are written the way production writes them: a raw event through the real redactor.
+REDACTOR = Redactor(CUSTOMERS)
 
 
 def event(customer: str, age: timedelta = timedelta(0), **fields: Any) -> Event:
-    """A stored (already redacted) event as the sink would receive it."""
+    """A raw event (clear values; ``fields`` override them) redacted by the customer's policy,
+    exactly what the sink receives from the redaction worker."""
     values: dict[str, Any] = {
         "event_id": new_event_id(),
         "received_at": format_time(datetime.now(UTC) - age),
@@ -68,17 +70,13 @@ def event(customer: str, age: timedelta = timedelta(0), **fields: Any) -> Event:
         "subject": "Quarterly report",
         "size_bytes": 1000,
         "smtp_reply": "250 2.0.0 Ok",
-        "policy_version": 3 if customer == "acme" else 1,
+        "sender_ip": "198.51.100.7",
+        "helo": "mx.sender.example",
+        "mail_from": "alice@sender.example" if customer == "acme" else "carol@sender.example",
+        "rcpt_to": ["bob@acme.example"] if customer == "acme" else ["dave@globex.example"],
     }
-    if customer == "acme":
-        values["mail_from"] = acme_hmac("alice@sender.example")
-        values["rcpt_to"] = [acme_hmac("bob@acme.example")]
-        values["sender_ip"] = "198.51.100.0/24"
-    else:
-        values["mail_from"] = "carol@sender.example"
-        values["rcpt_to"] = ["d***@globex.example"]
     values.update(fields)
-    return Event(**values)
+    return REDACTOR.redact(Event(**values))
 
 
 class ApiServer:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from openapi_spec_validator import validate
 
-from mailmeta.sinks._auth import SCOPES
+from mailmeta.api import SCOPES
 from tests.api_helpers import ApiServer, event
 
 
@@ -27,6 +27,27 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
 
 def ids(body: dict[str, Any]) -> list[str]:
     return [m["event_id"] for m in body["messages"]]
+
+
+def test_stored_rows_hold_key_tagged_hashes_and_search_finds_them(api: ApiServer) -> None:
+    """The privacy issue's case: a redactor row is ``k1:<hex>``; the sender box must find it."""
+    row = event("acme", message_id="<tagged-1@mx.example>")
+    assert row.mail_from is not None and row.mail_from.startswith("k1:")
+    api.store.insert_events([row])
+    with api.client(api.token("acme", "messages:read")) as c:
+        r = c.get("/v1/messages", params={"sender": "alice@sender.example"})
+        assert r.status_code == 200, r.text
+        assert row.event_id in ids(r.json())
+
+
+def test_masked_fields_cannot_be_searched_exactly_and_say_so(api: ApiServer) -> None:
+    api.store.insert_events([event("globex", rcpt_to=["dave@globex.example"])])
+    with api.client(api.token("globex", "messages:read")) as c:
+        r = c.get("/v1/messages", params={"recipient": "dave@globex.example"})
+        assert r.status_code == 400
+        assert "rcpt_to is stored as mask" in r.json()["error"]
+        # The same customer's kept field is searchable.
+        assert c.get("/v1/messages", params={"sender": "carol@sender.example"}).status_code == 200
 
 
 def test_filters_match_clear_values_of_hmac_fields(api: ApiServer) -> None:
@@ -168,8 +189,9 @@ def _routes(api: ApiServer) -> list[tuple[str, str]]:
 
 
 def test_no_route_gives_one_customer_another_customers_data(api: ApiServer) -> None:
-    secret_subject = "globex-confidential-subject"
-    g = event("globex", subject=secret_subject, message_id="<globex-only@mx.example>")
+    # globex's policy keeps message ids (and drops subjects): the secret is the message id.
+    secret_subject = "<globex-confidential-id@mx.example>"
+    g = event("globex", message_id=secret_subject)
     api.store.insert_events([g])
     acme_all = api.token("acme", "messages:read", "stats:read", "export")
     values = {"customer": "globex", "event_id": g.event_id, "token_id": "0" * 12}
@@ -201,7 +223,7 @@ def test_no_route_gives_one_customer_another_customers_data(api: ApiServer) -> N
     # The operator sees it (so the test above could have failed).
     with api.client(api.operator) as op:
         r = op.get(f"/v1/messages/{g.event_id}", params={"customer": "globex"})
-        assert r.status_code == 200 and r.json()["message"]["subject"] == secret_subject
+        assert r.status_code == 200 and r.json()["message"]["message_id"] == secret_subject
         assert op.get("/v1/messages").status_code == 400  # operators must name a customer
 
 

@@ -13,7 +13,11 @@ from tests.conftest import REPO
 def test_compose_file_matches_settings_and_stages() -> None:
     compose = yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())
     known = {f"MAILMETA_{name.upper()}" for name in Settings.model_fields}
-    stages = {"sink": "mailmeta.sinks", "streams": "mailmeta.streams", "ingest": "mailmeta.ingest"}
+    stages = {
+        "sink": "mailmeta.service",
+        "streams": "mailmeta.streams",
+        "ingest": "mailmeta.ingest",
+    }
     for service, module in stages.items():
         spec = compose["services"][service]
         assert spec["command"] == ["python", "-m", module]

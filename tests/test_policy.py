@@ -19,10 +19,9 @@ from typer.testing import CliRunner
 from mailmeta.cli import app as cli_app
 from mailmeta.config import Policy, Settings, load_customers
 from mailmeta.kafka import ensure_topics
+from mailmeta.policy import PolicyLog, PolicyRecord, Redactor
 from mailmeta.schema import Event, decode_event, encode_event, new_event_id, now_ms
-from mailmeta.sinks._service import SinkService
-from mailmeta.streams._policies import PolicyLog, PolicyRecord
-from mailmeta.streams._redact import Redactor
+from mailmeta.service import SinkService
 from tests.kafka_helpers import consume, produce, run_stage
 
 pytestmark = pytest.mark.slow

@@ -7,10 +7,9 @@ import hmac
 
 import pytest
 
-from mailmeta.config import Action, Policy
-from mailmeta.config._load import parse_customers
+from mailmeta.config import Action, Policy, parse_customers
 from mailmeta.schema import Event, new_event_id, now_ms
-from mailmeta.streams import CompiledPolicy, RedactionError, Redactor, mask, truncate_ip
+from mailmeta.policy import CompiledPolicy, RedactionError, Redactor, mask, truncate_ip
 
 KEY = b"k" * 32
 

@@ -22,7 +22,7 @@ from mailmeta.config import Customer, Customers, Settings
 from mailmeta.kafka import ensure_topics
 from mailmeta.local.brokers import LocalBroker, free_port
 from mailmeta.schema import Event, encode_drain_marker, encode_event, format_time, new_event_id
-from mailmeta.sinks import SinkService
+from mailmeta.service import SinkService
 
 T = TypeVar("T")
 PARTITIONS = 3

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from mailmeta.schema import Event, decode_event, encode_event, format_time, new_event_id
-from mailmeta.sinks.store._rows import arrow_from_json, to_arrow
+from mailmeta.store import arrow_from_json, to_arrow
 
 RETENTION = {"acme": 60, "beta": 90}
 

@@ -17,8 +17,8 @@ from mailmeta.config import Customer, Customers, Settings
 from mailmeta.kafka import ensure_topics
 from mailmeta.local.brokers import LocalBroker, free_port
 from mailmeta.schema import encode_event
-from mailmeta.sinks import SinkService
-from mailmeta.sinks.store import ClickHouseStore, StoreError
+from mailmeta.service import SinkService
+from mailmeta.store import ClickHouseStore, StoreError
 from tests.kafka_helpers import produce
 from tests.test_sink import redacted, wait_for
 

@@ -1,4 +1,4 @@
-"""``python -m mailmeta.sinks`` as a process: ready line, SIGTERM, restart, data-dir lock."""
+"""``python -m mailmeta.service`` as a process: ready line, SIGTERM, restart, data-dir lock."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class SinkProcess:
 def sink_process(env: dict[str, str], log: Path, wait_ready: bool = True) -> Iterator[SinkProcess]:
     with open(log, "wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mailmeta.sinks"],
+            [sys.executable, "-m", "mailmeta.service"],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -115,7 +115,7 @@ def test_config_error_exits_2(tmp_path: Path) -> None:
     bad.write_text("customers:\n  - id: x\n    domains: [x.example]\n    retention_days: 0\n")
     env = dict(os.environ, MAILMETA_CONFIG=str(bad), MAILMETA_DATA_DIR=str(tmp_path / "d"))
     done = subprocess.run(
-        [sys.executable, "-m", "mailmeta.sinks"], env=env, capture_output=True, timeout=30
+        [sys.executable, "-m", "mailmeta.service"], env=env, capture_output=True, timeout=30
     )
     assert done.returncode == 2
     assert done.stdout == b""
@@ -140,7 +140,7 @@ def test_serves_stops_on_sigterm_and_keeps_rows_across_restart(
         # One process owns a chdb directory: a second sink on it refuses to start.
         other = dict(env, MAILMETA_API_PORT=str(settings.api_port + 1))
         second = subprocess.run(
-            [sys.executable, "-m", "mailmeta.sinks"], env=other, capture_output=True, timeout=30
+            [sys.executable, "-m", "mailmeta.service"], env=other, capture_output=True, timeout=30
         )
         assert second.returncode == 1
         assert b"cannot start" in second.stderr

@@ -22,13 +22,13 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
+from mailmeta.api import register_erase_all_hook
 from mailmeta.config import Customer, Customers, Settings
 from mailmeta.kafka import ensure_topics
 from mailmeta.local.brokers import LocalBroker, free_port
+from mailmeta.policy import hmac_tagged
 from mailmeta.schema import FIELD_NAMES, Event, encode_event, format_time
-from mailmeta.sinks import SinkService
-from mailmeta.sinks._api_storage import register_erase_all_hook
-from mailmeta.streams._redact import hmac_tagged
+from mailmeta.service import SinkService
 from tests.test_sink import redacted, wait_for
 
 KEY = "storage-test-hmac-key-0123456789"

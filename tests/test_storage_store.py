@@ -11,8 +11,7 @@ import pytest
 from clickhouse_connect.driver.client import Client
 
 from mailmeta.schema import format_time
-from mailmeta.sinks.store import MIGRATIONS, ClickHouseStore
-from mailmeta.sinks.store._migrations import migrate
+from mailmeta.store import MIGRATIONS, ClickHouseStore, migrate
 from tests.test_store import full_event
 
 RETENTION = {"acme": 60, "long": 90, "beta": 30}

@@ -11,8 +11,7 @@ import clickhouse_connect
 import pytest
 
 from mailmeta.schema import Event, format_time, new_event_id
-from mailmeta.sinks.store import MIGRATIONS, ClickHouseStore, UnstorableEvent
-from mailmeta.sinks.store._search import SearchFilter
+from mailmeta.store import MIGRATIONS, ClickHouseStore, SearchFilter, UnstorableEvent
 
 RETENTION = {"acme": 60, "beta": 30}
 

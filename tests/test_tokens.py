@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from mailmeta.api import RateLimiter, ensure_operator_token
 from mailmeta.cli import app as cli_app
-from mailmeta.sinks._auth import RateLimiter, ensure_operator_token
 from tests.api_helpers import ApiServer, event
 
 

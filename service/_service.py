@@ -1,6 +1,6 @@
 """SinkService: store + consumer thread + API server, started and stopped together.
 
-Used by ``python -m mailmeta.sinks`` and, in-process, by tests. In embedded mode the
+Used by ``python -m mailmeta.service`` and, in-process, by tests. In embedded mode the
 process owns the chdb directory, so everything reading storage lives here.
 """
 
@@ -13,15 +13,11 @@ from typing import Any
 
 import uvicorn
 
+from mailmeta.api import TokenAuthority, create_api, ensure_operator_token, install_policies
 from mailmeta.config import Customers, Settings
 from mailmeta.kafka import check_topic_retention
-from mailmeta.sinks._api import create_api
-from mailmeta.sinks._api_policies import install_policies
-from mailmeta.sinks._auth import TokenAuthority, ensure_operator_token
-from mailmeta.sinks._consumer import GROUP_ID, SinkConsumer
-from mailmeta.sinks._drain import DrainState
-from mailmeta.sinks.store import ClickHouseStore, Store
-from mailmeta.sinks.store._tokens import TokenStore
+from mailmeta.sinks import GROUP_ID, DrainState, SinkConsumer
+from mailmeta.store import ClickHouseStore, Store
 
 log = logging.getLogger("mailmeta.sinks")
 
@@ -87,7 +83,6 @@ class SinkService:
         s = self.settings
         if not s.api_auth:
             return None
-        assert isinstance(self.store, TokenStore)
         auth = TokenAuthority(self.store, rate_per_s=s.api_rate_per_s, burst=s.api_rate_burst)
         auth.load()
         if s.operator_token_file is not None:

@@ -36,9 +36,9 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from fastapi import HTTPException, Request
 
-from mailmeta.sinks.store._tokens import AccessRecord, TokenRecord, TokenStore
+from mailmeta.store import AccessRecord, TokenRecord, TokenStore
 
-log = logging.getLogger("mailmeta.sinks.auth")
+log = logging.getLogger("mailmeta.api.auth")
 
 SCOPES = frozenset({"messages:read", "stats:read", "export", "admin"})
 TOKEN_PREFIX = "mm_"

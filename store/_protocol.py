@@ -1,49 +1,57 @@
-"""The storage seam: one typed interface the consumer and the API use, backends behind it."""
+"""The ``Store`` protocol: everything callers may ask of storage, typed."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
+import pyarrow as pa
+
 from mailmeta.schema import Event
-
-# The API's bounds; the store enforces the same so no caller can ask for an unbounded scan.
-MAX_LIMIT = 1000
-
-
-class UnstorableEvent(ValueError):
-    """A schema-valid event the store cannot hold (unknown customer, value out of range …).
-
-    The message names the field and the reason, never the value: it goes to logs.
-    """
+from mailmeta.store._base import Erased, RetentionChange
+from mailmeta.store._search import SearchStore
+from mailmeta.store._tokens import TokenStore
 
 
-class StoreError(RuntimeError):
-    """The storage backend failed (unreachable, query error); the caller may retry."""
+@dataclass(frozen=True)
+class PreparedBatch:
+    """Records decoded for insert_prepared, with the retention they were decoded under."""
 
-
-@dataclass(frozen=True, slots=True)
-class RetentionChange:
-    customer: str
-    previous_days: int
-    days: int
-    rows_updated: int
-    rows_expired: int
-
-
-@dataclass(frozen=True, slots=True)
-class Erased:
-    """What an erasure removed: stored rows (every physical copy) and aggregate rows."""
-
-    rows: int
-    aggregate_rows: int = 0
+    values: Sequence[bytes]
+    retention: dict[str, int]
+    table: pa.Table
 
 
 @runtime_checkable
-class Store(Protocol):
-    """Where redacted events land and are read back, with per-row retention."""
+class PolicyStore(Protocol):
+    """Every policy version ever in force, and the rows stored under each."""
+
+    def record_policy_version(
+        self, customer: str, version: int, document: Mapping[str, Any], actor: str, source: str
+    ) -> None: ...
+
+    def policy_versions(self, customer: str) -> dict[int, dict[str, Any]]: ...
+
+    def stored_versions(self, customer: str) -> dict[int, int]: ...
+
+    def rewrite_stored(
+        self,
+        customer: str,
+        versions: list[int],
+        new_version: int,
+        rewrite: Callable[[dict[str, Any]], dict[str, Any] | None],
+    ) -> int: ...
+
+
+@runtime_checkable
+class Store(SearchStore, TokenStore, PolicyStore, Protocol):
+    """Where redacted events land and are read back, with per-row retention.
+
+    The one seam every caller uses: searching, tokens and policy history included, so no
+    caller needs ``Any``, ``getattr`` or ``isinstance`` to reach a method.
+    """
 
     def check_event(self, event: Event) -> str | None:
         """Why ``event`` cannot be stored, or None when it can."""
@@ -54,6 +62,15 @@ class Store(Protocol):
 
         Raises UnstorableEvent before writing anything when one of them fails check_event.
         """
+        ...
+
+    def prepare_json(self, values: Sequence[bytes]) -> PreparedBatch | None:
+        """Decode and check a batch of schema-v1 JSON values for ``insert_prepared``; None
+        when any value needs the per-event path (``insert_events``)."""
+        ...
+
+    def insert_prepared(self, prepared: PreparedBatch) -> int | None:
+        """Insert a prepared batch; None (nothing written) when it must be decoded again."""
         ...
 
     def query_messages(

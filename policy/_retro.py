@@ -18,9 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mailmeta.config import Action, Policy
-from mailmeta.config._models import POLICY_FIELDS, Customer, FieldRule
-from mailmeta.streams._redact import scalar_for
+from mailmeta.config import POLICY_FIELDS, Action, Customer, FieldRule, Policy
+from mailmeta.policy._redact import scalar_for
 
 PREVIEW_NOTE = (
     "before = the stored (already redacted) value; after = that row once the policy is set "

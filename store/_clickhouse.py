@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,28 +21,29 @@ import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 
 from mailmeta.schema import Event, format_time
-from mailmeta.sinks.store._base import MAX_LIMIT, StoreError, UnstorableEvent
-from mailmeta.sinks.store._core import FINAL_SETTINGS, VISIBLE
-from mailmeta.sinks.store._erasure import ErasureMixin
-from mailmeta.sinks.store._migrations import (
+from mailmeta.store._base import MAX_LIMIT, StoreError, UnstorableEvent
+from mailmeta.store._core import FINAL_SETTINGS, VISIBLE
+from mailmeta.store._erasure import ErasureMixin
+from mailmeta.store._migrations import (
     AUDIT_TABLE,
     MIGRATIONS,
     TABLE,
     applied_versions,
     migrate,
 )
-from mailmeta.sinks.store._policies import PolicyStoreMixin
-from mailmeta.sinks.store._reads import ReadsMixin
-from mailmeta.sinks.store._retention import RetentionMixin
-from mailmeta.sinks.store._rows import (
+from mailmeta.store._policies import PolicyStoreMixin
+from mailmeta.store._protocol import PreparedBatch
+from mailmeta.store._reads import ReadsMixin
+from mailmeta.store._retention import RetentionMixin
+from mailmeta.store._rows import (
     arrow_from_json,
     check,
     to_arrow,
 )
-from mailmeta.sinks.store._search import SearchFilter, SearchMixin
-from mailmeta.sinks.store._tokens import TokensMixin
+from mailmeta.store._search import SearchFilter, SearchMixin
+from mailmeta.store._tokens import TokensMixin
 
-log = logging.getLogger("mailmeta.sinks.store")
+log = logging.getLogger("mailmeta.store")
 
 # The longest retention a customer may have (config caps it); bounds the time-range filter.
 MAX_RETENTION_DAYS = 3650
@@ -63,15 +63,6 @@ def safe_dsn(dsn: str) -> str:
 
 def chdb_path(dsn: str) -> Path | None:
     return Path(dsn.removeprefix("chdb://")) if dsn.startswith("chdb://") else None
-
-
-@dataclass(frozen=True)
-class PreparedBatch:
-    """Records decoded for insert_prepared, with the retention they were decoded under."""
-
-    values: Sequence[bytes]
-    retention: dict[str, int]
-    table: pa.Table
 
 
 class ClickHouseStore(

@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 import time
 
-from mailmeta.sinks.store._base import RetentionChange, StoreError
-from mailmeta.sinks.store._core import StoreCore
-from mailmeta.sinks.store._migrations import RETENTION_TABLE, TABLE
+from mailmeta.store._base import RetentionChange, StoreError
+from mailmeta.store._core import StoreCore
+from mailmeta.store._migrations import RETENTION_TABLE, TABLE
 
-log = logging.getLogger("mailmeta.sinks.store")
+log = logging.getLogger("mailmeta.store")
 
 # How stale another process's retention change may be in this one (server mode, many sinks).
 REFRESH_S = 10.0

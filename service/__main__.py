@@ -1,4 +1,4 @@
-"""``python -m mailmeta.sinks``: the sink process (settings from MAILMETA_* env vars).
+"""``python -m mailmeta.service``: the sink process (settings from MAILMETA_* env vars).
 
 Stores redacted events in ClickHouse and serves the query API. Prints one line,
 ``mailmeta sink: API listening on http://HOST:PORT``, once the API accepts requests. SIGTERM
@@ -17,7 +17,7 @@ from types import FrameType
 from pydantic import ValidationError
 
 from mailmeta.config import ConfigError, Settings, load_customers
-from mailmeta.sinks._service import SinkService
+from mailmeta.service._service import SinkService
 
 log = logging.getLogger("mailmeta.sinks")
 

@@ -7,9 +7,9 @@ from datetime import datetime
 from typing import Any
 
 from mailmeta.schema import format_time
-from mailmeta.sinks.store._core import FINAL_SETTINGS, VISIBLE, StoreCore, ms
-from mailmeta.sinks.store._migrations import HOURLY_TABLE, TABLE
-from mailmeta.sinks.store._rows import SELECT_COLUMNS, _utc, row_to_message
+from mailmeta.store._core import FINAL_SETTINGS, VISIBLE, StoreCore, ms
+from mailmeta.store._migrations import HOURLY_TABLE, TABLE
+from mailmeta.store._rows import SELECT_COLUMNS, _utc, row_to_message
 
 _COLS = ", ".join(SELECT_COLUMNS)
 EXPORT_PAGE = 5000

@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mailmeta.api._auth import AccessLogMiddleware, TokenAuthority
+from mailmeta.api._dashboard import dashboard_router, mount_web
+from mailmeta.api._storage import storage_router
+from mailmeta.api._tokens import tokens_router
 from mailmeta.config import Customers
-from mailmeta.sinks._api_dashboard import dashboard_router, mount_web
-from mailmeta.sinks._api_storage import storage_router
-from mailmeta.sinks._api_tokens import tokens_router
-from mailmeta.sinks._auth import AccessLogMiddleware, TokenAuthority
-from mailmeta.sinks._drain import DrainState
-from mailmeta.sinks.store import Store, StoreError
-from mailmeta.sinks.store._search import SearchStore
+from mailmeta.store import Store, StoreError
 
-log = logging.getLogger("mailmeta.sinks.api")
+log = logging.getLogger("mailmeta.api")
+
+
+class DrainStatus(Protocol):
+    """What the sink reports about a drain request (``mailmeta.sinks.DrainState``)."""
+
+    def status(self, nonce: str) -> dict[str, object]: ...
+
 
 # RFC 5322 lines are at most 998 octets: a longer message id cannot match anything.
 _MAX_MESSAGE_ID = 998
@@ -33,7 +38,7 @@ def _error(status: int, message: str, **extra: Any) -> JSONResponse:
 def create_api(
     store: Store,
     customers: Customers,
-    drain_state: DrainState,
+    drain_state: DrainStatus,
     health: Callable[[], dict[str, Any]] | None = None,
     auth: TokenAuthority | None = None,
 ) -> FastAPI:
@@ -74,7 +79,6 @@ def create_api(
         return JSONResponse({"status": "ok" if ok else "degraded", **parts}, 200 if ok else 503)
 
     # /v1/messages (filters, cursor pages), /v1/messages/{id}, /v1/me and the web page.
-    assert isinstance(store, SearchStore)
     app.include_router(dashboard_router(store, customers))
     app.include_router(tokens_router(store, customers))
     mount_web(app)

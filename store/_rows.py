@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 
 from mailmeta.schema import FIELD_NAMES, Event, format_time, parse_time
-from mailmeta.sinks.store._base import UnstorableEvent
+from mailmeta.store._base import UnstorableEvent
 
 # DateTime64's range; a value outside it would make every retry of the batch fail.
 _MIN_TIME = datetime(1900, 1, 1, tzinfo=UTC)

@@ -1,4 +1,4 @@
-"""Kafka plumbing shared by every stage: client settings and topic creation.
+"""Topic definitions: partitions, retention, compaction; creation and checks.
 
 Only standard Kafka APIs: the same code runs on Apache Kafka, Redpanda or a managed Kafka.
 """

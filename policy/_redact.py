@@ -14,8 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mailmeta.config import Action, Customers, Policy
-from mailmeta.config._models import POLICY_FIELDS, Customer, FieldRule
+from mailmeta.config import POLICY_FIELDS, Action, Customer, Customers, FieldRule, Policy
 from mailmeta.schema import ALWAYS_KEPT, FIELD_NAMES, Event
 
 V4_PREFIX = 24

@@ -16,13 +16,13 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
+from mailmeta.api._auth import Principal, require
 from mailmeta.config import Customers, Policy, Settings
+from mailmeta.policy import PREVIEW_NOTE, PolicyLog, PolicyRecord, diff, effective, plan, rewriter
 from mailmeta.schema import now_ms
-from mailmeta.sinks._auth import Principal, require
-from mailmeta.streams._policies import PolicyLog, PolicyRecord, effective
-from mailmeta.streams._retro import PREVIEW_NOTE, diff, plan, rewriter
+from mailmeta.store import Store
 
-log = logging.getLogger("mailmeta.sinks.api.policies")
+log = logging.getLogger("mailmeta.api.policies")
 
 MAX_SAMPLE = 200
 # Module level: routes' annotations are resolved here (``from __future__ import annotations``).
@@ -91,7 +91,7 @@ def parse_policy(doc: dict[str, Any], customer: Any | None) -> Policy:
     return policy
 
 
-def install_policies(app: FastAPI, settings: Settings, customers: Customers, store: Any) -> None:
+def install_policies(app: FastAPI, settings: Settings, customers: Customers, store: Store) -> None:
     """Wire the policy API to the policies topic and seed it from the config.
 
     A broker that cannot be reached here does not stop the sink: workers fall back to the
@@ -108,7 +108,7 @@ def install_policies(app: FastAPI, settings: Settings, customers: Customers, sto
     app.include_router(policies_router(store, customers))
 
 
-def _remember(store: Any, rec: PolicyRecord, action: str, old: PolicyRecord | None) -> None:
+def _remember(store: Store, rec: PolicyRecord, action: str, old: PolicyRecord | None) -> None:
     store.record_policy_version(
         rec.customer_id, rec.version, rec.policy.document(), rec.actor, rec.source
     )
@@ -124,7 +124,7 @@ def _remember(store: Any, rec: PolicyRecord, action: str, old: PolicyRecord | No
     )
 
 
-def policies_router(store: Any, customers: Customers) -> APIRouter:
+def policies_router(store: Store, customers: Customers) -> APIRouter:
     router = APIRouter(prefix="/v1/policies")
 
     def log_of(request: Request) -> PolicyLog:
@@ -273,7 +273,7 @@ def policies_router(store: Any, customers: Customers) -> APIRouter:
 
 
 def _stored_policies(
-    store: Any, customers: Customers, customer: str, current: PolicyRecord | None
+    store: Store, customers: Customers, customer: str, current: PolicyRecord | None
 ) -> dict[int, Policy]:
     """Policy per version as recorded (plus the config's and the one in force)."""
     out: dict[int, Policy] = {}

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-log = logging.getLogger("mailmeta.sinks.store")
+log = logging.getLogger("mailmeta.store")
 
 TABLE = "messages"
 AUDIT_TABLE = "audit_log"

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from mailmeta.sinks.store._base import Erased
-from mailmeta.sinks.store._core import StoreCore
-from mailmeta.sinks.store._migrations import HOURLY_TABLE, TABLE
+from mailmeta.store._base import Erased
+from mailmeta.store._core import StoreCore
+from mailmeta.store._migrations import HOURLY_TABLE, TABLE
 
 
 class ErasureMixin(StoreCore):

@@ -21,15 +21,13 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from mailmeta.config import Action, Customer, Customers
-from mailmeta.config._models import POLICY_FIELDS
+from mailmeta.api._auth import Principal, current_principal, require
+from mailmeta.config import POLICY_FIELDS, Action, Customer, Customers
+from mailmeta.policy import UnsearchableField, search_forms
 from mailmeta.schema import STATUSES
-from mailmeta.sinks._auth import Principal, current_principal, require
-from mailmeta.sinks.store import MAX_LIMIT
-from mailmeta.sinks.store._search import Cursor, SearchFilter, SearchStore
-from mailmeta.streams._redact import hmac_hex
+from mailmeta.store import MAX_LIMIT, Cursor, SearchFilter, SearchStore
 
-log = logging.getLogger("mailmeta.sinks.api")
+log = logging.getLogger("mailmeta.api")
 
 WEB_DIR = Path(__file__).with_name("web")
 _MAX_TEXT = 998  # RFC 5322 line length: nothing longer can match
@@ -60,22 +58,14 @@ def decode_cursor(text: str) -> Cursor:
         raise HTTPException(400, "invalid cursor") from None
 
 
-def _key(customer: Customer) -> bytes | None:
-    if not (customer.hmac_key or customer.hmac_key_env or customer.hmac_key_file):
-        return None
+def _forms(customer: Customer, field: str, value: str | None) -> tuple[str, ...]:
     try:
-        return customer.key_bytes()
+        return search_forms(customer, field, value)
+    except UnsearchableField as exc:
+        raise HTTPException(400, str(exc)) from None
     except (OSError, ValueError) as exc:
-        log.error("customer %s: cannot read its hmac key: %s", customer.id, exc)
+        log.error("customer %s: cannot read its hmac keys: %s", customer.id, exc)
         raise HTTPException(503, "the customer's hmac key cannot be read") from None
-
-
-def _forms(customer: Customer, value: str | None) -> tuple[str, ...]:
-    """The stored forms a clear value may have: itself and, with a key, its HMAC."""
-    if value is None:
-        return ()
-    key = _key(customer)
-    return (value, hmac_hex(key, value)) if key else (value,)
 
 
 def redaction_info(customer: Customer) -> dict[str, Any]:
@@ -148,9 +138,9 @@ def dashboard_router(store: SearchStore, customers: Customers) -> APIRouter:
             since=lo,
             until=hi,
             statuses=tuple(status or ()),
-            senders=_forms(c, sender),
-            recipients=_forms(c, recipient),
-            message_ids=_forms(c, message_id),
+            senders=_forms(c, "mail_from", sender),
+            recipients=_forms(c, "rcpt_to", recipient),
+            message_ids=_forms(c, "message_id", message_id),
             subject=subject,
         )
         after = decode_cursor(cursor) if cursor else None

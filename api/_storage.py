@@ -19,13 +19,13 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mailmeta.api._auth import Principal, require
 from mailmeta.config import Customers
+from mailmeta.policy import stored_forms
 from mailmeta.schema import FIELD_NAMES, format_time
-from mailmeta.sinks._auth import Principal, require
-from mailmeta.sinks.store import Store
-from mailmeta.streams._redact import hmac_hex, hmac_tagged
+from mailmeta.store import Store
 
-log = logging.getLogger("mailmeta.sinks.api")
+log = logging.getLogger("mailmeta.api")
 
 EraseHook = Callable[[str], int]
 # Called with the shortest retention in force; returns warnings about Kafka topics that
@@ -86,16 +86,6 @@ def time_range(since: datetime | None, until: datetime | None) -> tuple[datetime
     if since is not None and until is not None and since >= until:
         raise HTTPException(400, "'from' must be before 'to'")
     return since, until
-
-
-def stored_forms(values: list[str], keys: dict[str, bytes]) -> list[str]:
-    """Every form a value may be stored in: clear, and HMAC'd under each of the customer's
-    keys, tagged with the key id (``k1:hex``) and untagged (rows from before tagging)."""
-    out = list(dict.fromkeys(values))
-    for key_id, key in keys.items():
-        for v in values:
-            out += [hmac_tagged(key_id, key, v), hmac_hex(key, v)]
-    return out
 
 
 def _keys(customers: Customers, customer: str) -> dict[str, bytes]:

@@ -8,15 +8,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from mailmeta.config import Customers
-from mailmeta.sinks._auth import (
+from mailmeta.api._auth import (
     SCOPES,
     Principal,
     TokenAuthority,
     authority_of,
     require_operator,
 )
-from mailmeta.sinks.store import Store
+from mailmeta.config import Customers
+from mailmeta.store import Store
 
 
 class TokenBody(BaseModel):

@@ -11,9 +11,9 @@ from typing import Any
 import orjson
 
 from mailmeta.schema import Event, format_time
-from mailmeta.sinks.store._base import StoreError
-from mailmeta.sinks.store._migrations import TABLE
-from mailmeta.sinks.store._rows import SELECT_COLUMNS, row_to_message, to_arrow
+from mailmeta.store._base import StoreError
+from mailmeta.store._migrations import TABLE
+from mailmeta.store._rows import SELECT_COLUMNS, row_to_message, to_arrow
 
 POLICY_VERSIONS = "policy_versions"
 _PAGE = 20_000

@@ -1,0 +1,22 @@
+"""The query API: messages, stats, export, erasure, retention, policies, tokens, and the web
+dashboard. Reads and writes storage only through ``mailmeta.store``; never imports a stage."""
+
+from mailmeta.api._app import create_api
+from mailmeta.api._auth import (
+    SCOPES,
+    RateLimiter,
+    TokenAuthority,
+    ensure_operator_token,
+)
+from mailmeta.api._policies import install_policies
+from mailmeta.api._storage import register_erase_all_hook
+
+__all__ = [
+    "SCOPES",
+    "RateLimiter",
+    "TokenAuthority",
+    "create_api",
+    "ensure_operator_token",
+    "install_policies",
+    "register_erase_all_hook",
+]

@@ -1,0 +1,44 @@
+"""The storage seam: one typed ``Store`` protocol and its ClickHouse backend (chdb or http(s)).
+
+Every stage and the API reach storage only through the names exported here.
+"""
+
+from mailmeta.store._base import (
+    MAX_LIMIT,
+    Erased,
+    RetentionChange,
+    StoreError,
+    UnstorableEvent,
+)
+from mailmeta.store._clickhouse import ClickHouseStore, safe_dsn
+from mailmeta.store._migrations import MIGRATIONS, TABLE, Migration, migrate
+from mailmeta.store._protocol import PolicyStore, PreparedBatch, Store
+from mailmeta.store._rows import ARROW_SCHEMA, arrow_from_json, to_arrow
+from mailmeta.store._search import Cursor, SearchFilter, SearchStore
+from mailmeta.store._tokens import AccessRecord, TokenRecord, TokenStore
+
+__all__ = [
+    "ARROW_SCHEMA",
+    "MAX_LIMIT",
+    "MIGRATIONS",
+    "TABLE",
+    "AccessRecord",
+    "ClickHouseStore",
+    "Cursor",
+    "Erased",
+    "Migration",
+    "PolicyStore",
+    "PreparedBatch",
+    "RetentionChange",
+    "SearchFilter",
+    "SearchStore",
+    "Store",
+    "StoreError",
+    "TokenRecord",
+    "TokenStore",
+    "UnstorableEvent",
+    "arrow_from_json",
+    "migrate",
+    "safe_dsn",
+    "to_arrow",
+]
