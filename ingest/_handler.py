@@ -148,12 +148,11 @@ class IngestHandler:
         customer = self.customers.for_domain(domain)
         if customer is None:
             relay_for = self._relay_customer(server, session, envelope)
-            if relay_for is False:
-                # Never an open relay.
-                metrics.RECIPIENTS_REJECTED.labels("relay_denied").inc()
-                return f"554 5.7.1 <{address}>: Relay access denied"
             if not isinstance(relay_for, Customer):
-                metrics.RECIPIENTS_REJECTED.labels("unknown_domain").inc()
+                # Never an open relay; one reply whether or not the client may relay at all
+                # (the README documents it).
+                reason = "relay_denied" if relay_for is False else "unknown_domain"
+                metrics.RECIPIENTS_REJECTED.labels(reason).inc()
                 return f"550 5.1.1 <{address}>: recipient domain not served here"
             customer = relay_for
         if customer.require_tls and not session.ssl:

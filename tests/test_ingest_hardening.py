@@ -134,3 +134,18 @@ def test_odd_charset_costs_only_its_word(settings: Settings, tmp_path: Path) -> 
     by_charset = {e["message_id"][1:-3]: e["subject"] for e in events}
     # Not a text codec (or one that cannot decode): the word is read as UTF-8 / Latin-1.
     assert by_charset == {cs: "okx tail ä" for cs in _ODD_CHARSETS}
+
+
+# --- item 14.8: the reply to an unknown recipient domain is the one the README gives -----
+
+
+def test_unknown_domain_reply_matches_readme(settings: Settings, tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    with running_server(settings, _customers(tmp_path)) as srv, Wire(srv.port) as w:
+        assert w.cmd("EHLO client.example.org")[0] == 250
+        assert w.cmd("MAIL FROM:<bob@example.org>")[0] == 250
+        # A client without relay rights: a foreign domain is simply not served here.
+        code, text = w.cmd("RCPT TO:<eve@elsewhere.example>")
+    assert (code, text) == (550, "5.1.1 <eve@elsewhere.example>: recipient domain not served here")
+    assert "`550 5.1.1 … recipient domain not served here`" in readme
+    assert "554 5.7.1" not in readme.split("## SMTP front end")[1].split("\n## ")[0]
