@@ -41,6 +41,7 @@ _PATH_MAX = 254  # 256 octets of path minus the angle brackets
 
 REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 REPLY_BARE_NEWLINE = "550 5.5.2 Error: bare <CR> or <LF> received in message data"
+REPLY_DEFERRED = "451 4.3.0 Temporary failure, try again later"
 REPLY_TLS_REQUIRED = "530 5.7.0 Must issue a STARTTLS command first"
 
 # Precomputed children: ``labels()`` takes a lock and a dict lookup on every call.
@@ -189,7 +190,7 @@ class IngestHandler:
             content = str(content).encode("utf-8", "surrogateescape")
         if has_bare_newline(content):
             metrics.MESSAGES.labels("rejected_bare_newline").inc()
-            log.info("rejected message from %s: bare CR/LF in DATA", peer_ip(session.peer))
+            log.info("rejected message on %r: bare CR/LF in DATA", session.peer)
             return REPLY_BARE_NEWLINE
         assert isinstance(envelope, MailEnvelope)
 
@@ -250,8 +251,8 @@ class IngestHandler:
                 log.error("event(s) %s not recorded: %s", " ".join(ids), failure)
             return verdict.line
         if failure is not None:
-            log.warning("deferred message from %s: %s", sender_ip, failure)
-            return f"451 4.3.0 Temporary failure, try again later: {failure}"
+            log.warning("deferred message on %r: %s", session.peer, failure)
+            return REPLY_DEFERRED  # the reason is ours: nothing internal to the client
         _ACCEPTED.inc()
         return accepted_reply(ids)
 

@@ -21,6 +21,7 @@ import asyncio
 import collections
 import logging
 import re
+import secrets
 from base64 import b64decode
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,6 +72,18 @@ REPLY_CONTROL_IN_ADDRESS = "553 5.1.3 Error: control character in address"
 REPLY_TLS_ACTIVE = "503 5.5.1 Error: TLS already active"
 REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address, try again later"
 REPLY_TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
+
+
+class _Peer(tuple[Any, ...]):
+    """aiosmtpd's ``session.peer`` (host, port), shown as the connection id: aiosmtpd logs
+    the peer with ``%r``, and logs carry no client address (personal data)."""
+
+    conn_id = ""
+
+    def __repr__(self) -> str:
+        return f"conn {self.conn_id}"
+
+    __str__ = __repr__
 
 
 class MailEnvelope(Envelope):
@@ -188,6 +201,7 @@ class FrontEndSMTP(SMTP):
         self.client_ip: str | None = None  # normalised (IPv4-mapped shown as IPv4)
         self._refused = False
         self._deadline = 0.0
+        self.conn_id = secrets.token_hex(4)  # names the connection in logs
 
     def _create_envelope(self) -> MailEnvelope:
         return MailEnvelope()
@@ -197,6 +211,9 @@ class FrontEndSMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         starttls = self._original_transport is not None
         super().connection_made(transport)
+        if self.session is not None and isinstance(self.session.peer, tuple):
+            self.session.peer = peer = _Peer(self.session.peer)
+            peer.conn_id = self.conn_id
         if starttls:
             version, cipher = tls_info(self.session.ssl if self.session else None)
             metrics.TLS_SESSIONS.labels(version or "unknown", cipher or "unknown").inc()

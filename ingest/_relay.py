@@ -142,9 +142,9 @@ async def relay(
     except UnsafeCommand:
         return _UNSAFE
     except TimeoutError:
-        return RelayReply(451, f"4.4.2 next hop {next_hop} timed out")
+        return RelayReply(451, "4.4.2 next hop timed out")
     except (OSError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-        return RelayReply(451, f"4.4.1 next hop {next_hop} unreachable")
+        return RelayReply(451, "4.4.1 next hop unreachable")
 
 
 async def _transaction(

@@ -87,8 +87,21 @@ def running_server(
 class Wire:
     """A byte-exact SMTP client: smtplib rewrites line endings, this one does not."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        timeout: float = 15.0,
+        *,
+        source: str | None = None,
+        preamble: bytes = b"",
+    ) -> None:
+        # source: another loopback address (127.0.0.2 …) to tell the client from the server;
+        # preamble: bytes sent before the greeting is read (a PROXY protocol header).
+        src = (source, 0) if source else None
+        self.sock = socket.create_connection((host, port), timeout=timeout, source_address=src)
+        if preamble:
+            self.sock.sendall(preamble)
         self.buf = b""
         self.greeting = self.reply()
 

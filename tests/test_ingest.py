@@ -240,8 +240,7 @@ def test_broker_unreachable_gives_451_and_client_can_retry(
             with pytest.raises(smtplib.SMTPDataError) as info:
                 client.sendmail("bob@example.org", [RCPT], msg)
             assert info.value.smtp_code == 451
-            assert info.value.smtp_error.startswith(b"4.3.0 ")
-            assert b"timed out" in info.value.smtp_error.lower()
+            assert info.value.smtp_error == b"4.3.0 Temporary failure, try again later"
 
             # The broker comes (back) up; the client retries on the same connection.
             with LocalBroker("tansu", kafka_port) as broker:

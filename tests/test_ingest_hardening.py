@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -149,3 +150,49 @@ def test_unknown_domain_reply_matches_readme(settings: Settings, tmp_path: Path)
     assert (code, text) == (550, "5.1.1 <eve@elsewhere.example>: recipient domain not served here")
     assert "`550 5.1.1 … recipient domain not served here`" in readme
     assert "554 5.7.1" not in readme.split("## SMTP front end")[1].split("\n## ")[0]
+
+
+# --- item 14.13: no personal data in logs, nothing internal in replies -------------------
+
+CLIENT = "127.0.0.2"  # not the server's own address, which its logs may name
+
+
+def _conversation(port: int, subject: str) -> tuple[int, str]:
+    with Wire(port, source=CLIENT) as w:
+        assert w.cmd("EHLO client.example.org")[0] == 250
+        assert w.cmd("BOGUS")[0] == 500  # aiosmtpd logs this one at WARNING
+        assert w.cmd("MAIL FROM:<bob@sender.example>")[0] == 250
+        assert w.cmd(f"RCPT TO:<{RCPT}>")[0] == 250
+        assert w.cmd("DATA")[0] == 354
+        assert w.send(message(subject, body="bare\rCR\r\n") + b".\r\n")[0] == 550
+        assert w.cmd("MAIL FROM:<bob@sender.example>")[0] == 250
+        assert w.cmd(f"RCPT TO:<{RCPT}>")[0] == 250
+        assert w.cmd("DATA")[0] == 354
+        return w.send(message(subject) + b".\r\n")
+
+
+def test_logs_and_replies_keep_private_things_private(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)  # the most the logs could ever say
+    customers = _customers(tmp_path)
+    with running_server(settings, customers) as srv:
+        assert _conversation(srv.port, "private subject one")[0] == 250
+    down = _with(settings, kafka_bootstrap=f"127.0.0.1:{_closed_port()}")
+    with running_server(down, customers, delivery_timeout=1.0, spool_enabled=False) as srv:
+        # The broker's error text stays inside: a fixed reply.
+        reply = _conversation(srv.port, "private subject two")
+        assert reply == (451, "4.3.0 Temporary failure, try again later")
+    [event] = read_events(settings, min_count=1)
+    assert event["sender_ip"] == CLIENT  # the address was there to leak
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("conn " in m and "BOGUS" in m for m in messages)  # a connection id instead
+    assert any("conn " in m and "deferred" in m for m in messages)
+    for private in (CLIENT, "bob@sender.example", RCPT, "private subject"):
+        assert not [m for m in messages if private in m], private
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -264,4 +264,4 @@ def test_spool_full_answers_451(settings: Settings, tmp_path: Path) -> None:
     codes = [c for c, _ in results]
     assert codes[0] == 250 and codes[-1] == 451
     assert codes.count(250) == stored  # every 250 is in the spool, nothing else is
-    assert "spool is full" in results[-1][1]
+    assert results[-1][1] == "4.3.0 Temporary failure, try again later"  # nothing internal
