@@ -26,6 +26,7 @@ import re
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -81,27 +82,62 @@ class _Bucket:
 
 
 class RateLimiter:
-    """A token bucket per API token, in process: ``burst`` requests, refilled at ``rate``/s."""
+    """Token buckets by key (an API token's id, a client IP), in this process: ``burst``
+    requests, refilled at ``rate``/s.
 
-    def __init__(self, rate: float, burst: int) -> None:
+    Memory is bounded: a bucket untouched for ``burst / rate`` seconds is full again, the
+    same as a new one, so it is dropped; and at most ``max_keys`` buckets are kept (the
+    least recently used go first).
+    """
+
+    def __init__(self, rate: float, burst: int, max_keys: int = 10_000) -> None:
+        if rate <= 0 or burst < 1 or max_keys < 1:
+            raise ValueError("rate must be > 0, burst and max_keys >= 1")
         self.rate = rate
         self.burst = float(burst)
-        self._buckets: dict[str, _Bucket] = {}
+        self.max_keys = max_keys
+        self._refill_s = self.burst / rate
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
         self._lock = threading.Lock()
 
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._buckets)
+
+    def _evict(self, now: float) -> None:
+        # Least recently used first: stop at the first bucket still refilling.
+        while self._buckets:
+            key, oldest = next(iter(self._buckets.items()))
+            if len(self._buckets) <= self.max_keys and now - oldest.stamp < self._refill_s:
+                break
+            del self._buckets[key]
+
+    def _level(self, b: _Bucket, now: float) -> float:
+        return min(self.burst, b.tokens + (now - b.stamp) * self.rate)
+
     def take(self, key: str) -> float:
-        """0 when the request may go ahead, else the seconds until it may."""
+        """0 when the request may go ahead (and charge it), else the seconds until it may."""
         now = time.monotonic()
         with self._lock:
-            b = self._buckets.get(key)
+            b = self._buckets.pop(key, None)
             if b is None:
-                b = self._buckets[key] = _Bucket(self.burst, now)
-            b.tokens = min(self.burst, b.tokens + (now - b.stamp) * self.rate)
+                b = _Bucket(self.burst, now)
+            b.tokens = self._level(b, now)
             b.stamp = now
+            self._buckets[key] = b  # most recently used: last
+            self._evict(now)
             if b.tokens >= 1.0:
                 b.tokens -= 1.0
                 return 0.0
             return (1.0 - b.tokens) / self.rate
+
+    def wait(self, key: str) -> float:
+        """Like ``take`` without charging: 0 when a request would be let through."""
+        now = time.monotonic()
+        with self._lock:
+            b = self._buckets.get(key)
+            level = self.burst if b is None else self._level(b, now)
+        return 0.0 if level >= 1.0 else (1.0 - level) / self.rate
 
 
 class AccessLog:
@@ -154,7 +190,13 @@ def new_token_parts() -> tuple[str, str]:
 
 
 class TokenAuthority:
-    """Creates, lists, revokes and checks API tokens (see the module docstring)."""
+    """Creates, lists, revokes and checks API tokens (see the module docstring).
+
+    Rate limits: ``limiter`` charges a token's bucket only once its secret is proven (so
+    knowing an id buys nothing); ``failures`` charges the client IP for every bad, revoked or
+    missing token, and an IP over that budget gets 429 without any argon2 work (a token this
+    process already verified still passes: its check is one HMAC).
+    """
 
     def __init__(
         self,
@@ -162,13 +204,17 @@ class TokenAuthority:
         *,
         rate_per_s: float = 20.0,
         burst: int = 60,
+        failure_rate_per_s: float = 1.0,
+        failure_burst: int = 30,
+        max_buckets: int = 10_000,
         hasher: PasswordHasher | None = None,
     ) -> None:
         self.store = store
         # OWASP's argon2id minimum (19 MiB, t=2, p=1): the secrets are random, so the hash
         # guards against a stolen table, not a weak password; the memo keeps requests fast.
         self.hasher = hasher or PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
-        self.limiter = RateLimiter(rate_per_s, burst)
+        self.limiter = RateLimiter(rate_per_s, burst, max_buckets)
+        self.failures = RateLimiter(failure_rate_per_s, failure_burst, max_buckets)
         self.access = AccessLog(store)
         self._memo_key = secrets.token_bytes(32)
         self._lock = threading.Lock()
@@ -239,20 +285,24 @@ class TokenAuthority:
     def _memo(self, secret: str) -> bytes:
         return hmac.new(self._memo_key, secret.encode(), hashlib.sha256).digest()
 
-    def verify(self, token: str) -> TokenRecord | None:
-        """The live record ``token`` belongs to, or None (unknown, wrong secret, revoked)."""
-        m = _TOKEN_RE.match(token)
-        if m is None:
-            return None
-        token_id, secret = m.groups()
+    def _live(self, token_id: str) -> TokenRecord | None:
+        with self._lock:
+            record = self._tokens.get(token_id)
+        return record if record is not None and record.revoked_at is None else None
+
+    def _memoised(self, token_id: str, secret: str) -> TokenRecord | None:
+        """The live record when this secret was verified before (one HMAC), else None."""
         with self._lock:
             record = self._tokens.get(token_id)
             memo = self._verified.get(token_id)
-        if record is None or record.revoked_at is not None:
+        if record is None or record.revoked_at is not None or memo is None:
             return None
-        digest = self._memo(secret)
-        if memo is not None and hmac.compare_digest(memo, digest):
-            return record
+        return record if hmac.compare_digest(memo, self._memo(secret)) else None
+
+    def _verify_slow(self, token_id: str, secret: str) -> TokenRecord | None:
+        record = self._live(token_id)
+        if record is None:
+            return None
         try:
             self.hasher.verify(record.secret_hash, secret)
         except (VerificationError, InvalidHashError):
@@ -261,30 +311,54 @@ class TokenAuthority:
             # Revoked while we hashed: the revocation wins, and nothing is memoised.
             if record.revoked_at is not None or self._tokens.get(token_id) is not record:
                 return None
-            self._verified[token_id] = digest
+            self._verified[token_id] = self._memo(secret)
         return record
 
+    def verify(self, token: str) -> TokenRecord | None:
+        """The live record ``token`` belongs to, or None (unknown, wrong secret, revoked)."""
+        m = _TOKEN_RE.match(token)
+        if m is None:
+            return None
+        token_id, secret = m.groups()
+        return self._memoised(token_id, secret) or self._verify_slow(token_id, secret)
+
+    def _refuse(self, ip: str, message: str) -> HTTPException:
+        """401 for a failed check, 429 once this client IP has failed too often."""
+        wait = self.failures.take(ip)
+        if wait > 0:
+            return _too_many("too many failed authentications from this address", wait)
+        return HTTPException(401, message, _CHALLENGE)
+
     def authenticate(self, request: Request) -> Principal:
+        ip = request.client.host if request.client is not None else ""
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise HTTPException(
-                401, "an API token is required (Authorization: Bearer mm_…)", _CHALLENGE
-            )
-        token = token.strip()
-        m = _TOKEN_RE.match(token)
-        if m is not None:
-            # Before the (slow) hash check, so guessing secrets of a known id is throttled too.
-            request.state.token_id = m.group(1)
-            wait = self.limiter.take(m.group(1))
-            if wait > 0:
-                raise HTTPException(
-                    429, "rate limit exceeded for this token", {"Retry-After": str(math.ceil(wait))}
-                )
-        record = self.verify(token)
+            raise self._refuse(ip, "an API token is required (Authorization: Bearer mm_…)")
+        m = _TOKEN_RE.match(token.strip())
+        if m is None:
+            raise self._refuse(ip, "invalid or revoked API token")
+        token_id, secret = m.groups()
+        request.state.token_id = token_id
+        # The secret is checked before any bucket of the token is charged: a caller who
+        # knows only the id cannot spend the holder's budget.
+        record = self._memoised(token_id, secret)
         if record is None:
-            raise HTTPException(401, "invalid or revoked API token", _CHALLENGE)
+            # argon2 costs tens of ms: an address over its failure budget gets none of it.
+            wait = self.failures.wait(ip)
+            if wait > 0:
+                raise _too_many("too many failed authentications from this address", wait)
+            record = self._verify_slow(token_id, secret)
+        if record is None:
+            raise self._refuse(ip, "invalid or revoked API token")
+        wait = self.limiter.take(token_id)
+        if wait > 0:
+            raise _too_many("rate limit exceeded for this token", wait)
         return Principal(record.name, record.scopes, record.customer_id, record.token_id)
+
+
+def _too_many(message: str, wait: float) -> HTTPException:
+    return HTTPException(429, message, {"Retry-After": str(max(1, math.ceil(wait)))})
 
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="mailmeta"'}
