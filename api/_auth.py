@@ -9,10 +9,14 @@ Token design. The id is visible (it names the token in lists and logs); the secr
 random bits, stored only as an argon2id hash (argon2-cffi). Argon2 is deliberately slow, so
 after one successful verification the authority remembers an HMAC of the secret under a
 per-process random key, in memory, next to the token's state; revoking drops it in the same
-step, so the memo can never outlive a revocation. The in-process map of tokens is the
-authority: this process is the only writer (embedded mode: it owns the chdb directory), it is
-loaded from ClickHouse (FINAL) at start and updated on every create and revoke before the call
-returns, so a revoked token fails on the very next request.
+step, so the memo can never outlive a revocation.
+
+Replicas. The store is the authority, shared by every API replica over one ClickHouse: each
+request first asks it for a fingerprint of all tokens' states (``tokens_stamp``, one small
+FINAL query) and reloads the tokens when it changed, so a token created or revoked through
+any replica is honoured by every replica on its next request; nothing is cached past that.
+Rate limits are per replica (in memory): a shared counter would cost a store write per
+request, so a client spread over N replicas gets up to N times the per-token rate.
 """
 
 from __future__ import annotations
@@ -220,16 +224,38 @@ class TokenAuthority:
         self._lock = threading.Lock()
         self._tokens: dict[str, TokenRecord] = {}
         self._verified: dict[str, bytes] = {}
+        self._stamp: tuple[int, int] | None = None
+        self._reload_lock = threading.Lock()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def load(self) -> TokenAuthority:
-        tokens = {t.token_id: t for t in self.store.load_tokens()}
-        with self._lock:
-            self._tokens = tokens
-            self._verified.clear()
+        self.refresh()
         self.access.start()
         return self
+
+    def refresh(self) -> None:
+        """Reload the tokens when the store's state differs from what this process holds
+        (another replica, or this one, created or revoked a token). The stamp is read before
+        the tokens, so what is loaded is never older than the stamp remembered."""
+        stamp = self.store.tokens_stamp()
+        if stamp == self._stamp:
+            return
+        with self._reload_lock:
+            tokens = {t.token_id: t for t in self.store.load_tokens()}
+            with self._lock:
+                # A memo survives only for a token whose state is the same and live.
+                for token_id in list(self._verified):
+                    old, new = self._tokens.get(token_id), tokens.get(token_id)
+                    if (
+                        old is None
+                        or new is None
+                        or new.revoked_at is not None
+                        or new.secret_hash != old.secret_hash
+                    ):
+                        del self._verified[token_id]
+                self._tokens = tokens
+                self._stamp = stamp
 
     def close(self) -> None:
         self.access.close()
@@ -308,11 +334,18 @@ class TokenAuthority:
         except (VerificationError, InvalidHashError):
             return None
         with self._lock:
-            # Revoked while we hashed: the revocation wins, and nothing is memoised.
-            if record.revoked_at is not None or self._tokens.get(token_id) is not record:
+            # Revoked (here or, seen by a reload, elsewhere) while we hashed: the revocation
+            # wins, and nothing is memoised.
+            now = self._tokens.get(token_id)
+            if (
+                record.revoked_at is not None
+                or now is None
+                or now.revoked_at is not None
+                or now.secret_hash != record.secret_hash
+            ):
                 return None
             self._verified[token_id] = self._memo(secret)
-        return record
+        return now
 
     def verify(self, token: str) -> TokenRecord | None:
         """The live record ``token`` belongs to, or None (unknown, wrong secret, revoked)."""
@@ -320,6 +353,7 @@ class TokenAuthority:
         if m is None:
             return None
         token_id, secret = m.groups()
+        self.refresh()
         return self._memoised(token_id, secret) or self._verify_slow(token_id, secret)
 
     def _refuse(self, ip: str, message: str) -> HTTPException:
@@ -340,6 +374,7 @@ class TokenAuthority:
             raise self._refuse(ip, "invalid or revoked API token")
         token_id, secret = m.groups()
         request.state.token_id = token_id
+        self.refresh()  # what every replica created or revoked up to now
         # The secret is checked before any bucket of the token is charged: a caller who
         # knows only the id cannot spend the holder's budget.
         record = self._memoised(token_id, secret)

@@ -67,6 +67,8 @@ class TokenStore(Protocol):
 
     def load_tokens(self) -> list[TokenRecord]: ...
 
+    def tokens_stamp(self) -> tuple[int, int]: ...
+
     def append_access(self, records: Sequence[AccessRecord]) -> None: ...
 
     def read_access(
@@ -113,6 +115,16 @@ class TokensMixin(StoreCore):
                 )
             )
         return out
+
+    def tokens_stamp(self) -> tuple[int, int]:
+        """A fingerprint of every token's current state (FINAL, so merges do not change it):
+        it changes whenever any process creates or revokes a token. One small query, cheap
+        enough to ask on every API request."""
+        rows = self._rows(
+            "SELECT groupBitXor(cityHash64(token_id, name, ifNull(customer_id, ''), scopes,"
+            f" secret_hash, ifNull(toString(revoked_at), ''))), count() FROM {TOKENS_TABLE} FINAL"
+        )
+        return int(rows[0][0]), int(rows[0][1])
 
     def append_access(self, records: Sequence[AccessRecord]) -> None:
         if not records:
