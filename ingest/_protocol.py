@@ -70,6 +70,7 @@ _ADDR_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 REPLY_CONTROL_IN_COMMAND = "501 5.5.2 Syntax error: control character in command"
 REPLY_CONTROL_IN_ADDRESS = "553 5.1.3 Error: control character in address"
 REPLY_TLS_ACTIVE = "503 5.5.1 Error: TLS already active"
+REPLY_AUTH_LIMITED = "454 4.7.0 Too many failed authentications, try again later"
 REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address, try again later"
 REPLY_TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 
@@ -369,8 +370,15 @@ class FrontEndSMTP(SMTP):
 
     async def _verify(self, login: bytes, password: bytes) -> AuthResult:
         authenticator = self._shared.authenticator
-        user = await authenticator.verify(login, password) if authenticator else None
+        if authenticator is None:
+            return AuthResult(success=False, handled=False)
+        if authenticator.failures.blocked(self.client_ip):
+            # Before argon2 runs: a guesser costs us nothing more, right password or not.
+            metrics.AUTH.labels("limited").inc()
+            return AuthResult(success=False, handled=False, message=REPLY_AUTH_LIMITED)
+        user = await authenticator.verify(login, password)
         metrics.AUTH.labels("success" if user else "failure").inc()
         if user is None:
+            authenticator.failures.failed(self.client_ip)
             return AuthResult(success=False, handled=False)
         return AuthResult(success=True, auth_data=user)

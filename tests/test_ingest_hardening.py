@@ -5,16 +5,20 @@ cost, PROXY protocol."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import concurrent.futures
 import contextlib
 import logging
 import socket
 import ssl
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mailmeta.config import Customers, Settings, load_customers
+from mailmeta.ingest import hash_password
 from mailmeta.ingest._relay import relay
 from tests.smtp_helpers import NextHop, Wire, message, read_events, running_server, write_customers
 
@@ -196,3 +200,51 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# --- item 14.15: SMTP AUTH costs are bounded ----------------------------------------------
+
+PASSWORD = "correct horse battery staple"
+
+
+def _auth_customers(tmp_path: Path) -> Customers:
+    user = {"username": "relayuser", "password_hash": hash_password(PASSWORD)}
+    return _customers(tmp_path, smtp_users=[user])
+
+
+def _auth_plain(w: Wire, password: str) -> tuple[int, str]:
+    blob = base64.b64encode(f"\0relayuser\0{password}".encode()).decode()
+    return w.cmd(f"AUTH PLAIN {blob}")
+
+
+def test_auth_verifications_bounded_and_failures_limited(
+    settings: Settings, tmp_path: Path
+) -> None:
+    s = _with(settings, tls_self_signed=True)
+    with running_server(s, _auth_customers(tmp_path)) as srv:
+        auth = srv.shared.authenticator
+        assert auth is not None
+
+        ready = threading.Barrier(8, timeout=30)
+
+        def fail_once(i: int) -> int:
+            with Wire(srv.port, source=f"127.0.1.{i}") as w:
+                _starttls(w)
+                ready.wait()  # every AUTH arrives at about the same time
+                return _auth_plain(w, "wrong")[0]
+
+        # Many clients at once (one failure each: under the limit): at most 2 argon2
+        # verifications run at the same time, the rest wait their turn.
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(fail_once, range(1, 9))) == [535] * 8
+        assert auth.peak == 2
+        # One address that keeps failing is held off before argon2 runs at all, even
+        # with the right password; other addresses are not.
+        with Wire(srv.port, source="127.0.2.1") as w:
+            _starttls(w)
+            assert [_auth_plain(w, "wrong")[0] for _ in range(5)] == [535] * 5
+            limited = (454, "4.7.0 Too many failed authentications, try again later")
+            assert _auth_plain(w, PASSWORD) == limited
+        with Wire(srv.port, source="127.0.2.2") as w:
+            _starttls(w)
+            assert _auth_plain(w, PASSWORD)[0] == 235
