@@ -7,7 +7,7 @@ from typing import Any
 
 from mailmeta.store._base import Erased
 from mailmeta.store._core import StoreCore
-from mailmeta.store._migrations import HOURLY_TABLE, TABLE
+from mailmeta.store._migrations import HOURLY_EVENTS_TABLE, HOURLY_TABLE, TABLE
 
 
 class ErasureMixin(StoreCore):
@@ -48,16 +48,17 @@ class ErasureMixin(StoreCore):
                 )
             aggregates = 0
             if everything:
-                aggregates = int(
-                    self._rows(
-                        f"SELECT count() FROM {HOURLY_TABLE} WHERE customer_id = {{c:String}}",
-                        params,
-                    )[0][0]
-                )
-                if aggregates:
-                    self._command(
-                        f"ALTER TABLE {HOURLY_TABLE} DELETE WHERE customer_id = {{c:String}} "
-                        "SETTINGS mutations_sync = 2",
-                        params,
+                for table in (HOURLY_EVENTS_TABLE, HOURLY_TABLE):
+                    n = int(
+                        self._rows(
+                            f"SELECT count() FROM {table} WHERE customer_id = {{c:String}}", params
+                        )[0][0]
                     )
+                    if n:
+                        self._command(
+                            f"ALTER TABLE {table} DELETE WHERE customer_id = {{c:String}} "
+                            "SETTINGS mutations_sync = 2",
+                            params,
+                        )
+                    aggregates += n
         return Erased(rows, aggregates)

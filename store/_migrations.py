@@ -20,6 +20,12 @@ HOURLY_VIEW = "messages_hourly_mv"
 # Hourly counts hold no personal data: they outlive the rows they count (13 months, so a
 # dashboard can compare a month with the same month last year), then expire by their TTL.
 HOURLY_RETENTION_DAYS = 400
+# Since migration 6: one row per event (its hour, status, size), so copies of an event
+# (redelivery, a sink restart mid-batch, a retroactive rewrite) collapse instead of adding
+# up. The event id is a random UUID minted at ingest: it names no person. The summing
+# table above stays only for hours whose rows had expired before migration 6.
+HOURLY_EVENTS_TABLE = "hourly_events"
+HOURLY_EVENTS_VIEW = "hourly_events_mv"
 TOKENS_TABLE = "api_tokens"
 ACCESS_LOG_TABLE = "api_access_log"
 ACCESS_LOG_RETENTION_DAYS = 30
@@ -161,6 +167,54 @@ MIGRATIONS: tuple[Migration, ...] = (
                    count() AS messages, sum(ifNull(size_bytes, 0)) AS bytes
             FROM {TABLE}
             GROUP BY customer_id, hour, status
+            """,
+        ),
+    ),
+    Migration(
+        6,
+        "hourly stats count each event once",
+        (
+            # ReplacingMergeTree on the event: stats read it with FINAL, so each event
+            # counts once whatever was inserted; policy_version keeps the newest copy, as
+            # in the messages table. Duplicates share the key, hence the partition.
+            f"""
+            CREATE TABLE IF NOT EXISTS {HOURLY_EVENTS_TABLE}
+            (
+                customer_id LowCardinality(String),
+                hour DateTime('UTC'),
+                status LowCardinality(String),
+                event_id UUID,
+                bytes UInt64,
+                policy_version UInt32
+            )
+            ENGINE = ReplacingMergeTree(policy_version)
+            PARTITION BY toYYYYMM(hour)
+            ORDER BY (customer_id, hour, status, event_id)
+            TTL hour + toIntervalDay({HOURLY_RETENTION_DAYS})
+            SETTINGS merge_with_ttl_timeout = 3600
+            """,
+            f"""
+            CREATE MATERIALIZED VIEW IF NOT EXISTS {HOURLY_EVENTS_VIEW} TO {HOURLY_EVENTS_TABLE}
+            AS SELECT customer_id, toStartOfHour(received_at) AS hour, status, event_id,
+                      ifNull(size_bytes, 0) AS bytes, policy_version
+            FROM {TABLE}
+            """,
+            # The old view stops counting only once the new one counts: nothing is missed.
+            f"DROP VIEW IF EXISTS {HOURLY_VIEW}",
+            # Backfill the stored events; a copy the new view also saw collapses with it,
+            # so a re-run after a crash is harmless.
+            f"""
+            INSERT INTO {HOURLY_EVENTS_TABLE}
+            SELECT customer_id, toStartOfHour(received_at), status, event_id,
+                   ifNull(size_bytes, 0), policy_version
+            FROM {TABLE}
+            """,
+            # The summing table keeps only hours the new table cannot count (their rows
+            # expired): stats read both, and no hour is in both.
+            f"""
+            ALTER TABLE {HOURLY_TABLE} DELETE WHERE (customer_id, hour) IN
+                (SELECT DISTINCT customer_id, hour FROM {HOURLY_EVENTS_TABLE})
+            SETTINGS mutations_sync = 2
             """,
         ),
     ),

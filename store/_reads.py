@@ -8,7 +8,7 @@ from typing import Any
 
 from mailmeta.schema import format_time
 from mailmeta.store._core import FINAL_SETTINGS, VISIBLE, StoreCore, ms
-from mailmeta.store._migrations import HOURLY_TABLE, TABLE
+from mailmeta.store._migrations import HOURLY_EVENTS_TABLE, HOURLY_TABLE, TABLE
 from mailmeta.store._rows import SELECT_COLUMNS, _utc, row_to_message
 
 _COLS = ", ".join(SELECT_COLUMNS)
@@ -28,13 +28,23 @@ def _range(params: dict[str, Any], since: datetime | None, until: datetime | Non
 
 class ReadsMixin(StoreCore):
     def hourly_stats(self, customer: str, since: datetime, until: datetime) -> list[dict[str, Any]]:
-        """Event counts and bytes per hour and status, from the hourly aggregates."""
-        rows = self._rows(
-            "SELECT hour, status, sum(messages), sum(bytes) FROM "
-            f"{HOURLY_TABLE} WHERE customer_id = {{c:String}} "
+        """Event counts and bytes per hour and status, each event counted once.
+
+        FINAL collapses copies of an event (a redelivery, a rewrite) to one row. The summing
+        table holds only hours from before per-event counting whose rows had expired.
+        """
+        hours = (
+            "customer_id = {c:String} "
             "AND hour >= toStartOfHour(fromUnixTimestamp64Milli({since:Int64}, 'UTC')) "
-            "AND hour < fromUnixTimestamp64Milli({until:Int64}, 'UTC') "
-            "GROUP BY hour, status ORDER BY hour, status",
+            "AND hour < fromUnixTimestamp64Milli({until:Int64}, 'UTC')"
+        )
+        rows = self._rows(
+            "SELECT hour, status, sum(n), sum(b) FROM ("
+            f"SELECT hour, status, count() AS n, sum(bytes) AS b FROM {HOURLY_EVENTS_TABLE} FINAL "
+            f"WHERE {hours} GROUP BY hour, status UNION ALL "
+            f"SELECT hour, status, sum(messages), sum(bytes) FROM {HOURLY_TABLE} "
+            f"WHERE {hours} GROUP BY hour, status"
+            ") GROUP BY hour, status ORDER BY hour, status" + FINAL_SETTINGS,
             {"c": customer, "since": ms(since), "until": ms(until)},
         )
         return [

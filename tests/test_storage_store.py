@@ -10,7 +10,7 @@ import clickhouse_connect
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from mailmeta.schema import format_time
+from mailmeta.schema import Event, encode_event, format_time
 from mailmeta.store import MIGRATIONS, ClickHouseStore, migrate
 from tests.test_store import full_event
 
@@ -121,7 +121,7 @@ def test_erase_by_value_and_everything(store: ClickHouseStore, raw: Client) -> N
     assert set(stored(raw, "acme")) == {keep.event_id}
     assert set(stored(raw, "beta")) == {beta.event_id}  # same value, other customer
 
-    hourly = "SELECT count() FROM messages_hourly WHERE customer_id = {c:String}"
+    hourly = "SELECT count() FROM hourly_events WHERE customer_id = {c:String}"
     assert raw.query(hourly, parameters={"c": "acme"}).result_rows[0][0] > 0
     everything = store.erase("acme", everything=True)
     assert everything.rows == 1 and everything.aggregate_rows > 0
@@ -187,8 +187,10 @@ def test_export_pages_are_bounded_and_complete_across_equal_times(store: ClickHo
     assert window == [later[1].event_id, later[2].event_id]
 
 
-def test_hourly_migration_backfills_once(dsn: str) -> None:
+def test_hourly_migrations_backfill_once(dsn: str) -> None:
     ev = full_event()
+    hour = datetime.now(UTC) - timedelta(hours=1)
+    old_hour = (hour - timedelta(days=100)).replace(minute=0, second=0, microsecond=0)
     # A database from before the aggregates existed, with a row in it.
     with ClickHouseStore(dsn, RETENTION, apply_migrations=False) as old:
         migrate(old._command, old._rows, tuple(m for m in MIGRATIONS if m.version < 5))
@@ -197,13 +199,68 @@ def test_hourly_migration_backfills_once(dsn: str) -> None:
             " retention_days, size_bytes) SELECT {e:UUID}, now64(3), 'acme', 'delivered', 1, 60, 9",
             {"e": ev.event_id},
         )
-    with ClickHouseStore(dsn, RETENTION) as store:
-        hour = datetime.now(UTC) - timedelta(hours=1)
-        assert store.hourly_stats("acme", hour, hour + timedelta(hours=2))[0]["messages"] == 1
-        # A re-run of the step (crash before the ledger entry) must not count it again.
+        before_6 = tuple(m for m in MIGRATIONS if m.version < 6)
+        migrate(old._command, old._rows, before_6)
+        # A re-run of step 5 (crash before the ledger entry) must not count it again.
         [m5] = [m for m in MIGRATIONS if m.version == 5]
         for sql in m5.statements:
+            old._command(sql)
+        summed = "SELECT sum(messages) FROM messages_hourly WHERE customer_id = 'acme'"
+        assert old._rows(summed)[0][0] == 1
+        # An hour whose rows have expired lives only in the summing table.
+        old._command(
+            "INSERT INTO messages_hourly SELECT 'acme', {h:DateTime('UTC')}, 'bounced', 4, 40",
+            {"h": old_hour},
+        )
+    with ClickHouseStore(dsn, RETENTION) as store:  # migration 6: per-event counts
+        stats = store.hourly_stats("acme", old_hour, hour + timedelta(hours=2))
+        assert [(s["status"], s["messages"], s["bytes"]) for s in stats] == [
+            ("bounced", 4, 40),
+            ("delivered", 1, 9),
+        ]
+        [m6] = [m for m in MIGRATIONS if m.version == 6]
+        for sql in m6.statements:  # re-run after a crash before the ledger entry
             store._command(sql)
         assert store.migrate() == []
-        stats = store.hourly_stats("acme", hour, hour + timedelta(hours=2))
-        assert [(s["messages"], s["bytes"]) for s in stats] == [(1, 9)]
+        [row] = store.query_messages("acme")
+        store.insert_events([Event(**row)])  # a copy now: the view counts it once
+        assert store.hourly_stats("acme", old_hour, hour + timedelta(hours=2)) == stats
+
+
+def test_hourly_stats_count_each_event_once(store: ClickHouseStore, raw: Client) -> None:
+    """Redelivery (both insert paths), a sink restart mid-batch and a retroactive rewrite
+    insert copies of stored events: the stats count each event once (issue 14.10)."""
+    now = datetime.now(UTC).replace(minute=30, second=0, microsecond=0)
+    at = format_time(now - timedelta(hours=1))
+    batch = [full_event(received_at=at, size_bytes=100 + i) for i in range(5)]
+    bounced = full_event(received_at=at, status="bounced", size_bytes=7)
+    store.insert_events([*batch, bounced])
+    window = (now - timedelta(hours=2), now + timedelta(hours=1))
+    before = store.hourly_stats("acme", *window)
+    hour = format_time(now.replace(minute=0) - timedelta(hours=1))
+    assert before == [
+        {"hour": hour, "status": "bounced", "messages": 1, "bytes": 7},
+        {"hour": hour, "status": "delivered", "messages": 5, "bytes": 510},
+    ]
+    store.insert_events(batch)  # the whole batch redelivered
+    prepared = store.prepare_json([encode_event(e) for e in batch[:3]])  # the sink's fast path
+    assert prepared is not None and store.insert_prepared(prepared) == 3  # restart mid-batch
+    assert store.hourly_stats("acme", *window) == before
+
+    def drop_subject(row: dict[str, object]) -> dict[str, object] | None:
+        return {**row, "subject": None}
+
+    # (It rewrites every physical copy: unmerged duplicates included.)
+    assert store.rewrite_stored("acme", [3], 4, drop_subject) >= 6
+    assert store.hourly_stats("acme", *window) == before
+    store.insert_events([bounced])  # an old copy redelivered after the rewrite
+    assert store.hourly_stats("acme", *window) == before
+    store.force_ttl_merge()
+    assert store.hourly_stats("acme", *window) == before
+
+    # Erasing an address keeps the counts (they hold no personal data); erasing everything
+    # removes them.
+    assert store.erase("acme", message_ids=[str(bounced.message_id)]).rows == 1
+    assert store.hourly_stats("acme", *window) == before
+    assert store.erase("acme", everything=True).aggregate_rows > 0
+    assert store.hourly_stats("acme", *window) == []
