@@ -9,7 +9,6 @@ from mailmeta.api._auth import (
     ensure_operator_token,
 )
 from mailmeta.api._policies import install_policies
-from mailmeta.api._storage import register_erase_all_hook
 
 __all__ = [
     "SCOPES",
@@ -18,5 +17,4 @@ __all__ = [
     "create_api",
     "ensure_operator_token",
     "install_policies",
-    "register_erase_all_hook",
 ]

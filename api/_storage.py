@@ -1,8 +1,8 @@
 """Storage routes of the API: retention, erasure, export and hourly stats.
 
-Included by ``create_api``. Other features plug into erasure without this module knowing
-them: ``register_erase_all_hook(app, "policy", fn)`` makes ``erase --all`` call
-``fn(customer) -> int`` (items removed), report it and audit it.
+Included by ``create_api``. ``erase --all`` removes a customer's rows and aggregates, the
+version history of its policy (all but the version in force), revokes its tokens and drops
+their access log, and replaces its audit entries with one record of the erasure.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mailmeta.api._auth import Principal, require
+from mailmeta.api._auth import Principal, TokenAuthority, authority_of, require
 from mailmeta.config import Customers
 from mailmeta.policy import stored_forms
 from mailmeta.schema import FIELD_NAMES, format_time
@@ -27,7 +27,6 @@ from mailmeta.store import Store
 
 log = logging.getLogger("mailmeta.api")
 
-EraseHook = Callable[[str], int]
 # Called with the shortest retention in force; returns warnings about Kafka topics that
 # keep data longer (set by SinkService, which knows the brokers).
 TopicCheck = Callable[[int], list[str]]
@@ -39,18 +38,6 @@ _CUSTOMER = Query(min_length=1, max_length=64)
 # RFC 5321 path: 256 octets; RFC 5322 line: 998.
 _MAX_ADDRESS = 256
 _MAX_MESSAGE_ID = 998
-
-
-def erase_all_hooks(app: FastAPI) -> dict[str, EraseHook]:
-    hooks: dict[str, EraseHook] | None = getattr(app.state, "erase_all_hooks", None)
-    if hooks is None:
-        hooks = app.state.erase_all_hooks = {}
-    return hooks
-
-
-def register_erase_all_hook(app: FastAPI, name: str, hook: EraseHook) -> None:
-    """``erase --all`` will call ``hook(customer)``; it returns how many items it removed."""
-    erase_all_hooks(app)[name] = hook
 
 
 class RetentionBody(BaseModel):
@@ -124,6 +111,33 @@ def _csv(pages: Iterator[list[dict[str, Any]]]) -> Iterator[bytes]:
         yield buf.getvalue().encode()
 
 
+def _erase_customer_records(
+    store: Store, authority: TokenAuthority | None, customer: str
+) -> dict[str, int]:
+    """Everything of ``customer`` besides its rows: policy history, tokens, audit."""
+    policy_versions = store.erase_policy_history(customer)
+    tokens = [t for t in store.load_tokens() if t.customer_id == customer]
+    revoked = 0
+    for t in tokens:
+        if t.revoked_at is not None:
+            continue
+        if authority is not None:
+            authority.revoke(t.token_id)  # in this replica's memory at once, then stored
+        else:
+            t.revoked_at = datetime.now(UTC)
+            store.save_token(t)
+        revoked += 1
+    access = store.erase_access([t.token_id for t in tokens])
+    # Last: the caller's record of the erasure is then the customer's only audit entry.
+    audit = store.erase_audit(customer)
+    return {
+        "policy_versions_removed": policy_versions,
+        "tokens_revoked": revoked,
+        "access_log_entries_removed": access,
+        "audit_entries_removed": audit,
+    }
+
+
 def storage_router(store: Store, customers: Customers) -> APIRouter:
     router = APIRouter()
 
@@ -179,12 +193,9 @@ def storage_router(store: Store, customers: Customers) -> APIRouter:
     ) -> dict[str, Any]:
         principal.check_customer(body.customer)
         known(body.customer)
-        hooks: dict[str, int] = {}
         if body.all:
             scope = "all"
             erased = store.erase(body.customer, everything=True)
-            for name, hook in erase_all_hooks(request.app).items():
-                hooks[name] = int(hook(body.customer))
         elif body.address is not None:
             scope = "address"
             # Lower-casing can only widen the match: the safe direction for an erasure.
@@ -199,7 +210,7 @@ def storage_router(store: Store, customers: Customers) -> APIRouter:
         result: dict[str, Any] = {"scope": scope, "rows_removed": erased.rows}
         if body.all:
             result["aggregate_rows_removed"] = erased.aggregate_rows
-            result["hooks"] = hooks
+            result.update(_erase_customer_records(store, authority_of(request), body.customer))
         # The audit names what kind of erasure and how much went, never the erased value.
         store.append_audit(principal.name, "erase", body.customer, result)
         return {"customer": body.customer, **result}

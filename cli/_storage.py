@@ -62,7 +62,11 @@ def erase(
     ] = None,
     all_: Annotated[
         bool,
-        typer.Option("--all", help="Erase all of the customer's rows, aggregates and policy."),
+        typer.Option(
+            "--all",
+            help="Erase all of the customer's rows, aggregates, old policy versions, audit"
+            " records and access log, and revoke its tokens.",
+        ),
     ] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before --all.")] = False,
     api: ApiOption = None,
@@ -77,7 +81,11 @@ def erase(
     if all_ and not yes:
         if not sys.stdin.isatty():
             fail("--all erases everything of the customer: confirm with --yes", code=2)
-        typer.confirm(f"Erase ALL rows, aggregates and the policy of {customer!r}?", abort=True)
+        typer.confirm(
+            f"Erase ALL rows, aggregates, policy history and audit records of {customer!r}"
+            " and revoke its tokens?",
+            abort=True,
+        )
     body: dict[str, Any] = {"customer": customer}
     if address is not None:
         body["address"] = address
@@ -89,9 +97,13 @@ def erase(
         result = client.post("/v1/erase", json=body)
     line = f"{customer}: erased {result['rows_removed']} row(s)"
     if all_:
-        line += f", {result['aggregate_rows_removed']} aggregate row(s)"
-        for name, n in sorted(result.get("hooks", {}).items()):
-            line += f", {n} {name} item(s)"
+        line += (
+            f", {result['aggregate_rows_removed']} aggregate row(s),"
+            f" {result['policy_versions_removed']} old policy version(s),"
+            f" {result['access_log_entries_removed']} access-log record(s),"
+            f" {result['audit_entries_removed']} audit record(s) (replaced by this erasure's);"
+            f" {result['tokens_revoked']} token(s) revoked"
+        )
     typer.echo(line)
 
 

@@ -288,6 +288,18 @@ class ClickHouseStore(
             for at, aid, actor, action, cid, details in rows
         ]
 
+    def erase_audit(self, customer: str) -> int:
+        params = {"c": customer}
+        where = "customer_id = {c:String}"
+        with self._write_lock:
+            n = int(self._rows(f"SELECT count() FROM {AUDIT_TABLE} WHERE {where}", params)[0][0])
+            if n:
+                self._command(
+                    f"ALTER TABLE {AUDIT_TABLE} DELETE WHERE {where} SETTINGS mutations_sync = 2",
+                    params,
+                )
+        return n
+
     def force_ttl_merge(self) -> None:
         # MATERIALIZE TTL recomputes expiry of existing parts; OPTIMIZE FINAL then merges
         # each partition, which drops expired rows and collapses duplicates.

@@ -47,6 +47,25 @@ class PolicyStoreMixin:
             for v, p, a, s, at in rows
         }
 
+    def erase_policy_history(self, customer: str) -> int:
+        """Delete every recorded version of the customer's policy but the newest (the one in
+        force while the customer is configured: rows stored from now on are redacted by it,
+        and a restart restores it from here). Returns the number of versions removed."""
+        where = (
+            "customer_id = {c:String} AND version < "
+            f"(SELECT max(version) FROM {POLICY_VERSIONS} WHERE customer_id = {{c:String}})"
+        )
+        params = {"c": customer}
+        n = int(
+            self._rows(f"SELECT count() FROM {POLICY_VERSIONS} FINAL WHERE {where}", params)[0][0]
+        )
+        if n:
+            self._command(
+                f"ALTER TABLE {POLICY_VERSIONS} DELETE WHERE {where} SETTINGS mutations_sync = 2",
+                params,
+            )
+        return n
+
     def stored_versions(self, customer: str) -> dict[int, int]:
         """policy_version -> rows stored under it (physically, expired or not)."""
         rows = self._rows(

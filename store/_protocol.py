@@ -36,6 +36,8 @@ class PolicyStore(Protocol):
 
     def stored_versions(self, customer: str) -> dict[int, int]: ...
 
+    def erase_policy_history(self, customer: str) -> int: ...
+
     def rewrite_stored(
         self,
         customer: str,
@@ -95,6 +97,11 @@ class Store(SearchStore, TokenStore, PolicyStore, Protocol):
 
     def read_audit(self, customer: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Audit records, newest first; ``details`` decoded back to a mapping."""
+        ...
+
+    def erase_audit(self, customer: str) -> int:
+        """Delete every audit record about ``customer`` (erasure on request: the caller then
+        records the erasure itself); returns how many went."""
         ...
 
     # --- retention (seeded by the customers file, overridden by `retention set`) -------------

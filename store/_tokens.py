@@ -75,6 +75,8 @@ class TokenStore(Protocol):
         self, token_id: str | None = None, limit: int = 100
     ) -> list[dict[str, Any]]: ...
 
+    def erase_access(self, token_ids: Sequence[str]) -> int: ...
+
 
 class TokensMixin(StoreCore):
     """Needs the host's ``_command`` / ``_rows`` / ``_client`` (ClickHouseStore)."""
@@ -135,6 +137,20 @@ class TokensMixin(StoreCore):
                 [[r.at, r.token_id, r.method, r.route, r.status, r.latency_ms] for r in records],
                 column_names=["at", "token_id", "method", "route", "status", "latency_ms"],
             )
+
+    def erase_access(self, token_ids: Sequence[str]) -> int:
+        """Delete the access-log records of these tokens (a customer's erasure)."""
+        if not token_ids:
+            return 0
+        params = {"t": list(token_ids)}
+        where = "token_id IN {t:Array(String)}"
+        n = int(self._rows(f"SELECT count() FROM {ACCESS_LOG_TABLE} WHERE {where}", params)[0][0])
+        if n:
+            self._command(
+                f"ALTER TABLE {ACCESS_LOG_TABLE} DELETE WHERE {where} SETTINGS mutations_sync = 2",
+                params,
+            )
+        return n
 
     def read_access(self, token_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         params: dict[str, Any] = {"limit": limit}
