@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     # Comma-separated CIDRs whose clients may relay to foreign domains (besides each
     # customer's client_networks and AUTH users); the customer is the sender domain's owner.
     relay_networks: str = ""
+    # Comma-separated CIDRs of load balancers that send a PROXY protocol (v1/v2) header;
+    # their connections must start with one. Empty: PROXY protocol off.
+    smtp_proxy_networks: str = ""
     # PEM files for STARTTLS ("" = none). Strings, not Optional: `mailmeta up` passes every
     # setting on as text, and None would come back as a file called "None".
     tls_cert: str = ""

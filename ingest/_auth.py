@@ -115,11 +115,7 @@ class RelayAccess:
             ((ipaddress.ip_network(n), c) for c in customers for n in c.client_networks),
             key=lambda item: -item[0].prefixlen,  # the most specific network wins
         )
-        self._global: list[IPNetwork] = [
-            ipaddress.ip_network(n.strip(), strict=False)
-            for n in relay_networks.split(",")
-            if n.strip()
-        ]
+        self._global = parse_networks(relay_networks, "MAILMETA_RELAY_NETWORKS")
 
     def network_customer(self, ip: str | None) -> Customer | None:
         addr = _ip(ip)
@@ -131,10 +127,25 @@ class RelayAccess:
         return None
 
     def in_relay_networks(self, ip: str | None) -> bool:
-        addr = _ip(ip)
-        return addr is not None and any(
-            addr.version == n.version and addr in n for n in self._global
-        )
+        return in_networks(ip, self._global)
+
+
+def parse_networks(text: str, setting: str) -> list[IPNetwork]:
+    """Comma-separated CIDRs; a bad one is an error that names the setting and the entry."""
+    nets: list[IPNetwork] = []
+    for item in (n.strip() for n in text.split(",")):
+        if not item:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{setting}: {item!r} is not a network (CIDR)") from None
+    return nets
+
+
+def in_networks(ip: str | None, nets: list[IPNetwork]) -> bool:
+    addr = _ip(ip)
+    return addr is not None and any(addr.version == n.version and addr in n for n in nets)
 
 
 def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

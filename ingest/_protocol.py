@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import logging
 import re
 import secrets
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiosmtpd.smtp
+from aiosmtpd.proxy_protocol import V2_CMD, ProxyData
 from aiosmtpd.smtp import (
     SMTP,
     AuthResult,
@@ -38,7 +40,7 @@ from aiosmtpd.smtp import (
 )
 
 from mailmeta.ingest import _metrics as metrics
-from mailmeta.ingest._auth import Authenticator
+from mailmeta.ingest._auth import Authenticator, IPNetwork, in_networks
 from mailmeta.ingest._extract import peer_ip
 from mailmeta.ingest._tls import tls_info
 
@@ -71,6 +73,7 @@ REPLY_CONTROL_IN_COMMAND = "501 5.5.2 Syntax error: control character in command
 REPLY_CONTROL_IN_ADDRESS = "553 5.1.3 Error: control character in address"
 REPLY_TLS_ACTIVE = "503 5.5.1 Error: TLS already active"
 REPLY_AUTH_LIMITED = "454 4.7.0 Too many failed authentications, try again later"
+PROXY_TIMEOUT = 10.0  # for a load balancer's PROXY header
 REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address, try again later"
 REPLY_TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 
@@ -109,6 +112,7 @@ class Shared:
     max_per_ip: int
     tls_context: Any = None
     authenticator: Authenticator | None = None
+    proxy_networks: list[IPNetwork] = field(default_factory=list)
     connections: set[FrontEndSMTP] = field(default_factory=set)
     per_ip: collections.Counter[str] = field(default_factory=collections.Counter)
     handle_hooks: dict[str, Any] = field(init=False)
@@ -120,11 +124,17 @@ class Shared:
         self.handle_hooks = {
             m.removeprefix("handle_"): getattr(h, m) for m in dir(h) if m.startswith("handle_")
         }
+        self.handle_hooks["PROXY"] = _handle_proxy
         # Our handler's handle_EHLO takes the 5-argument (new) form.
         self.ehlo_hook_ver = "new" if "EHLO" in self.handle_hooks else None
         self.smtp_methods = {
             m.removeprefix("smtp_"): m for m in dir(FrontEndSMTP) if m.startswith("smtp_")
         }
+
+
+async def _handle_proxy(server: SMTP, session: Any, envelope: Any, data: ProxyData) -> bool:
+    assert isinstance(server, FrontEndSMTP)
+    return await server.proxied(data)
 
 
 class _BoundMethods:
@@ -222,15 +232,47 @@ class FrontEndSMTP(SMTP):
         shared = self._shared
         shared.connections.add(self)
         metrics.ACTIVE_CONNECTIONS.inc()
-        peer = self.session.peer if self.session else None
-        ip = peer[0] if isinstance(peer, tuple) and peer else None
-        self.client_ip = peer_ip(peer)
-        if isinstance(ip, str):
+        ip = peer_ip(self.session.peer if self.session else None)
+        if shared.proxy_networks and in_networks(ip, shared.proxy_networks):
+            # A load balancer: the client is the one its PROXY header names (handle_PROXY).
+            self._proxy_timeout = PROXY_TIMEOUT
+        else:
+            self._admit(ip)
+
+    def _admit(self, ip: str | None) -> None:
+        """The client is ``ip``: it counts against that address's connection limit."""
+        shared = self._shared
+        self.client_ip = ip
+        if ip is not None:
             self._peer_ip = ip
             shared.per_ip[ip] += 1
             if shared.per_ip[ip] > shared.max_per_ip:
                 self._refused = True
         metrics.CONNECTIONS.labels("refused_per_ip" if self._refused else "accepted").inc()
+
+    async def proxied(self, data: ProxyData) -> bool:
+        """aiosmtpd's handle_PROXY hook: admit the client the load balancer names (LOCAL,
+        a health check of the balancer itself: the balancer). False closes the connection."""
+        if not data.valid:
+            return False
+        src = data.src_addr
+        if src is None or data.command == V2_CMD.LOCAL:
+            self._admit(peer_ip(self.session.peer if self.session else None))
+        elif isinstance(src, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            self._admit(peer_ip((str(src), data.src_port)))
+        else:
+            return False  # a Unix socket path: no client address
+        if self._refused:
+            await self.push(REPLY_TOO_MANY_CONNECTIONS)
+            return False
+        return True
+
+    async def smtp_PROXY(self, arg: str | None) -> None:
+        # A PROXY header from an address not in the proxy networks: a client trying to
+        # pass for another. Nothing more is read from it.
+        metrics.CONNECTIONS.labels("proxy_refused").inc()
+        if self.transport is not None:
+            self.transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
         shared = self._shared
@@ -251,7 +293,12 @@ class FrontEndSMTP(SMTP):
             if self.transport is not None:
                 self.transport.close()
             return
-        await super()._handle_client()
+        try:
+            await super()._handle_client()
+        except asyncio.IncompleteReadError:
+            # Only the PROXY header is read outside aiosmtpd's command loop: cut short.
+            if self.transport is not None:
+                self.transport.close()
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         # aiosmtpd cancels and re-creates a timer on every command; moving a deadline and

@@ -13,7 +13,7 @@ from typing import Any
 
 from mailmeta.config import Customers, Settings
 from mailmeta.ingest import _metrics as metrics
-from mailmeta.ingest._auth import Authenticator, RelayAccess
+from mailmeta.ingest._auth import Authenticator, RelayAccess, parse_networks
 from mailmeta.ingest._handler import IngestHandler
 from mailmeta.ingest._producer import DEFAULT_DELIVERY_TIMEOUT, EventProducer
 from mailmeta.ingest._protocol import FrontEndSMTP, Shared
@@ -90,6 +90,9 @@ class IngestServer:
         # Once, here: aiosmtpd would otherwise call socket.getfqdn() (DNS) per connection.
         self.hostname = hostname or socket.gethostname()
         self.data_size_limit = data_size_limit or settings.smtp_max_message_size
+        proxy_networks = parse_networks(
+            settings.smtp_proxy_networks, "MAILMETA_SMTP_PROXY_NETWORKS"
+        )
         self.producer = EventProducer(
             settings.kafka_bootstrap,
             settings.raw_topic,
@@ -121,6 +124,7 @@ class IngestServer:
             max_per_ip=settings.smtp_max_connections_per_ip,
             tls_context=tls_context or tls_context_for(settings, self.hostname),
             authenticator=authenticator if authenticator else None,
+            proxy_networks=proxy_networks,
         )
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

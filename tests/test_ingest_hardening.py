@@ -8,9 +8,11 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
+import struct
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 import pytest
 
 from mailmeta.config import Customers, Settings, load_customers
-from mailmeta.ingest import hash_password
+from mailmeta.ingest import IngestServer, hash_password
 from mailmeta.ingest._relay import relay
 from tests.smtp_helpers import NextHop, Wire, message, read_events, running_server, write_customers
 
@@ -248,3 +250,105 @@ def test_auth_verifications_bounded_and_failures_limited(
         with Wire(srv.port, source="127.0.2.2") as w:
             _starttls(w)
             assert _auth_plain(w, PASSWORD)[0] == 235
+
+
+# --- issue 17.1: PROXY protocol from the load balancers only -----------------------------
+
+LB = "127.0.0.1"  # the load balancer's address; 127.0.0.2 is any other client
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def _v1(src: str, port: int = 40000) -> bytes:
+    family = "TCP6" if ":" in src else "TCP4"
+    dst = "2001:db8::1" if ":" in src else "192.0.2.1"
+    return f"PROXY {family} {src} {dst} {port} 25\r\n".encode()
+
+
+def _v2(src: str, port: int = 40000) -> bytes:
+    addr = ipaddress.ip_address(src)
+    dst = ipaddress.ip_address("2001:db8::1" if addr.version == 6 else "192.0.2.1")
+    body = addr.packed + dst.packed + struct.pack("!HH", port, 25)
+    family = 0x21 if addr.version == 6 else 0x11  # AF_INET6 / AF_INET, STREAM
+    return V2_SIGNATURE + bytes([0x21, family]) + struct.pack("!H", len(body)) + body
+
+
+def _proxied_mail(port: int, header: bytes, subject: str, rcpt: str = RCPT) -> None:
+    with Wire(port, source=LB, preamble=header) as w:
+        assert w.greeting[0] == 220
+        assert w.cmd("EHLO client.example.org")[0] == 250
+        assert w.cmd("MAIL FROM:<me@out.example>")[0] == 250
+        assert w.cmd(f"RCPT TO:<{rcpt}>")[0] == 250
+        assert w.cmd("DATA")[0] == 354
+        assert w.send(message(subject) + b".\r\n")[0] == 250
+
+
+def _talk_until_closed(port: int, source: str, raw: bytes) -> bytes:
+    """Send raw bytes, then read what the server says until it closes (bounded)."""
+    with socket.create_connection(("127.0.0.1", port), 10, source_address=(source, 0)) as s:
+        s.sendall(raw)
+        got = b""
+        while chunk := s.recv(4096):  # a timeout raises: the server must close
+            got += chunk
+        return got
+
+
+def _proxy_customers(tmp_path: Path) -> Customers:
+    return load_customers(
+        write_customers(
+            tmp_path / "customers.yaml",
+            [
+                {"id": "demo", "domains": ["demo.example"], "retention_days": 30},
+                {
+                    "id": "outbound",
+                    "domains": ["out.example"],
+                    "retention_days": 30,
+                    "client_networks": ["192.0.2.0/24"],
+                },
+            ],
+        )
+    )
+
+
+def test_proxy_protocol_gives_the_original_client(settings: Settings, tmp_path: Path) -> None:
+    s = _with(settings, smtp_proxy_networks=f"{LB}/32, 10.0.0.0/8", smtp_max_connections_per_ip=1)
+    with running_server(s, _proxy_customers(tmp_path)) as srv:
+        _proxied_mail(srv.port, _v1("198.51.100.7"), "v1")
+        _proxied_mail(srv.port, _v2("2001:db8::5"), "v2")
+        # The original client's network may relay (customer "outbound"), the LB's may not.
+        _proxied_mail(srv.port, _v2("192.0.2.9"), "relayed", rcpt="x@elsewhere.example")
+        # Connection limits count original clients, not the load balancer.
+        with Wire(srv.port, source=LB, preamble=_v1("198.51.100.7")) as held:
+            assert held.greeting[0] == 220
+            again = _talk_until_closed(srv.port, LB, _v2("198.51.100.7"))
+            assert again.startswith(b"421 4.7.0 Too many connections")
+            _proxied_mail(srv.port, _v1("198.51.100.8"), "other client")
+        # Malformed headers from the load balancer: closed before any greeting.
+        bad_v2 = V2_SIGNATURE + b"\x31\x11\x00\x0c" + bytes(12)  # version 3
+        for bad in (b"PROXY TCP4 999.0.0.1 192.0.2.1 1 25\r\n", bad_v2):
+            assert _talk_until_closed(srv.port, LB, bad + b"EHLO x\r\n") == b""
+        # A PROXY header from anyone else: the connection is closed, nothing relayed.
+        for header in (_v1("192.0.2.9"), _v2("192.0.2.9")):
+            said = _talk_until_closed(srv.port, "127.0.0.2", header + b"EHLO x\r\n")
+            assert said.startswith(b"220 ") and b"\r\n250" not in said
+        # Without a header, anyone else is served directly, under its own address.
+        with Wire(srv.port, source="127.0.0.2") as w:
+            assert w.cmd("EHLO client.example.org")[0] == 250
+            assert w.cmd("MAIL FROM:<bob@example.org>")[0] == 250
+            assert w.cmd(f"RCPT TO:<{RCPT}>")[0] == 250
+            assert w.cmd("DATA")[0] == 354
+            assert w.send(message("direct") + b".\r\n")[0] == 250
+    events = {e["subject"]: e for e in read_events(settings, min_count=5)}
+    assert {k: e["sender_ip"] for k, e in events.items()} == {
+        "v1": "198.51.100.7",
+        "v2": "2001:db8::5",
+        "relayed": "192.0.2.9",
+        "other client": "198.51.100.8",
+        "direct": "127.0.0.2",
+    }
+    assert events["relayed"]["customer_id"] == "outbound"
+
+
+def test_proxy_networks_are_checked(settings: Settings) -> None:
+    bad = _with(settings, smtp_proxy_networks="10.0.0.0/8, not-a-network")
+    with pytest.raises(ValueError, match="MAILMETA_SMTP_PROXY_NETWORKS: 'not-a-network'"):
+        IngestServer(bad, load_customers(settings.config))
