@@ -91,15 +91,25 @@ def _jsonl(pages: Iterator[list[dict[str, Any]]]) -> Iterator[bytes]:
         yield b"".join(orjson.dumps(m) + b"\n" for m in page)
 
 
+# A spreadsheet runs a cell starting with one of these as a formula (OWASP "CSV injection");
+# subjects and addresses come from whoever sent the mail.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _csv_cell(value: Any) -> Any:
     if isinstance(value, list):
-        return orjson.dumps(value).decode()
-    return "" if value is None else value
+        value = orjson.dumps(value).decode()
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value  # shown as text; the quote tells a reader it was neutralised
+    return value
 
 
 def _csv(pages: Iterator[list[dict[str, Any]]]) -> Iterator[bytes]:
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
+    # RFC 4180 line ends: the writer then quotes any value holding a CR or an LF.
+    writer = csv.writer(buf, lineterminator="\r\n")
     writer.writerow(FIELD_NAMES)
     for page in pages:
         for m in page:

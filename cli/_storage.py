@@ -164,7 +164,7 @@ def export(
                     r.read()
                     fail(_error_of(r))
                 total = int(r.headers.get("X-Mailmeta-Rows", "0"))
-                sink: BinaryIO = open(partial, "wb") if partial else sys.stdout.buffer
+                sink: BinaryIO = _private_file(partial) if partial else sys.stdout.buffer
                 try:
                     rows = _copy(r, sink, total, show=sys.stderr.isatty())
                 finally:
@@ -182,6 +182,13 @@ def export(
     if out is not None and partial is not None:
         os.replace(partial, out)
         typer.echo(f"{customer}: exported {rows} row(s) to {out}", err=True)
+
+
+def _private_file(path: Path) -> BinaryIO:
+    """``path`` opened for writing, readable by its owner only (exports hold customer data)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # whatever the umask, and for a file left by an earlier run
+    return os.fdopen(fd, "wb")
 
 
 def _discard(partial: Path | None) -> None:
