@@ -1,32 +1,575 @@
-"""deploy/ files name only settings and stage modules that exist (no Docker engine here)."""
+"""deploy/ validated as far as these machines allow (no Docker engine, ClickHouse server or
+Kubernetes here): the compose file against the Compose Specification's JSON schema and its own
+cross-references, the Helm chart through `helm lint` and `helm template | kubeconform -strict`,
+the alert rules through `promtool check rules`, every MAILMETA_* name against the settings,
+every command against the CLI and stage modules, and every metric in the dashboard and the
+rules against the metrics mailmeta's modules register. Tools: tests/tools/fetch_deploy_tools.sh
+(`make test` runs it)."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import json
+import os
+import pkgutil
+import re
+import shlex
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import click
+import jsonschema
+import pytest
+import typer.main
 import yaml
 
+import mailmeta
+from mailmeta.cli import app as cli_app
 from mailmeta.config import Settings
 from tests.conftest import REPO
 
+DEPLOY = REPO / "deploy"
+CHART = DEPLOY / "helm" / "mailmeta"
+TOOLS = REPO / ".tools"
+KNOWN = {f"MAILMETA_{name.upper()}" for name in Settings.model_fields}
+# The Kubernetes release whose API schemas the rendered chart must satisfy.
+K8S_VERSION = "1.33.0"
+DUMMY_DSN = "http://mailmeta:secret@clickhouse:8123/default"
+MAILMETA_STAGES = {"ingest", "streams", "sinks", "api"}
 
-def test_compose_file_matches_settings_and_stages() -> None:
-    compose = yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())
-    known = {f"MAILMETA_{name.upper()}" for name in Settings.model_fields}
-    stages = {
-        "sink": "mailmeta.service",
-        "streams": "mailmeta.streams",
-        "ingest": "mailmeta.ingest",
+
+def tool(name: str) -> Path:
+    path = TOOLS / "bin" / name
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"{path} missing: run tests/tools/fetch_deploy_tools.sh (make test does)")
+    return path
+
+
+def run(*cmd: str | Path, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120, **kw)
+
+
+def compose() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    return doc
+
+
+def mailmeta_services(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {n: s for n, s in doc["services"].items() if s.get("image", "").startswith("mailmeta")}
+
+
+# --- compose -------------------------------------------------------------------------------
+
+
+def test_compose_matches_the_compose_specification() -> None:
+    schema_file = TOOLS / "share" / "compose-spec.json"
+    if not schema_file.exists():
+        pytest.fail(f"{schema_file} missing: run tests/tools/fetch_deploy_tools.sh")
+    schema = json.loads(schema_file.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(compose())]
+    assert not errors, "\n".join(errors)
+    # The schema is strict enough to catch a misspelt key (it would otherwise prove little).
+    broken = compose()
+    broken["services"]["ingest"]["healthchek"] = broken["services"]["ingest"].pop("healthcheck")
+    assert not validator.is_valid(broken)
+
+
+def test_docker_compose_config() -> None:
+    docker = shutil.which("docker")
+    if docker is None or run(docker, "compose", "version").returncode != 0:
+        pytest.skip("no `docker compose` plugin on this machine (the schema test covers the file)")
+    secrets = DEPLOY / "secrets"
+    made = [f for f in ("clickhouse_password", "clickhouse_dsn", "clickhouse_cluster_secret")]
+    missing = [f for f in made if not (secrets / f).exists()]
+    try:
+        for f in missing:
+            (secrets / f).write_text("placeholder")
+        res = run(docker, "compose", "-f", DEPLOY / "compose.yaml", "config", "-q")
+        assert res.returncode == 0, res.stderr
+    finally:
+        for f in missing:
+            (secrets / f).unlink()
+
+
+def test_compose_cross_references_hold() -> None:
+    doc = compose()
+    services = doc["services"]
+    for name, spec in services.items():
+        for dep in spec.get("depends_on", {}):
+            assert dep in services, f"{name} depends on unknown service {dep}"
+        for secret in spec.get("secrets", []):
+            assert secret in doc["secrets"], f"{name}: undeclared secret {secret}"
+        for config in spec.get("configs", []):
+            assert config["source"] in doc["configs"], f"{name}: undeclared config {config}"
+        for volume in spec.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), f"{name}: bind source {source} missing"
+            elif ":" in volume:
+                assert source in doc["volumes"], f"{name}: undeclared volume {source}"
+    for entry in [*doc["configs"].values()]:
+        assert (DEPLOY / entry["file"]).is_file(), entry
+    # Secrets come from files make-secrets.sh creates, and are never committed.
+    script = (DEPLOY / "make-secrets.sh").read_text()
+    for entry in doc["secrets"].values():
+        assert entry["file"].startswith("./secrets/")
+        assert Path(entry["file"]).name in script
+    assert (DEPLOY / "secrets" / ".gitignore").read_text().splitlines()[-2:] == [
+        "*",
+        "!.gitignore",
+    ]
+    # Published host ports never collide (ranges give each replica its own).
+    published: list[int] = []
+    for spec in services.values():
+        for port in spec.get("ports", []):
+            host = port.rsplit(":", 1)[0].split(":")[-1]
+            lo, _, hi = host.partition("-")
+            published += range(int(lo), int(hi or lo) + 1)
+    assert len(published) == len(set(published))
+
+
+def test_compose_runs_a_production_shaped_cluster() -> None:
+    doc = compose()
+    services = doc["services"]
+    brokers = {n: s for n, s in services.items() if s.get("image", "").startswith("apache/kafka")}
+    assert len(brokers) == 3
+    voters = {
+        v.split("@")[1].split(":")[0]: int(v.split("@")[0])
+        for v in next(iter(brokers.values()))["environment"][
+            "KAFKA_CONTROLLER_QUORUM_VOTERS"
+        ].split(",")
     }
-    for service, module in stages.items():
-        spec = compose["services"][service]
-        assert spec["command"] == ["python", "-m", module]
-        assert importlib.util.find_spec(module + ".__main__") is not None
-        unknown = set(spec["environment"]) - known
-        assert not unknown, f"{service}: unknown settings {unknown}"
-        # The settings must parse as mailmeta would read them.
-        env = {k.removeprefix("MAILMETA_").lower(): v for k, v in spec["environment"].items()}
-        s = Settings(**env)
-        assert s.resolved_dsn().startswith("http://")
-    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
-    assert "pip install" in dockerfile and "USER mailmeta" in dockerfile
+    for name, spec in brokers.items():
+        env = spec["environment"]
+        assert voters[name] == env["KAFKA_NODE_ID"]
+        assert env["KAFKA_ADVERTISED_LISTENERS"] == f"PLAINTEXT://{name}:9092"
+        assert (
+            env["KAFKA_DEFAULT_REPLICATION_FACTOR"] == 3 and env["KAFKA_MIN_INSYNC_REPLICAS"] == 2
+        )
+        assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+    bootstrap = services["ingest"]["environment"]["MAILMETA_KAFKA_BOOTSTRAP"].split(",")
+    assert sorted(h.split(":")[0] for h in bootstrap) == sorted(brokers)
+
+    # ClickHouse: every server of cluster.xml is a compose service with its shard and replica
+    # macros; the keepers of cluster.xml are the Raft members of keeper.xml and compose.
+    cluster = ET.parse(DEPLOY / "clickhouse" / "cluster.xml").getroot()
+    shards = cluster.findall("./remote_servers/mailmeta/shard")
+    assert len(shards) == 2
+    for number, shard in enumerate(shards, 1):
+        hosts = [r.findtext("host") for r in shard.findall("replica")]
+        assert len(hosts) == 2
+        replicas = set()
+        for host in hosts:
+            env = services[str(host)]["environment"]
+            assert env["CLICKHOUSE_SHARD"] == str(number)
+            replicas.add(env["CLICKHOUSE_REPLICA"])
+            assert "clickhouse" in services[str(host)]["networks"]["default"]["aliases"]
+        assert len(replicas) == 2
+    keepers = {n.findtext("host") for n in cluster.findall("./zookeeper/node")}
+    raft = ET.parse(DEPLOY / "clickhouse" / "keeper.xml").getroot()
+    members = {
+        s.findtext("hostname"): int(str(s.findtext("id")))
+        for s in raft.findall("./keeper_server/raft_configuration/server")
+    }
+    assert keepers == set(members) and len(members) == 3
+    for host, server_id in members.items():
+        assert services[str(host)]["environment"]["KEEPER_SERVER_ID"] == server_id
+
+    # Every stage: >= 2 replicas, a health check, a restart policy, resource limits, and it
+    # starts only after the topics and the schema exist.
+    for stage in MAILMETA_STAGES:
+        spec = services[stage]
+        assert spec["deploy"]["replicas"] >= 2, stage
+        assert spec["healthcheck"]["test"][0] == "CMD", stage
+        assert spec["restart"] == "unless-stopped", stage
+        assert {"cpus", "memory"} <= set(spec["deploy"]["resources"]["limits"]), stage
+        assert spec["depends_on"]["init-kafka"]["condition"] == "service_completed_successfully"
+        assert spec["depends_on"]["init-store"]["condition"] == "service_completed_successfully"
+    for name, spec in services.items():
+        assert "healthcheck" in spec or name.startswith("init-"), name
+        assert {"cpus", "memory"} <= set(spec["deploy"]["resources"]["limits"]), name
+    # No password is written into the file: processes get the DSN from a secret file.
+    for spec in mailmeta_services(doc).values():
+        assert "MAILMETA_CLICKHOUSE_DSN" not in spec["environment"]
+    assert "PASSWORD:" not in (DEPLOY / "compose.yaml").read_text().replace("PASSWORD_FILE:", "")
+
+
+def test_compose_health_checks_probe_the_ports_the_stages_serve() -> None:
+    """Each stage's health check targets the port its settings make it serve."""
+    services = compose()["services"]
+    expected = {
+        "ingest": ("MAILMETA_SMTP_PORT", Settings.model_fields["smtp_port"].default),
+        "streams": ("MAILMETA_STREAMS_METRICS_PORT", None),
+        "sinks": ("MAILMETA_API_PORT", Settings.model_fields["api_port"].default),
+        "api": ("MAILMETA_API_PORT", Settings.model_fields["api_port"].default),
+    }
+    for stage, (var, default) in expected.items():
+        env = services[stage]["environment"]
+        port = int(env.get(var, default))
+        assert f"127.0.0.1:{port}" in services[stage]["healthcheck"]["test"][-1] or (
+            f"'127.0.0.1', {port}" in services[stage]["healthcheck"]["test"][-1]
+        ), stage
+
+
+# --- names: settings, modules, CLI commands -----------------------------------------------
+
+
+def deploy_files() -> Iterator[Path]:
+    for path in sorted(DEPLOY.rglob("*")):
+        if path.is_file() and "secrets" not in path.relative_to(DEPLOY).parts:
+            yield path
+
+
+def test_every_mailmeta_variable_named_in_deploy_is_a_setting() -> None:
+    # Comments and docs count too: telling an operator to set a variable nothing reads is a bug.
+    named: dict[str, set[str]] = {}
+    for path in [*deploy_files(), REPO / ".dockerignore"]:
+        for var in re.findall(r"MAILMETA_[A-Z0-9_]*[A-Z0-9]", path.read_text()):
+            named.setdefault(var.removesuffix("_FILE"), set()).add(str(path.relative_to(REPO)))
+    # MAILMETA_X_FILE is read by deploy/entrypoint.sh, whose own pattern names no setting.
+    named.pop("MAILMETA_", None)
+    unknown = {v: sorted(f) for v, f in named.items() if v not in KNOWN}
+    assert not unknown, f"not mailmeta settings: {unknown}"
+    assert len(named) >= 8  # the scan did find the names in use
+
+
+def settings_from(env: dict[str, Any]) -> Settings:
+    """The settings a container with this environment would run with."""
+    values = {}
+    for key, value in env.items():
+        key = key.removesuffix("_FILE")
+        if key == "MAILMETA_CLICKHOUSE_DSN":
+            value = DUMMY_DSN  # from a secret file or a Secret in the real deployment
+        values[key.removeprefix("MAILMETA_").lower()] = value
+    return Settings(**values)
+
+
+def test_compose_environments_parse_as_settings() -> None:
+    for name, spec in mailmeta_services(compose()).items():
+        env = spec["environment"]
+        assert set(k.removesuffix("_FILE") for k in env) <= KNOWN, name
+        settings = settings_from(env)
+        assert settings.kafka_bootstrap.count(",") == 2, name
+        if "MAILMETA_CLICKHOUSE_DSN_FILE" in env:
+            assert settings.resolved_dsn() == DUMMY_DSN
+            assert "clickhouse_dsn" in spec["secrets"], name
+
+
+def cli_commands() -> set[tuple[str, ...]]:
+    """Every runnable (non-group) command of the `mailmeta` CLI, as word tuples."""
+    found: set[tuple[str, ...]] = set()
+
+    def walk(cmd: click.Command, path: tuple[str, ...]) -> None:
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                walk(sub, (*path, name))
+        else:
+            found.add(path)
+
+    walk(typer.main.get_command(cli_app), ())
+    return found
+
+
+def check_command(argv: list[str], where: str) -> None:
+    """A container command runs a stage module or a CLI command that exists."""
+    if argv[:2] == ["sh", "-c"]:
+        for part in re.split(r"\|\||&&|;", argv[2]):
+            words = shlex.split(part)
+            words = words[1:] if words[:1] == ["exec"] else words
+            if words[:1] == ["mailmeta"]:
+                check_command(words, where)
+        return
+    if argv[:2] == ["python", "-m"]:
+        assert importlib.util.find_spec(argv[2] + ".__main__") is not None, (where, argv)
+        return
+    assert argv[0] == "mailmeta", (where, argv)
+    words = tuple(argv[1:])
+    commands = cli_commands()
+    assert any(words[:n] in commands for n in range(1, len(words) + 1)), (
+        f"{where}: `{' '.join(argv)}` is not a mailmeta command"
+    )
+
+
+def test_every_command_is_a_stage_module_or_cli_command() -> None:
+    doc = compose()
+    for name, spec in mailmeta_services(doc).items():
+        check_command(spec["command"], f"compose {name}")
+    init = [spec["command"] for n, spec in doc["services"].items() if n.startswith("init-")]
+    flat = " ".join(" ".join(c) for c in init)
+    for needed in ("mailmeta kafka init", "mailmeta store migrate", "mailmeta token bootstrap"):
+        assert needed in flat
+    for doc_ in helm_render():
+        for container in containers(doc_):
+            check_command(container["command"], f"helm {doc_['kind']} {container['name']}")
+
+
+# --- the entrypoint and the secrets script: run for real ----------------------------------
+
+
+def test_entrypoint_exports_settings_from_files(tmp_path: Path) -> None:
+    secret = tmp_path / "dsn"
+    secret.write_text(DUMMY_DSN)
+    probe = "import os; print(os.environ['MAILMETA_CLICKHOUSE_DSN'], 'MAILMETA_CLICKHOUSE_DSN_FILE' in os.environ)"
+    env = {"PATH": os.environ["PATH"], "MAILMETA_CLICKHOUSE_DSN_FILE": str(secret)}
+    res = run(DEPLOY / "entrypoint.sh", "python3", "-c", probe, env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [DUMMY_DSN, "False"]
+    env["MAILMETA_CLICKHOUSE_DSN_FILE"] = str(tmp_path / "absent")
+    res = run(DEPLOY / "entrypoint.sh", "true", env=env)
+    assert res.returncode == 2 and "cannot be read" in res.stderr
+
+
+def test_make_secrets_creates_matching_secrets_once(tmp_path: Path) -> None:
+    script = tmp_path / "make-secrets.sh"
+    shutil.copy(DEPLOY / "make-secrets.sh", script)
+    assert run("sh", script).returncode == 0
+    secrets = tmp_path / "secrets"
+    password = (secrets / "clickhouse_password").read_text()
+    assert re.fullmatch(r"[0-9a-f]{48}", password)
+    dsn = (secrets / "clickhouse_dsn").read_text()
+    assert dsn == f"http://mailmeta:{password}@clickhouse:8123/default"
+    assert Settings(clickhouse_dsn=dsn).resolved_dsn() == dsn
+    cluster = (secrets / "clickhouse_cluster_secret").read_text()
+    assert cluster != password
+    assert run("sh", script).returncode == 0
+    assert (secrets / "clickhouse_password").read_text() == password  # kept, not replaced
+    assert (secrets / "clickhouse_cluster_secret").read_text() == cluster
+
+
+def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
+    ignored = {
+        line.strip().rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
+    }
+    assert {".mailmeta", ".venv", ".tools", ".git", "deploy/secrets"} <= ignored
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "COPY . /app" in dockerfile and "USER mailmeta" in dockerfile
+    assert 'ENTRYPOINT ["mailmeta-entrypoint"]' in dockerfile
+    assert "deploy/entrypoint.sh /usr/local/bin/mailmeta-entrypoint" in dockerfile
+
+
+# --- Helm -----------------------------------------------------------------------------------
+
+HELM_SETS = [
+    ["--set", f"clickhouse.dsn={DUMMY_DSN}"],
+    [
+        *("--set", "clickhouse.existingSecret=ch", "--set", "clickhouse.cluster=mailmeta"),
+        *("--set-file", "customers=config/customers.example.yaml"),
+    ],
+]
+
+
+def helm_render(extra: list[str] | None = None) -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for sets in [extra] if extra is not None else HELM_SETS:
+        res = run(tool("helm"), "template", "r", CHART, *sets, cwd=REPO)
+        assert res.returncode == 0, res.stderr
+        docs += [d for d in yaml.safe_load_all(res.stdout) if d]
+    return docs
+
+
+def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    if doc["kind"] not in ("Deployment", "Job"):
+        return []
+    pod = doc["spec"]["template"]["spec"]
+    return [*pod.get("initContainers", []), *pod["containers"]]
+
+
+def test_helm_lint() -> None:
+    res = run(tool("helm"), "lint", "--strict", CHART, "--set", f"clickhouse.dsn={DUMMY_DSN}")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_helm_refuses_to_render_without_a_store() -> None:
+    res = run(tool("helm"), "template", "r", CHART)
+    assert res.returncode != 0 and "set clickhouse.existingSecret" in res.stderr
+
+
+def kubeconform_schemas(dest: Path, kinds: set[tuple[str, str]]) -> str:
+    """Standalone Kubernetes JSON schemas (from the kubernetes-validate package, offline) in
+    kubeconform's layout: each kind's schema with the shared definitions inlined."""
+    import kubernetes_validate
+
+    src = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+    src = src / f"v{K8S_VERSION}-local-strict"
+    definitions = json.loads((src / "_definitions.json").read_text())["$defs"]
+    for kind, api_version in kinds:
+        group, _, version = api_version.rpartition("/")
+        suffix = "-".join(p for p in (group.split(".")[0], version) if p)
+        name = f"{kind.lower()}-{suffix}.json"
+        schema = json.loads((src / name).read_text())
+        schema["$defs"] = definitions
+        text = json.dumps(schema).replace("/api/_definitions.json#/$defs/", "#/$defs/")
+        (dest / name).write_text(text)
+    return str(dest / "{{.ResourceKind}}{{.KindSuffix}}.json")
+
+
+def test_helm_template_passes_kubeconform_strict(tmp_path: Path) -> None:
+    docs = helm_render()
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Job", "PodDisruptionBudget", "Secret", "Service", "ConfigMap"} <= kinds
+    location = kubeconform_schemas(tmp_path, {(d["kind"], d["apiVersion"]) for d in docs})
+    manifests = tmp_path / "rendered.yaml"
+    manifests.write_text(yaml.safe_dump_all(docs))
+    cmd = [tool("kubeconform"), "-strict", "-summary", "-schema-location", location]
+    res = run(*cmd, manifests)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"Valid: {len(docs)}, Invalid: 0, Errors: 0, Skipped: 0" in res.stdout
+    # The same check rejects a manifest that is not valid Kubernetes.
+    docs[0]["spec"]["bogus"] = 1
+    manifests.write_text(yaml.safe_dump_all(docs))
+    assert run(*cmd, manifests).returncode != 0
+
+
+def test_helm_chart_has_the_cluster_shape() -> None:
+    docs = helm_render(HELM_SETS[0])
+    by_kind: dict[str, dict[str, dict[str, Any]]] = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
+    deployments = by_kind["Deployment"]
+    assert {n.rsplit("-", 1)[1] for n in deployments} == MAILMETA_STAGES
+    for name, dep in deployments.items():
+        assert dep["spec"]["replicas"] >= 2, name
+        (container,) = dep["spec"]["template"]["spec"]["containers"]
+        assert container["readinessProbe"] and container["livenessProbe"], name
+        assert container["resources"]["limits"], name
+        env = {e["name"]: e for e in container["env"]}
+        assert set(env) <= KNOWN, name
+        settings_from({k: e.get("value", "") for k, e in env.items()})
+        if "MAILMETA_CLICKHOUSE_DSN" in env:
+            assert "secretKeyRef" in env["MAILMETA_CLICKHOUSE_DSN"]["valueFrom"]
+        pdb = by_kind["PodDisruptionBudget"][name]
+        assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # Probes aim at ports the stages serve: /healthz for the API, /metrics for the others.
+    probes = {
+        n.rsplit("-", 1)[1]: d["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+        for n, d in deployments.items()
+    }
+    assert probes["api"]["httpGet"]["path"] == "/healthz"
+    assert probes["sinks"]["httpGet"]["path"] == "/healthz"
+    assert probes["streams"]["httpGet"]["path"] == "/metrics"
+    assert probes["ingest"]["tcpSocket"]["port"] == "smtp"
+    (job,) = by_kind["Job"].values()
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    services = by_kind["Service"]
+    smtp, api = services["r-mailmeta-smtp"], services["r-mailmeta-api"]
+    assert (
+        smtp["spec"]["selector"]
+        == deployments["r-mailmeta-ingest"]["spec"]["selector"]["matchLabels"]
+    )
+    assert (
+        api["spec"]["selector"] == deployments["r-mailmeta-api"]["spec"]["selector"]["matchLabels"]
+    )
+    assert smtp["spec"]["externalTrafficPolicy"] == "Local"
+    assert (by_kind["Secret"]["r-mailmeta-store"]["stringData"]["dsn"]) == DUMMY_DSN
+    assert "PROXY protocol" in (CHART / "values.yaml").read_text()
+
+
+# --- Prometheus and Grafana -----------------------------------------------------------------
+
+
+def exported_metrics() -> dict[str, set[str]]:
+    """Sample names mailmeta exports -> label names, from the registry once every module of
+    the package is imported (metrics register at import)."""
+    from prometheus_client import REGISTRY
+
+    skip = {"tests", "bench", "__main__"}
+    for module in pkgutil.walk_packages(mailmeta.__path__, "mailmeta."):
+        if not skip & set(module.name.split(".")):
+            importlib.import_module(module.name)
+    suffixes = {
+        "counter": ["_total", "_created"],
+        "gauge": [""],
+        "histogram": ["_bucket", "_count", "_sum", "_created"],
+        "summary": ["", "_count", "_sum", "_created"],
+        "info": ["_info"],
+    }
+    labels = {
+        getattr(c, "_name", None): set(getattr(c, "_labelnames", ()))
+        for c in list(REGISTRY._collector_to_names)
+    }
+    names: dict[str, set[str]] = {}
+    for family in REGISTRY.collect():
+        if family.name.startswith("mailmeta_"):
+            for suffix in suffixes[family.type]:
+                own = labels.get(family.name, set())
+                names[family.name + suffix] = own | ({"le"} if suffix == "_bucket" else set())
+    return names
+
+
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+_SELECTOR = re.compile(r"(?<![\w.])([A-Za-z_:][A-Za-z0-9_:]*)\s*(\{[^}]*\})?\s*(\()?")
+_KEYWORDS = {"and", "or", "unless", "bool", "offset"}
+
+
+def promql_names(expr: str) -> tuple[list[tuple[str, set[str]]], set[str]]:
+    """(metric, labels matched in its selector) pairs, and grouping labels, of a PromQL expr."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings: label values
+    text = re.sub(r"\[[^\]]*\]", " ", text)  # range durations, $__rate_interval
+    grouping = {w.strip() for g in _GROUPING.findall(text) for w in g.split(",") if w.strip()}
+    text = _GROUPING.sub(" ", text)
+    selectors = []
+    for name, matchers, call in _SELECTOR.findall(text):
+        if call or name in _KEYWORDS:
+            continue  # functions and aggregations, operators
+        selectors.append((name, set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers))))
+    return selectors, grouping
+
+
+def deploy_promql() -> dict[str, str]:
+    exprs: dict[str, str] = {}
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            exprs[f"alert {rule['alert']}"] = rule["expr"]
+    dashboard = json.loads((DEPLOY / "grafana" / "mailmeta.json").read_text())
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            exprs[f"panel {panel['title']} {target['refId']}"] = target["expr"]
+    return exprs
+
+
+def test_promql_parser_finds_metrics_and_labels() -> None:
+    selectors, grouping = promql_names(
+        'histogram_quantile(0.99, sum by (le, pod) (rate(a_b_bucket{x="1", y=~"b|c"}[5m])))'
+        " / clamp_min(sum(rate(c_total[$__rate_interval])), 1e-9) > 0 and absent(d)"
+    )
+    assert selectors == [("a_b_bucket", {"x", "y"}), ("c_total", set()), ("d", set())]
+    assert grouping == {"le", "pod"}
+
+
+def test_dashboard_and_alerts_name_only_metrics_mailmeta_exports() -> None:
+    exported = exported_metrics()
+    assert "mailmeta_ingest_messages_total" in exported  # the registry scan works
+    exprs = deploy_promql()
+    used: set[str] = set()
+    for where, expr in exprs.items():
+        selectors, grouping = promql_names(expr)
+        assert selectors, f"{where}: no metric in {expr!r}"
+        allowed = {"instance", "job"}
+        for name, labels in selectors:
+            assert name in exported, f"{where}: {name} is not a metric mailmeta exports"
+            allowed |= exported[name]
+            assert labels <= exported[name] | {"instance", "job"}, (where, name, labels)
+            used.add(name)
+        assert grouping <= allowed, (where, grouping - allowed)
+    # What the issue asks the operator to see: accept/451 rates, spool depth, dead letters.
+    for needed in (
+        "mailmeta_ingest_messages_total",
+        "mailmeta_ingest_spool_records",
+        "mailmeta_redaction_dead_letters_total",
+    ):
+        assert needed in used
+
+
+def test_promtool_checks_the_alert_rules() -> None:
+    res = run(tool("promtool"), "check", "rules", DEPLOY / "prometheus" / "alerts.yaml")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "SUCCESS" in res.stdout
