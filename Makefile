@@ -22,7 +22,7 @@ $(TSTAMP): pyproject.toml | $(BIN)/python
 up: $(STAMP)
 	$(BIN)/mailmeta up $(ARGS)
 
-test: $(TSTAMP) .tools/usr/sbin/smtp-source .tools/kafka.fetched
+test: $(TSTAMP) .tools/usr/sbin/smtp-source .tools/kafka.fetched .tools/deploy-tools.fetched
 	tests/tools/browser.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -44,6 +44,11 @@ bench: $(TSTAMP) .tools/usr/sbin/smtp-source
 # Apache Kafka (KRaft) jars for tests and benchmarks; refetched when the pinned version changes.
 .tools/kafka.fetched: tests/tools/kafka-pom.xml tests/tools/fetch_kafka.sh
 	tests/tools/fetch_kafka.sh .tools
+	touch $@
+
+# helm, kubeconform, promtool and the Compose schema for tests/test_deploy.py (Go module proxy).
+.tools/deploy-tools.fetched: tests/tools/fetch_deploy_tools.sh
+	tests/tools/fetch_deploy_tools.sh .tools
 	touch $@
 
 clean:
