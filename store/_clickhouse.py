@@ -23,7 +23,7 @@ from clickhouse_connect.driver.client import Client
 from mailmeta.schema import Event, format_time
 from mailmeta.store._base import MAX_LIMIT, StoreError, UnstorableEvent
 from mailmeta.store._core import FINAL_SETTINGS, VISIBLE
-from mailmeta.store._erasure import ErasureMixin
+from mailmeta.store._erasure import ErasureMixin, Erasures
 from mailmeta.store._migrations import (
     AUDIT_TABLE,
     MIGRATIONS,
@@ -83,6 +83,7 @@ class ClickHouseStore(
         self._retention = dict(self._seed_retention)
         self._write_lock = threading.RLock()
         self._window_hint: dict[tuple[str, bool], int] = {}
+        self._erasure_log: dict[str, Erasures] = {}
         self._cond = threading.Condition()
         self._idle: list[Client] = []
         self._all: list[Client] = []
@@ -183,12 +184,14 @@ class ClickHouseStore(
         # The lock orders inserts against retention changes and erasures (see _retention).
         with self._write_lock:
             table = to_arrow(events, self._retention)  # UnstorableEvent before any write
-            with self._client() as c:
-                try:
-                    c.insert_arrow(TABLE, table)
-                except Exception as exc:
-                    raise StoreError(f"insert of {len(events)} rows failed: {exc}") from exc
-        return len(events)
+            table = self._without_erased(table)
+            if table.num_rows:
+                with self._client() as c:
+                    try:
+                        c.insert_arrow(TABLE, table)
+                    except Exception as exc:
+                        raise StoreError(f"insert of {len(events)} rows failed: {exc}") from exc
+        return int(table.num_rows)
 
     def prepare_json(self, values: Sequence[bytes]) -> PreparedBatch | None:
         """Schema-v1 JSON records decoded and checked columnwise, for insert_prepared.
@@ -213,14 +216,16 @@ class ClickHouseStore(
                 table = arrow_from_json(prepared.values, self._retention)
                 if table is None:
                     return None
-            with self._client() as c:
-                try:
-                    c.insert_arrow(TABLE, table)
-                except Exception as exc:
-                    raise StoreError(
-                        f"insert of {len(prepared.values)} rows failed: {exc}"
-                    ) from exc
-        return len(prepared.values)
+            table = self._without_erased(table)
+            if table.num_rows:
+                with self._client() as c:
+                    try:
+                        c.insert_arrow(TABLE, table)
+                    except Exception as exc:
+                        raise StoreError(
+                            f"insert of {len(prepared.values)} rows failed: {exc}"
+                        ) from exc
+        return int(table.num_rows)
 
     def _days(self, customer: str | None) -> int:
         if customer is None:

@@ -26,6 +26,11 @@ HOURLY_RETENTION_DAYS = 400
 # table above stays only for hours whose rows had expired before migration 6.
 HOURLY_EVENTS_TABLE = "hourly_events"
 HOURLY_EVENTS_VIEW = "hourly_events_mv"
+# What was erased (customer, time, the stored forms matched), kept while a topic may still
+# hold the erased events (the redacted topic keeps at most 7 days): every insert drops the
+# events it names, so a replay cannot bring them back.
+ERASURE_LOG_TABLE = "erasure_log"
+ERASURE_LOG_DAYS = 8
 TOKENS_TABLE = "api_tokens"
 ACCESS_LOG_TABLE = "api_access_log"
 ACCESS_LOG_RETENTION_DAYS = 30
@@ -215,6 +220,28 @@ MIGRATIONS: tuple[Migration, ...] = (
             ALTER TABLE {HOURLY_TABLE} DELETE WHERE (customer_id, hour) IN
                 (SELECT DISTINCT customer_id, hour FROM {HOURLY_EVENTS_TABLE})
             SETTINGS mutations_sync = 2
+            """,
+        ),
+    ),
+    Migration(
+        7,
+        "create erasure_log",
+        (
+            # scope 'all' (every event of the customer received before `at`), 'address'
+            # or 'message_id' (events whose field holds one of `forms`). Forms are the
+            # stored ones that matched rows, or hashes: never more than the rows held.
+            f"""
+            CREATE TABLE IF NOT EXISTS {ERASURE_LOG_TABLE}
+            (
+                customer_id String,
+                at DateTime64(3, 'UTC'),
+                scope LowCardinality(String),
+                forms Array(String)
+            )
+            ENGINE = MergeTree
+            ORDER BY (customer_id, at)
+            TTL toDateTime(at) + toIntervalDay({ERASURE_LOG_DAYS})
+            SETTINGS merge_with_ttl_timeout = 3600
             """,
         ),
     ),
