@@ -19,7 +19,7 @@ $(TSTAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@ $(STAMP)
 
-up: $(STAMP)
+up: $(STAMP) .tools/kafka.fetched
 	$(BIN)/mailmeta up $(ARGS)
 
 test: $(TSTAMP) .tools/usr/sbin/smtp-source .tools/kafka.fetched .tools/deploy-tools.fetched

@@ -100,12 +100,26 @@ def install_policies(app: FastAPI, settings: Settings, customers: Customers, sto
     policy_log = PolicyLog(settings)
     app.state.policy_log = policy_log
     try:
-        for rec in policy_log.seed(customers):
-            _remember(store, rec, "policy.seed", None)
+        for rec in policy_log.seed(customers, _newest_stored(store, customers)):
+            if rec.source == "config":  # a restored version is in the history already
+                _remember(store, rec, "policy.seed", None)
     except Exception as exc:
         log.warning("could not seed the policies topic %s: %s", settings.policies_topic, exc)
     app.add_exception_handler(PolicyInvalid, _on_invalid)
     app.include_router(policies_router(store, customers))
+
+
+def _newest_stored(store: Store, customers: Customers) -> dict[str, PolicyRecord]:
+    """Each customer's newest policy version in the store's history (durable in ClickHouse)."""
+    out = {}
+    for c in customers:
+        versions = store.policy_versions(c.id)
+        if versions:
+            v = max(versions)
+            h = versions[v]
+            policy = Policy.model_validate(h["policy"])
+            out[c.id] = PolicyRecord(c.id, v, policy, str(h["actor"]), str(h["at"]), "restored")
+    return out
 
 
 def _remember(store: Store, rec: PolicyRecord, action: str, old: PolicyRecord | None) -> None:
@@ -147,7 +161,9 @@ def policies_router(store: Store, customers: Customers) -> APIRouter:
         return c
 
     def describe(rec: PolicyRecord) -> dict[str, Any]:
-        return rec.to_json()
+        # The file's version, so `mailmeta policy list` shows a stale customers file.
+        cfg = customers.by_id[rec.customer_id].policy_version
+        return {**rec.to_json(), "config_version": cfg, "config_is_stale": cfg < rec.version}
 
     @router.get("")
     def list_policies(_p: Admin, request: Request) -> JSONResponse:

@@ -58,6 +58,12 @@ def list_(api: ApiOption = None, token: TokenOption = None) -> None:
         typer.echo(
             f"{r['customer_id']:<24} {r['version']:>7}  {r['source']:<7} {r['actor']:<20} {r['at']}"
         )
+    for r in rows:
+        if r.get("config_is_stale"):
+            typer.echo(
+                f"note: the customers file has policy_version {r['config_version']} for "
+                f"{r['customer_id']}; version {r['version']} stays in force (not applied)"
+            )
 
 
 @policy_app.command("show")

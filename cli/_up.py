@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +27,13 @@ def up(
         typer.Option(help="Use this Kafka (host:port) instead of starting the local broker."),
     ] = None,
     broker_port: Annotated[int, typer.Option(help="Port of the bundled local broker.")] = 9092,
+    broker: Annotated[
+        str,
+        typer.Option(
+            help="Local broker: 'kafka' (Apache Kafka, durable; `make up` fetches it) or "
+            "'tansu' (memory-only: mail answered 250 is lost if the pipeline is killed)."
+        ),
+    ] = "kafka",
     partitions: Annotated[int, typer.Option(help="Partitions of topics mailmeta creates.")] = 3,
     relay_to: Annotated[
         str | None,
@@ -54,6 +62,8 @@ def up(
         "smtp_port": smtp_port,
         "api_port": api_port,
         "partitions": partitions,
+        # Local mode: fast group joins and rebalances (real clusters keep Kafka's 45 s).
+        "session_timeout_ms": int(os.environ.get("MAILMETA_SESSION_TIMEOUT_MS", "6000")),
     }
     if config is not None:
         overrides["config"] = config
@@ -70,13 +80,21 @@ def up(
     overrides.update({k: v for k, v in optional.items() if v is not None})
     if kafka_bootstrap:
         overrides["kafka_bootstrap"] = kafka_bootstrap
+    if broker not in ("kafka", "tansu"):
+        typer.echo(f"mailmeta: --broker must be 'kafka' or 'tansu', not {broker!r}", err=True)
+        raise typer.Exit(2)
     settings = Settings(**overrides)
     try:
-        code = run_up(settings, local_broker=kafka_bootstrap is None, broker_port=broker_port)
+        code = run_up(
+            settings,
+            local_broker=kafka_bootstrap is None,
+            broker_port=broker_port,
+            broker_kind="kafka" if broker == "kafka" else "tansu",
+        )
     except ConfigError as exc:
         typer.echo(f"mailmeta: invalid configuration:\n{exc}", err=True)
         raise typer.Exit(2) from None
-    except (RuntimeError, TimeoutError, OSError) as exc:
+    except (RuntimeError, TimeoutError, OSError) as exc:  # KafkaConfigError too
         typer.echo(f"mailmeta: could not start: {exc}", err=True)
         raise typer.Exit(1) from None
     raise typer.Exit(code)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mailmeta import schema
@@ -18,6 +19,22 @@ class Settings(BaseSettings):
     config: Path = DEFAULT_CONFIG
     data_dir: Path = Path(".mailmeta")
     kafka_bootstrap: str = "127.0.0.1:9092"
+    # --- Kafka security (kafka/_clients.py): every client of every stage uses these ---------
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str = ""
+    # The password from the environment, or (preferred) from a file, e.g. a mounted secret.
+    kafka_sasl_password: SecretStr = SecretStr("")
+    kafka_sasl_password_file: Path | None = None
+    kafka_ssl_ca_file: Path | None = None
+    kafka_ssl_cert_file: Path | None = None
+    kafka_ssl_key_file: Path | None = None
+    # Topics mailmeta creates: replication factor min(3, brokers) and min.insync.replicas 2
+    # from 3 brokers on (0 = derive from the cluster). A cluster of one is refused outside
+    # local mode unless kafka_single_node says it is meant to be one.
+    kafka_replication_factor: int = Field(default=0, ge=0)
+    kafka_min_insync_replicas: int = Field(default=0, ge=0)
+    kafka_single_node: bool = False
     raw_topic: str = schema.RAW_TOPIC
     redacted_topic: str = schema.REDACTED_TOPIC
     deadletter_topic: str = schema.DEADLETTER_TOPIC
@@ -34,8 +51,9 @@ class Settings(BaseSettings):
     smtp_port: int = 2525
     api_host: str = "127.0.0.1"
     api_port: int = 8025
-    # Local mode: librdkafka waits ~half a session timeout before a group join completes.
-    session_timeout_ms: int = 6000
+    # Kafka's default. Local mode (`mailmeta up`, tests) sets 6000: a group join waits about
+    # half of it on some brokers, and a local restart should not take 45 s to rebalance.
+    session_timeout_ms: int = Field(default=45000, ge=1000)
     log_level: str = "info"
 
     # --- query API access (sinks/_auth.py) -------------------------------------------------

@@ -20,6 +20,7 @@ from mailmeta.config import ConfigError, Customers, Settings, load_customers
 from mailmeta.ingest._metrics import serve_metrics
 from mailmeta.ingest._workers import run_workers
 from mailmeta.ingest.server import IngestServer
+from mailmeta.kafka import KafkaConfigError, check_connection
 
 log = logging.getLogger("mailmeta.ingest")
 
@@ -101,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         customers = load_customers(settings.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        check_connection(settings, timeout=5.0)  # refused credentials: fail now, say which
+    except (ConfigError, KafkaConfigError) as exc:
+        print(f"mailmeta ingest: {exc}", file=sys.stderr)
         return 2
     if settings.ingest_workers > 1:
         return run_workers(settings)

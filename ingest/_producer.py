@@ -25,13 +25,9 @@ class DeliveryError(Exception):
     """The broker did not acknowledge a record; ``str()`` is a short, header-free reason."""
 
 
-def producer_config(bootstrap: str, delivery_timeout: float) -> dict[str, Any]:
+def ingest_overrides(delivery_timeout: float) -> dict[str, Any]:
+    """The front end's own producer settings, on top of ``mailmeta.kafka.producer_config``."""
     return {
-        "bootstrap.servers": bootstrap,
-        # No duplicates from librdkafka's own retries; the reply waits for all in-sync replicas.
-        "enable.idempotence": True,
-        "acks": "all",
-        "linger.ms": 5,
         # Bounds how long an SMTP client waits for its 250/451.
         "message.timeout.ms": int(delivery_timeout * 1000),
         # Reconnect quickly once the broker is back: SMTP clients retry within minutes.
@@ -45,15 +41,16 @@ class EventProducer:
 
     def __init__(
         self,
-        bootstrap: str,
+        base_config: dict[str, Any],
         topic: str,
         *,
         delivery_timeout: float = DEFAULT_DELIVERY_TIMEOUT,
         extra_config: dict[str, Any] | None = None,
     ) -> None:
+        """``base_config``: ``mailmeta.kafka.producer_config(settings)`` (idempotent, acks=all)."""
         self.topic = topic
         self.delivery_timeout = delivery_timeout
-        config = producer_config(bootstrap, delivery_timeout)
+        config = {**base_config, **ingest_overrides(delivery_timeout)}
         config["error_cb"] = self._on_error
         config["logger"] = logging.getLogger("mailmeta.ingest.librdkafka")
         config.update(extra_config or {})

@@ -19,6 +19,7 @@ from mailmeta.ingest._producer import DEFAULT_DELIVERY_TIMEOUT, EventProducer
 from mailmeta.ingest._protocol import FrontEndSMTP, Shared
 from mailmeta.ingest._spool import Spool, replay_forever
 from mailmeta.ingest._tls import self_signed, server_context
+from mailmeta.kafka import producer_config as kafka_producer_config
 
 log = logging.getLogger("mailmeta.ingest")
 
@@ -94,7 +95,7 @@ class IngestServer:
             settings.smtp_proxy_networks, "MAILMETA_SMTP_PROXY_NETWORKS"
         )
         self.producer = EventProducer(
-            settings.kafka_bootstrap,
+            kafka_producer_config(settings),
             settings.raw_topic,
             delivery_timeout=delivery_timeout,
             extra_config=producer_config,

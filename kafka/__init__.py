@@ -3,6 +3,34 @@
 Only standard Kafka APIs: the same code runs on Apache Kafka, Redpanda or a managed Kafka.
 """
 
-from mailmeta.kafka._topics import check_topic_retention, ensure_topics, topic_retention_ms
+from mailmeta.kafka._clients import (
+    KafkaConfigError,
+    admin,
+    check_connection,
+    connection,
+    consumer_config,
+    faust_broker_options,
+    producer_config,
+)
+from mailmeta.kafka._topics import (
+    TopicError,
+    check_topic_retention,
+    ensure_topics,
+    replication,
+    topic_retention_ms,
+)
 
-__all__ = ["check_topic_retention", "ensure_topics", "topic_retention_ms"]
+__all__ = [
+    "KafkaConfigError",
+    "TopicError",
+    "admin",
+    "check_connection",
+    "check_topic_retention",
+    "connection",
+    "consumer_config",
+    "ensure_topics",
+    "faust_broker_options",
+    "producer_config",
+    "replication",
+    "topic_retention_ms",
+]

@@ -6,11 +6,13 @@ Only standard Kafka APIs: the same code runs on Apache Kafka, Redpanda or a mana
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from mailmeta.config import Settings
+from mailmeta.kafka._clients import admin as admin_client
 
 log = logging.getLogger("mailmeta.kafka")
 
@@ -26,53 +28,109 @@ def topic_retention_ms(settings: Settings, shortest_retention_days: int) -> dict
     }
 
 
+class TopicError(RuntimeError):
+    """An existing topic contradicts what mailmeta needs; the message says what and how."""
+
+
+def replication(settings: Settings, brokers: int) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) for topics mailmeta creates."""
+    rf = settings.kafka_replication_factor or min(3, brokers)
+    isr = settings.kafka_min_insync_replicas or (2 if rf >= 3 else 1)
+    if rf > brokers:
+        raise TopicError(
+            f"MAILMETA_KAFKA_REPLICATION_FACTOR={rf} but the cluster has {brokers} broker(s)"
+        )
+    if isr > rf:
+        raise TopicError(f"MAILMETA_KAFKA_MIN_INSYNC_REPLICAS={isr} exceeds replication {rf}")
+    if rf == 1 and not settings.kafka_single_node:
+        raise TopicError(
+            f"topics would have replication factor 1 ({brokers} broker(s)): one lost disk "
+            "loses acknowledged mail. Use a cluster of 3, or set MAILMETA_KAFKA_SINGLE_NODE=true "
+            "if this is meant to be a single-node setup"
+        )
+    return rf, isr
+
+
 def ensure_topics(
     settings: Settings, shortest_retention_days: int, timeout: float = 15.0
 ) -> list[str]:
-    """Create the pipeline's topics with their partitions and retention; warn on longer ones.
-
-    Returns the warnings (also logged) about existing topics that keep data too long.
+    """Create the pipeline's topics (partitions, replication, retention, compaction) or check
+    the existing ones: idempotent. Raises TopicError when an existing topic contradicts what
+    mailmeta needs; returns the warnings (also logged) about ones that keep data too long.
     """
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = admin_client(settings)
     wanted = topic_retention_ms(settings, shortest_retention_days)
-    existing = admin.list_topics(timeout=timeout).topics
+    md = admin.list_topics(timeout=timeout)
+    existing = md.topics
+    rf, isr = replication(settings, len(md.brokers))
+    safety = {"min.insync.replicas": str(isr)}
     new = [
         NewTopic(
             name,
             num_partitions=settings.partitions,
-            replication_factor=-1,
-            config={"retention.ms": str(ms)},
+            replication_factor=rf,
+            config={"retention.ms": str(ms), **safety},
         )
         for name, ms in wanted.items()
         if name not in existing
     ]
     if settings.policies_topic not in existing:
         # Policies: compacted (each customer's latest is kept forever, no retention), one
-        # partition since every redaction worker reads all of it (streams/_policies.py).
+        # partition since every redaction worker reads all of it (policy/_log.py).
         new.append(
             NewTopic(
                 settings.policies_topic,
                 num_partitions=1,
-                replication_factor=-1,
-                config={"cleanup.policy": "compact"},
+                replication_factor=rf,
+                config={"cleanup.policy": "compact", **safety},
             )
         )
     if new:
         for name, fut in admin.create_topics(new, request_timeout=timeout).items():
             try:
                 fut.result(timeout)
-                log.info("created topic %s", name)
+                log.info("created topic %s (replication %s, min.insync.replicas %s)", name, rf, isr)
             except KafkaException as exc:
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise
+    _check_existing(settings, admin, md, timeout)
     return _warn_long_retention(admin, {n: v for n, v in wanted.items() if n in existing}, timeout)
+
+
+def _check_existing(settings: Settings, admin: AdminClient, md: Any, timeout: float) -> None:
+    """Refuse topics that would break a promise: a non-compacted policies topic (a policy
+    would expire and an older one come back), replication 1 outside a single-node setup."""
+    problems = []
+    for name in (settings.raw_topic, settings.redacted_topic, settings.policies_topic):
+        topic = md.topics.get(name)
+        if topic is None or not topic.partitions:
+            continue
+        replicas = min(len(p.replicas) for p in topic.partitions.values())
+        if replicas == 1 and not settings.kafka_single_node:
+            problems.append(f"topic {name} has replication factor 1")
+    policies = md.topics.get(settings.policies_topic)
+    if policies is not None:
+        try:
+            [fut] = admin.describe_configs(
+                [ConfigResource("TOPIC", settings.policies_topic)]
+            ).values()
+            cleanup = fut.result(timeout).get("cleanup.policy")
+        except KafkaException:
+            cleanup = None  # a broker without DescribeConfigs: nothing to check
+        if cleanup is not None and cleanup.value and "compact" not in cleanup.value:
+            problems.append(
+                f"topic {settings.policies_topic} has cleanup.policy={cleanup.value}; it must "
+                "be compacted (cleanup.policy=compact), or policies expire"
+            )
+    if problems:
+        raise TopicError("; ".join(problems))
 
 
 def check_topic_retention(
     settings: Settings, shortest_retention_days: int, timeout: float = 15.0
 ) -> list[str]:
     """Warnings (also logged) for pipeline topics that keep data longer than promised."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = admin_client(settings)
     wanted = topic_retention_ms(settings, shortest_retention_days)
     existing = admin.list_topics(timeout=timeout).topics
     return _warn_long_retention(admin, {n: v for n, v in wanted.items() if n in existing}, timeout)

@@ -1,16 +1,21 @@
 """`mailmeta up`: run the whole pipeline on this machine, and stop it without losing events.
 
-Each stage is its own process, started in data-path order from the end (sink, redaction
-worker, SMTP front end) so nothing accepts mail before something can store it. Shutdown runs
-the other way and drains: the front end stops accepting first, then a drain marker is sent
-through every raw partition and the supervisor waits until the sink reports it has stored
-everything before the marker, and only then stops the worker, the sink and the broker.
+The broker is a single-node Apache Kafka with its log in the data dir (durable: a `250` is on
+disk in the broker's log before it is sent, and survives any kill of any process); the
+memory-only Tansu is there only when asked for (``--broker tansu``). Each stage is its own
+process, started in data-path order from the end (sink, redaction worker, SMTP front end) so
+nothing accepts mail before something can store it. A part that dies is restarted with
+backoff. Shutdown runs the other way and drains: the front end stops accepting first, then a
+drain marker is sent through every raw partition and the supervisor waits until the sink
+reports it has stored everything before the marker, and only then stops the worker, the sink
+and the broker. One run per data dir (an flock); parts left by a killed run are stopped first.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,17 +24,24 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 import httpx
 from confluent_kafka import Producer
+from pydantic import SecretStr
 
 from mailmeta.config import Settings, load_customers
-from mailmeta.kafka import ensure_topics
+from mailmeta.kafka import check_connection, ensure_topics, producer_config
+from mailmeta.local._rundir import RunDir
+from mailmeta.local.apache_kafka import KafkaNode, KafkaNotFound, free_ports
 from mailmeta.local.brokers import LocalBroker, die_with_parent
 from mailmeta.schema import encode_drain_marker
 
 STOP_BUDGET_S = 14.0  # the promise is 15 s from Ctrl-C to no process left
+RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+STABLE_AFTER_S = 60.0  # a part up this long has its backoff reset
+
+BrokerKind = Literal["kafka", "tansu"]
 
 
 @dataclass
@@ -41,8 +53,13 @@ class Part:
     proc: subprocess.Popen[bytes] | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     _pump: threading.Thread | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    next_start: float = 0.0
 
     def start(self, env: dict[str, str], log_path: Path) -> None:
+        self.ready = threading.Event()
+        self.started_at = time.monotonic()
         self.proc = subprocess.Popen(
             self.argv,
             env=env,
@@ -108,18 +125,22 @@ class Supervisor:
         *,
         local_broker: bool,
         broker_port: int,
+        broker_kind: BrokerKind = "kafka",
         out: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.local_broker = local_broker
         self.broker_port = broker_port
+        self.broker_kind: BrokerKind = broker_kind
         self.out = out or (lambda line: print(line, flush=True))
-        self.broker: LocalBroker | None = None
+        self.broker: LocalBroker | KafkaNode | None = None
         self.parts: list[Part] = []
         self._stop = threading.Event()
         self.data_dir = settings.data_dir.resolve()
         self.log_dir = self.data_dir / "logs"
         self.operator_token_file = self.data_dir / "operator-token"
+        self.rundir = RunDir(self.data_dir)
+        self._env_cache: dict[str, str] = {}
 
     # -- start -----------------------------------------------------------------------------
 
@@ -134,6 +155,8 @@ class Supervisor:
         values["api_auth"] = True
         values["operator_token_file"] = str(self.operator_token_file)
         for key, value in values.items():
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value() or None
             if value is None:  # unset optional settings stay unset (not the text "None")
                 env.pop(f"MAILMETA_{key.upper()}", None)
                 continue
@@ -144,16 +167,15 @@ class Supervisor:
     def start(self) -> None:
         s = self.settings
         customers = load_customers(s.config)  # fails here, naming the field, before any process
+        self.rundir.lock()
+        for what in self.rundir.stop_leftovers():
+            self.out(f"  stopped {what} left running by an earlier, unclean stop")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if self.local_broker:
-            self.broker = LocalBroker(
-                "tansu", self.broker_port, log_path=self.log_dir / "broker.log"
-            ).start()
-            s.kafka_bootstrap = self.broker.bootstrap
-            self.out(
-                f"  broker   tansu (local, memory-only)  {s.kafka_bootstrap:<24} pid {self.broker.pid}"
-            )
+            s.kafka_single_node = True  # its own one-node broker, on purpose
+            self._start_broker()
         else:
+            check_connection(s)  # refused credentials: fail before any stage starts
             self.out(f"  broker   external                    {s.kafka_bootstrap}")
         ensure_topics(s, customers.shortest_retention_days)
         py = sys.executable
@@ -163,9 +185,9 @@ class Supervisor:
             Part("streams", [py, "-m", "mailmeta.streams"], "Worker]: Ready", "redaction worker"),
             Part("ingest", [py, "-m", "mailmeta.ingest"], "SMTP listening", f"SMTP {s.smtp_host}:{s.smtp_port}"),
         ]  # fmt: skip
-        env = self._env()
+        self._env_cache = self._env()
         for part in self.parts:
-            part.start(env, self.log_dir / f"{part.name}.log")
+            self._start_part(part)
             if not part.wait_ready(90):
                 raise RuntimeError(
                     f"{part.name} did not start; see {self.log_dir / (part.name + '.log')}"
@@ -174,22 +196,78 @@ class Supervisor:
             if part.name == "sink":
                 self.out(f"  operator API token in {self.operator_token_file} (mode 0600)")
 
+    def _start_part(self, part: Part) -> None:
+        part.start(self._env_cache, self.log_dir / f"{part.name}.log")
+        assert part.pid is not None
+        self.rundir.record(part.name, part.pid)
+
+    def _start_broker(self) -> None:
+        s = self.settings
+        if self.broker_kind == "kafka":
+            node = local_kafka(self.data_dir / "kafka", self.broker_port)
+            node.start(timeout=120)
+            self.broker, label = node, "apache kafka (local, durable)"
+        else:
+            _check_port_free(self.broker_port)
+            self.broker = LocalBroker(
+                "tansu", self.broker_port, log_path=self.log_dir / "broker.log"
+            ).start()
+            label = "tansu (local, memory-only)"
+        assert self.broker.pid is not None
+        self.rundir.record("broker", self.broker.pid)
+        s.kafka_bootstrap = self.broker.bootstrap
+        self.out(f"  broker   {label:<34} {s.kafka_bootstrap:<24} pid {self.broker.pid}")
+        if self.broker_kind == "tansu":
+            self.out("  warning: with --broker tansu, mail answered 250 but not yet stored is "
+                     "lost if the pipeline is killed (memory-only broker)")  # fmt: skip
+
     # -- run -------------------------------------------------------------------------------
 
     def request_stop(self, *_: object) -> None:
         self._stop.set()
 
     def run_until_stopped(self) -> int:
-        """Block until a signal or a part dies; returns the exit code."""
-        while not self._stop.wait(1.0):
+        """Block until a signal, restarting any part (or the local broker) that dies."""
+        while not self._stop.wait(0.5):
+            if self.broker is not None and not _alive(self.broker):
+                self.out("mailmeta: the local broker exited unexpectedly; restarting it")
+                try:
+                    self._restart_broker()
+                except (RuntimeError, TimeoutError, OSError) as exc:
+                    self.out(f"mailmeta: the local broker could not restart: {exc}")
+                    return 1
             for part in self.parts:
                 if not part.alive():
-                    self.out(f"mailmeta: {part.name} exited unexpectedly; stopping the pipeline")
-                    return 1
-            if self.broker is not None and self.broker.proc and self.broker.proc.poll() is not None:
-                self.out("mailmeta: the local broker exited unexpectedly; stopping the pipeline")
-                return 1
+                    self._restart_later(part)
         return 0
+
+    def _restart_broker(self) -> None:
+        assert self.broker is not None
+        self.broker.stop(5)
+        self._start_broker()
+        if self.broker_kind == "tansu":  # it lost its topics with its memory
+            ensure_topics(
+                self.settings, load_customers(self.settings.config).shortest_retention_days
+            )
+
+    def _restart_later(self, part: Part) -> None:
+        """Restart a dead part once its backoff has passed (reset after a stable run)."""
+        now = time.monotonic()
+        if part.next_start == 0.0:
+            code = part.proc.returncode if part.proc else None
+            if now - part.started_at > STABLE_AFTER_S:
+                part.restarts = 0
+            delay = RESTART_BACKOFF_S[min(part.restarts, len(RESTART_BACKOFF_S) - 1)]
+            part.next_start = now + delay
+            self.out(f"mailmeta: {part.name} exited (code {code}); restarting in {delay:.0f} s")
+            return
+        if now < part.next_start:
+            return
+        part.wait_stopped(1)
+        part.restarts += 1
+        part.next_start = 0.0
+        self._start_part(part)
+        self.out(f"  {part.name:<8} restarted, pid {part.pid}")
 
     # -- stop ------------------------------------------------------------------------------
 
@@ -218,14 +296,20 @@ class Supervisor:
                 part.wait_stopped(left(5))
                 self.out(f"  {part.name:<8} stopped")
         if self.broker is not None:
-            self.broker.stop(left(3))
+            # Kafka's controlled shutdown takes a few seconds; cut short it is still safe
+            # (its log is recovered at the next start), so it gets what is left, at least 3 s.
+            self.broker.stop(max(3.0, deadline - time.monotonic()))
             self.out("  broker   stopped")
+        for part in self.parts:
+            self.rundir.forget(part.name)
+        self.rundir.forget("broker")
+        self.rundir.unlock()
 
     def _drain(self, timeout: float) -> bool:
         s = self.settings
         nonce = uuid.uuid4().hex
         deadline = time.monotonic() + timeout
-        producer = Producer({"bootstrap.servers": s.kafka_bootstrap, "enable.idempotence": True})
+        producer = Producer(producer_config(s))
         for p in range(s.partitions):
             producer.produce(s.raw_topic, encode_drain_marker(nonce), partition=p)
         if producer.flush(max(0.1, deadline - time.monotonic())) != 0:
@@ -248,10 +332,49 @@ class Supervisor:
             part.wait_stopped(3)
         if self.broker is not None:
             self.broker.stop(3)
+        self.rundir.unlock()
 
 
-def run_up(settings: Settings, *, local_broker: bool, broker_port: int) -> int:
-    sup = Supervisor(settings, local_broker=local_broker, broker_port=broker_port)
+def local_kafka(base_dir: Path, port: int) -> KafkaNode:
+    """The local single-node Kafka: its controller port is kept with its data across runs."""
+    port_file = base_dir / "controller.port"
+    controller = int(port_file.read_text()) if port_file.exists() else free_ports(1)[0]
+    try:
+        node = KafkaNode(base_dir, port=port, controller_port=controller)
+    except KafkaNotFound as exc:
+        raise RuntimeError(
+            f"{exc}\n`make up` fetches Apache Kafka (tests/tools/fetch_kafka.sh); "
+            "or pass --broker tansu for the memory-only broker"
+        ) from None
+    base_dir.mkdir(parents=True, exist_ok=True)
+    port_file.write_text(str(controller))
+    return node
+
+
+def _alive(broker: LocalBroker | KafkaNode) -> bool:
+    if isinstance(broker, KafkaNode):
+        return broker.running
+    return broker.proc is not None and broker.proc.poll() is None
+
+
+def _check_port_free(port: int) -> None:
+    """Tansu binds without SO_REUSEADDR: after a crash its port sits in TIME_WAIT for ~60 s."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise RuntimeError(
+                f"port {port} is in use (or held in TIME_WAIT by an unclean stop, for up to "
+                "60 s); pass another --broker-port, or use the default Apache Kafka broker"
+            ) from None
+
+
+def run_up(
+    settings: Settings, *, local_broker: bool, broker_port: int, broker_kind: BrokerKind = "kafka"
+) -> int:
+    sup = Supervisor(
+        settings, local_broker=local_broker, broker_port=broker_port, broker_kind=broker_kind
+    )
     print(f"mailmeta up — data in {sup.data_dir}, logs in {sup.log_dir}", flush=True)
     old = {sig: signal.signal(sig, sup.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from pydantic import ValidationError
 
 from mailmeta.config import Customers, Policy, Settings
+from mailmeta.kafka import consumer_config, producer_config
 from mailmeta.schema import now_ms
 
 log = logging.getLogger("mailmeta.streams.policies")
@@ -115,20 +116,20 @@ class PolicyLog:
     """
 
     def __init__(self, settings: Settings, timeout: float = 10.0) -> None:
-        self.bootstrap = settings.kafka_bootstrap
+        self.settings = settings
         self.topic = settings.policies_topic
         self.timeout = timeout
         self.lock = threading.Lock()
         self._producer: Producer | None = None
 
     def read_all(self) -> dict[str, PolicyRecord]:
+        # A throwaway group: it only reads (assign, no commit), so it is never joined.
         consumer = Consumer(
-            {
-                "bootstrap.servers": self.bootstrap,
-                "group.id": f"mailmeta-policy-reader-{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-            }
+            consumer_config(
+                self.settings,
+                f"mailmeta-policy-reader-{uuid.uuid4().hex}",
+                **{"enable.partition.eof": True},
+            )
         )
         out: dict[str, PolicyRecord] = {}
         try:
@@ -168,9 +169,7 @@ class PolicyLog:
 
     def publish(self, records: Iterable[PolicyRecord]) -> None:
         if self._producer is None:
-            self._producer = Producer(
-                {"bootstrap.servers": self.bootstrap, "enable.idempotence": True, "acks": "all"}
-            )
+            self._producer = Producer(producer_config(self.settings))
         errors: list[str] = []
 
         def on_delivery(err: Any, _msg: Any) -> None:
@@ -192,16 +191,38 @@ class PolicyLog:
         if errors:
             raise KafkaException(errors[0])
 
-    def seed(self, customers: Customers) -> list[PolicyRecord]:
-        """Publish the config's policy where the topic has none or an older version."""
+    def seed(
+        self, customers: Customers, stored: Mapping[str, PolicyRecord] | None = None
+    ) -> list[PolicyRecord]:
+        """Make the topic hold, per customer, the newest policy recorded anywhere durable.
+
+        Candidates: the topic's record, ``stored`` (the store's policy history, which outlives
+        a broker that lost its topic) and the customers file. The newest version wins; a file
+        whose ``policy_version`` is older than the one in force is reported, never applied, so
+        a restart cannot undo a redaction an operator ordered. Returns what was published.
+        """
+        stored = stored or {}
         with self.lock:
             topic = self.read_all()
-            due = [
-                PolicyRecord(c.id, c.policy_version, c.policy, "config", now_ms(), "config")
-                for c in customers
-                if c.id not in topic or topic[c.id].version < c.policy_version
-            ]
+            due = []
+            for c in customers:
+                have = topic.get(c.id)
+                config = PolicyRecord(
+                    c.id, c.policy_version, c.policy, "config", now_ms(), "config"
+                )
+                best = max(
+                    (r for r in (have, stored.get(c.id), config) if r is not None),
+                    key=lambda r: r.version,
+                )
+                if have is None or have.version < best.version:
+                    due.append(best)
+                if best.version > c.policy_version:
+                    log.warning(
+                        "customer %s: the customers file has policy_version %s, but version %s "
+                        "(%s by %s) is in force and stays in force",
+                        c.id, c.policy_version, best.version, best.source, best.actor,
+                    )  # fmt: skip
             self.publish(due)
         for rec in due:
-            log.info("seeded policy v%s of %s from the config", rec.version, rec.customer_id)
+            log.info("published policy v%s of %s (%s)", rec.version, rec.customer_id, rec.source)
         return due

@@ -17,6 +17,7 @@ from types import FrameType
 from pydantic import ValidationError
 
 from mailmeta.config import ConfigError, Settings, load_customers
+from mailmeta.kafka import KafkaConfigError, check_connection
 from mailmeta.service._service import SinkService
 
 log = logging.getLogger("mailmeta.sinks")
@@ -35,8 +36,9 @@ def main() -> int:
     )
     try:
         customers = load_customers(settings.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        check_connection(settings, timeout=5.0)  # refused credentials: fail now, say which
+    except (ConfigError, KafkaConfigError) as exc:
+        print(f"mailmeta sink: {exc}", file=sys.stderr)
         return 2
 
     stop = threading.Event()

@@ -25,6 +25,7 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from mailmeta.config import Settings
+from mailmeta.kafka import consumer_config, producer_config
 from mailmeta.schema import Event, SchemaError, control_of, decode_event
 from mailmeta.sinks._drain import DrainState
 from mailmeta.store import Store
@@ -114,27 +115,8 @@ class SinkConsumer:
     def start(self) -> None:
         s = self._settings
         kafka_log = logging.getLogger("mailmeta.sinks.kafka")
-        heartbeat = max(100, min(3000, s.session_timeout_ms // 3))
-        self._consumer = Consumer(
-            {
-                "bootstrap.servers": s.kafka_bootstrap,
-                "group.id": self._group_id,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "session.timeout.ms": s.session_timeout_ms,
-                "heartbeat.interval.ms": heartbeat,
-                "logger": kafka_log,
-            }
-        )
-        self._producer = Producer(
-            {
-                "bootstrap.servers": s.kafka_bootstrap,
-                "acks": "all",
-                "enable.idempotence": True,
-                "linger.ms": 5,
-                "logger": kafka_log,
-            }
-        )
+        self._consumer = Consumer(consumer_config(s, self._group_id, logger=kafka_log))
+        self._producer = Producer(producer_config(s, logger=kafka_log))
         self._consumer.subscribe(
             [s.redacted_topic], on_revoke=self._on_revoke, on_lost=self._on_lost
         )

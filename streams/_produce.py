@@ -23,18 +23,9 @@ OutRecord = tuple[str, bytes | None, bytes, int | None, Any]
 
 
 class Sender:
-    def __init__(self, bootstrap: str, **overrides: Any) -> None:
-        conf: dict[str, Any] = {
-            "bootstrap.servers": bootstrap,
-            "acks": "all",
-            "enable.idempotence": True,  # keeps per-partition order across retries
-            "linger.ms": 5,
-            "batch.size": 1 << 20,
-            # Java's (and aiokafka's) partitioner: a key lands where other clients put it.
-            "partitioner": "murmur2_random",
-        }
-        conf.update(overrides)
-        self._producer = Producer(conf)
+    def __init__(self, config: dict[str, Any]) -> None:
+        """``config``: a producer config from ``mailmeta.kafka.producer_config``."""
+        self._producer = Producer(config)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

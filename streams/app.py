@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import fields
 from typing import Any
@@ -24,6 +25,7 @@ from confluent_kafka import Consumer, TopicPartition
 from faust.tables.globaltable import GlobalTable
 
 from mailmeta.config import Settings, load_customers
+from mailmeta.kafka import consumer_config, faust_broker_options, producer_config
 from mailmeta.policy import (
     POLICY_PARTITION,
     PolicyRecordError,
@@ -51,6 +53,7 @@ POLICY_CATCH_UP_S = 30.0
 
 
 _FIELDS = frozenset(FIELD_NAMES)
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _REQUIRED = ("event_id", "received_at", "customer_id", "status")
 _OPTIONAL_STR = tuple(f.name for f in fields(Event) if f.type == "str | None")
 
@@ -132,9 +135,7 @@ class PolicyTable(GlobalTable):
 
 
 def _policies_high_watermark(settings: Settings) -> int:
-    consumer = Consumer(
-        {"bootstrap.servers": settings.kafka_bootstrap, "group.id": "mailmeta-policy-probe"}
-    )
+    consumer = Consumer(consumer_config(settings, "mailmeta-policy-probe"))
     try:
         tp = TopicPartition(settings.policies_topic, POLICY_PARTITION)
         return int(consumer.get_watermark_offsets(tp, timeout=10, cached=False)[1])
@@ -149,6 +150,7 @@ class Transformer:
         self.redactor = redactor
         self.redacted = settings.redacted_topic
         self.deadletter = settings.deadletter_topic
+        self.raw = settings.raw_topic
         self.partitions = settings.partitions
 
     def transform(
@@ -170,6 +172,7 @@ class Transformer:
                     for q in range(self.partitions):
                         append((self.redacted, None, body, q, None))
                     continue
+            obj = None
             try:
                 try:
                     obj = loads(value)
@@ -181,17 +184,46 @@ class Transformer:
                     event_from_dict(obj)  # raises with the reason (and is the authority)
                 out_value = dumps(compiled(obj["customer_id"]).apply_dict(obj))
             except (SchemaError, RedactionError) as exc:
-                reason = "schema" if isinstance(exc, SchemaError) else "redaction"
-                metrics.DEAD_LETTERS.labels(reason).inc()
+                kind = "schema" if isinstance(exc, SchemaError) else "redaction"
+                metrics.DEAD_LETTERS.labels(kind).inc()
                 log.warning("dead letter at %s/%s: %s", partition, offset, exc)
-                headers = [("mailmeta-error", str(exc).encode()[:500])]
-                append((self.deadletter, key, value, None, headers))
+                append(self._dead_letter(obj, str(exc)[:500], partition, offset))
                 continue
             n_ok += 1
             append((self.redacted, key, out_value, None, None))
         if n_ok:
             metrics.REDACTED.inc(n_ok)
         return out
+
+    def _dead_letter(
+        self, obj: object, reason: str, partition: int, offset: int
+    ) -> tuple[str, bytes | None, bytes, int | None, Any]:
+        """The dead letter of a raw record: why, which event and where, never its payload.
+
+        The dead-letter topic keeps days, the raw topic hours: the unredacted record stays
+        only in the raw topic, where ``raw_topic``/``partition``/``offset`` find it while it
+        is kept. The ids are kept only in the shape mailmeta mints (a UUID, a configured
+        customer), so a malformed record cannot smuggle a value into them.
+        """
+        event_id = customer_id = None
+        if isinstance(obj, dict):
+            eid, cid = obj.get("event_id"), obj.get("customer_id")
+            if isinstance(eid, str) and _UUID.fullmatch(eid):
+                event_id = eid
+            if isinstance(cid, str) and cid in self.redactor.customers.by_id:
+                customer_id = cid
+        body = orjson.dumps(
+            {
+                "reason": reason,
+                "event_id": event_id,
+                "customer_id": customer_id,
+                "raw_topic": self.raw,
+                "partition": partition,
+                "offset": offset,
+            }
+        )
+        key = event_id.encode() if event_id else None
+        return (self.deadletter, key, body, None, [("mailmeta-error", reason.encode())])
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -201,7 +233,7 @@ def create_app(settings: Settings) -> faust.App:
         metrics.POLICY_VERSION.labels(c.id).set(c.policy_version)
     app = BatchApp(
         "mailmeta-redactor",
-        broker=f"kafka://{settings.kafka_bootstrap}",
+        **faust_broker_options(settings),
         value_serializer="raw",
         key_serializer="raw",
         store="memory://",
@@ -268,7 +300,7 @@ def create_app(settings: Settings) -> faust.App:
         log.info("policies loaded (%s records); redacting", high)
         policies_ready.set()
 
-    sender = Sender(settings.kafka_bootstrap)
+    sender = Sender(producer_config(settings, **{"batch.size": 1 << 20}))
 
     async def handle(records: list[tuple[bytes | None, bytes, int, int]]) -> asyncio.Future[None]:
         # At-least-once: the batch's offsets are acked (and committed) only once every

@@ -16,6 +16,12 @@ from mailmeta.local.brokers import LocalBroker, free_port
 # tokens on explicitly (tests/test_tokens.py …), and `mailmeta up` always does.
 os.environ["MAILMETA_API_AUTH"] = "false"
 
+# Local-mode group timing for every Settings() and every stage subprocess: a group join waits
+# about half the session timeout on Tansu, and real clusters' 45 s would slow every test.
+os.environ.setdefault("MAILMETA_SESSION_TIMEOUT_MS", "6000")
+# The shared test brokers are single nodes; the cluster tests say otherwise in their settings.
+os.environ.setdefault("MAILMETA_KAFKA_SINGLE_NODE", "true")
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = REPO / "config" / "customers.example.yaml"
 

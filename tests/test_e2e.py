@@ -8,180 +8,28 @@ import os
 import smtplib
 import subprocess
 import sys
-import threading
-import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from email.header import Header
-from email.message import EmailMessage
 from pathlib import Path
 
 import httpx
 import pytest
 
 from mailmeta.config import load_customers
-from mailmeta.local.brokers import LocalBroker, free_port
-from tests.conftest import EXAMPLE_CONFIG, REPO
+from mailmeta.local.brokers import LocalBroker
+from tests.conftest import EXAMPLE_CONFIG
 from tests.kafka_helpers import consume, files_containing
+from tests.up_helpers import (
+    MAILMETA,
+    SMTP_SOURCE,
+    SWAKS,
+    TOOLS,
+    Up,
+    mailmeta_up,
+    need_tools,
+    send_smtplib,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-TOOLS = REPO / ".tools"
-SWAKS = TOOLS / "usr" / "bin" / "swaks"
-SMTP_SOURCE = TOOLS / "usr" / "sbin" / "smtp-source"
-MAILMETA = [sys.executable, "-m", "mailmeta"]
-
-
-def _need_tools() -> None:
-    if not (SWAKS.exists() and SMTP_SOURCE.exists()):
-        if os.environ.get("CI"):
-            pytest.fail("SMTP tools missing: run tests/tools/fetch.sh .tools (make test does)")
-        pytest.skip("run tests/tools/fetch.sh .tools for swaks and smtp-source")
-
-
-@dataclass
-class Up:
-    proc: subprocess.Popen[bytes]
-    smtp_port: int
-    api_port: int
-    data_dir: Path
-    lines: list[str] = field(default_factory=list)
-    ready: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    @property
-    def api(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
-
-    def pids(self) -> list[int]:
-        out = []
-        for line in self.lines:
-            if " pid " in line:
-                out.append(int(line.split(" pid ")[1].split()[0]))
-        return out
-
-    @property
-    def headers(self) -> dict[str, str]:
-        """`mailmeta up` requires API tokens: use the operator token it wrote for us."""
-        token = (self.data_dir / "operator-token").read_text().strip()
-        return {"Authorization": f"Bearer {token}"}
-
-    def messages(self, customer: str = "demo", **params: str) -> list[dict[str, object]]:
-        r = httpx.get(
-            f"{self.api}/v1/messages",
-            params={"customer": customer, **params},
-            headers=self.headers,
-            timeout=10,
-        )
-        r.raise_for_status()
-        return r.json()["messages"]  # type: ignore[no-any-return]
-
-    def wait_messages(
-        self, n: int, timeout: float = 30.0, **params: str
-    ) -> list[dict[str, object]]:
-        deadline = time.monotonic() + timeout
-        rows: list[dict[str, object]] = []
-        while time.monotonic() < deadline:
-            rows = self.messages(**params)
-            if len(rows) >= n:
-                return rows
-            time.sleep(0.3)
-        raise AssertionError(f"expected {n} messages, have {len(rows)}:\n{self.output[-3000:]}")
-
-    def stop(self, timeout: float = 20.0) -> float:
-        """SIGTERM; returns how long the shutdown took."""
-        t0 = time.monotonic()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return time.monotonic() - t0
-
-
-@contextmanager
-def mailmeta_up(data_dir: Path, *extra: str, config: Path = EXAMPLE_CONFIG) -> Iterator[Up]:
-    smtp_port, api_port = free_port(), free_port()
-    argv = [
-        *MAILMETA, "up",
-        "--config", str(config),
-        "--data-dir", str(data_dir),
-        "--smtp-port", str(smtp_port),
-        "--api-port", str(api_port),
-        *extra,
-    ]  # fmt: skip
-    if "--kafka-bootstrap" not in extra:
-        argv += ["--broker-port", str(free_port())]
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    up = Up(proc, smtp_port, api_port, data_dir)
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for raw in iter(proc.stdout.readline, b""):
-            line = raw.decode("utf-8", "replace")
-            up.lines.append(line)
-            if "mailmeta is up" in line:
-                up.ready.set()
-
-    t = threading.Thread(target=pump, daemon=True)
-    t.start()
-    try:
-        deadline = time.monotonic() + 120
-        while not up.ready.wait(0.2):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"mailmeta up did not start:\n{up.output[-4000:]}")
-        yield up
-    finally:
-        up.stop()
-        t.join(5)
-        if proc.stdout is not None:
-            proc.stdout.close()
-        for pid in up.pids():  # nothing left behind, even when the test failed
-            _assert_gone(pid)
-
-
-def _assert_gone(pid: int, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        # A zombie of ours would still answer: reap it if it is our child.
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"process {pid} still running after mailmeta up stopped")
-
-
-def _send_smtplib(port: int, canary: str, subject: str = "Grüße aus Köln") -> str:
-    msg = EmailMessage()
-    msg["From"] = "Alice <alice@sender.example>"
-    msg["To"] = "jane@demo.example"
-    msg["Subject"] = Header(subject, "utf-8").encode()
-    msg["Date"] = "Sun, 22 Nov 2026 10:00:00 +0100"
-    msg_id = f"<{uuid.uuid4().hex}@sender.example>"
-    msg["Message-ID"] = msg_id
-    msg["X-Secret"] = canary
-    msg.set_content(f"Body with the canary {canary}\n")
-    with smtplib.SMTP("127.0.0.1", port, local_hostname="mx.sender.example", timeout=30) as s:
-        s.send_message(msg, from_addr="alice@sender.example", to_addrs=["jane@demo.example"])
-    return msg_id
 
 
 def _dump_clickhouse(data_dir: Path) -> bytes:
@@ -205,14 +53,16 @@ def _dump_clickhouse(data_dir: Path) -> bytes:
     return res.stdout
 
 
-def test_pipeline_end_to_end_on_tansu(tmp_path: Path) -> None:
-    _need_tools()
+@pytest.mark.parametrize("broker", ["kafka", "tansu"])
+def test_pipeline_end_to_end(broker: str, tmp_path: Path) -> None:
+    """`mailmeta up` on its default broker (Apache Kafka) and on the memory-only Tansu."""
+    need_tools()
     data = tmp_path / "mm"
     canary = f"CANARY-{uuid.uuid4().hex}"
     key = load_customers(EXAMPLE_CONFIG).by_id["demo"].key_bytes()
-    with mailmeta_up(data) as up:
+    with mailmeta_up(data, "--broker", broker) as up:
         assert "SMTP 127.0.0.1:" in up.output and "API http://127.0.0.1:" in up.output
-        msg_id = _send_smtplib(up.smtp_port, canary)
+        msg_id = send_smtplib(up.smtp_port, canary)
         # A real client: swaks.
         swaks = subprocess.run(
             [str(SWAKS), "--server", f"127.0.0.1:{up.smtp_port}", "--helo", "swaks.sender.example",
@@ -284,7 +134,7 @@ def test_pipeline_end_to_end_on_tansu(tmp_path: Path) -> None:
     assert canary.encode() not in dump  # …and the canary is in none of them.
 
     # A second `mailmeta up` on the same data dir still shows the earlier rows.
-    with mailmeta_up(data) as up2:
+    with mailmeta_up(data, "--broker", broker) as up2:
         assert len(up2.messages(message_id=msg_id)) == 1
         assert len(up2.messages()) == 5
 
@@ -300,14 +150,14 @@ def test_shutdown_drains_every_accepted_message(tmp_path: Path) -> None:
     """Tansu is memory-only: a message answered 250 survives only if shutdown drains it."""
     data = tmp_path / "mm"
     accepted = []
-    with mailmeta_up(data) as up:
+    with mailmeta_up(data, "--broker", "tansu") as up:
         for i in range(40):
-            accepted.append(_send_smtplib(up.smtp_port, f"c{i}", subject=f"drain {i}"))
+            accepted.append(send_smtplib(up.smtp_port, f"c{i}", subject=f"drain {i}"))
         # Stop at once: most of these are still in the broker or the worker.
         up.stop()
         assert up.proc.returncode == 0, up.output[-3000:]
         assert "drained" in up.output
-    with mailmeta_up(data) as up2:
+    with mailmeta_up(data, "--broker", "tansu") as up2:
         stored = {r["message_id"] for r in up2.messages(limit="1000")}
     assert set(accepted) <= stored
 
@@ -316,7 +166,7 @@ def test_shutdown_drains_every_accepted_message(tmp_path: Path) -> None:
 def test_pipeline_on_noida(noida: LocalBroker, tmp_path: Path) -> None:
     """Nothing depends on one broker's quirks: the same pipeline on noida-db."""
     with mailmeta_up(tmp_path / "mm", "--kafka-bootstrap", noida.bootstrap) as up:
-        msg_id = _send_smtplib(up.smtp_port, "noida")
+        msg_id = send_smtplib(up.smtp_port, "noida")
         row = up.wait_messages(1, message_id=msg_id)[0]
         assert row["rcpt_to"] == ["j***@demo.example"] and row["helo"] is None
         assert up.stop() < 15

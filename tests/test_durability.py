@@ -1,0 +1,201 @@
+"""`mailmeta up` keeps what it acknowledged and what operators set, through kills and restarts.
+
+Every test runs the real pipeline (`mailmeta up`: Apache Kafka, the faust worker, the sink on
+embedded ClickHouse, the SMTP front end) as subprocesses, sends mail over real SMTP, and kills
+processes by their PIDs with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import subprocess
+import threading
+import time
+import uuid
+from email.message import EmailMessage
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.up_helpers import MAILMETA, Up, mailmeta_up
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def _message(i: int) -> tuple[str, EmailMessage]:
+    mid = f"<{uuid.uuid4().hex}.{i}@sender.example>"
+    m = EmailMessage()
+    m["From"] = "alice@sender.example"
+    m["To"] = "jane@demo.example"
+    m["Subject"] = f"durable {i}"
+    m["Message-ID"] = mid
+    m.set_content("body\n")
+    return mid, m
+
+
+def send_batch(port: int, n: int, connections: int = 4) -> list[str]:
+    """``n`` mails over several SMTP connections; the Message-IDs of those answered 250."""
+    acked: list[str] = []
+    per = n // connections
+    for c in range(connections):
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            for i in range(per):
+                mid, m = _message(c * per + i)
+                s.send_message(m, from_addr="alice@sender.example", to_addrs=["jane@demo.example"])
+                acked.append(mid)  # send_message raises unless the reply was 250
+    return acked
+
+
+class Stream:
+    """Mails sent one per connection in a thread until stopped; records what got 250 and
+    what was refused (with its reply code)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.acked: list[str] = []
+        self.refused: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            mid, m = _message(i)
+            i += 1
+            try:
+                with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as s:
+                    s.send_message(
+                        m, from_addr="alice@sender.example", to_addrs=["jane@demo.example"]
+                    )
+                self.acked.append(mid)
+            except smtplib.SMTPResponseException as exc:
+                self.refused.append(exc.smtp_code)
+            except smtplib.SMTPRecipientsRefused as exc:
+                self.refused.extend(code for code, _ in exc.recipients.values())
+            except (OSError, smtplib.SMTPException):
+                self.refused.append(0)  # no reply at all (the front end was down)
+                self._stop.wait(0.05)
+
+    def __enter__(self) -> Stream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def wait_acked(self, n: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        target = len(self.acked) + n
+        while len(self.acked) < target:
+            assert time.monotonic() < deadline, f"only {len(self.acked)} acked, want {target}"
+            time.sleep(0.05)
+
+
+def assert_stored_once(up: Up, acked: list[str], timeout: float = 120.0) -> None:
+    """Every acknowledged mail is stored, none twice: rows and the hourly stats."""
+    deadline = time.monotonic() + timeout
+    stored: list[str] = []
+    while time.monotonic() < deadline:
+        rows = up.messages(limit="1000")
+        stored = [str(r["message_id"]) for r in rows]
+        if set(acked) <= set(stored):
+            break
+        time.sleep(0.5)
+    missing = set(acked) - set(stored)
+    assert not missing, f"{len(missing)} of {len(acked)} acknowledged mails lost"
+    assert len(stored) == len(set(stored)), "a mail is stored twice"
+    # Stats may trail the rows by a moment; they must reach the count and never pass it.
+    while up.stats_total() < len(stored) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert up.stats_total() == len(stored)
+
+
+def test_sigkill_of_the_whole_tree_loses_no_acknowledged_mail(tmp_path: Path) -> None:
+    data = tmp_path / "mm"
+    with mailmeta_up(data) as up:
+        acked = send_batch(up.smtp_port, 240)
+        up.kill_tree()  # at once: most of these are still in the broker or the worker
+    with mailmeta_up(data) as up2:
+        assert_stored_once(up2, acked)
+        assert len(up2.messages(limit="1000")) == 240
+
+
+@pytest.mark.parametrize("part", ["broker", "streams", "sink", "ingest"])
+def test_a_killed_part_is_restarted_and_nothing_acknowledged_is_lost(
+    part: str, tmp_path: Path
+) -> None:
+    with mailmeta_up(tmp_path / "mm") as up, Stream(up.smtp_port) as stream:
+        stream.wait_acked(30)
+        victim = up.part_pid(part)
+        subprocess.run(["kill", "-9", str(victim)], check=True)
+        up.wait_line(f"{part:<8} restarted" if part != "broker" else "broker exited", 90)
+        stream.wait_acked(30, timeout=120)  # mail flows again
+    assert stream.acked
+    # Refused mail got a temporary SMTP failure (or no reply while ingest was down).
+    assert all(code == 0 or 400 <= code < 500 for code in stream.refused), stream.refused
+    with mailmeta_up(tmp_path / "mm") as up2:
+        assert_stored_once(up2, stream.acked)
+
+
+def _subject_of_new_mail(up: Up) -> tuple[object, object]:
+    mid, m = _message(0)
+    with smtplib.SMTP("127.0.0.1", up.smtp_port, timeout=30) as s:
+        s.send_message(m, from_addr="alice@sender.example", to_addrs=["jane@demo.example"])
+    row = up.wait_messages(1, message_id=mid)[0]
+    return row["subject"], row["policy_version"]
+
+
+def _api(up: Up, method: str, path: str, **kw: object) -> httpx.Response:
+    return httpx.request(method, f"{up.api}{path}", headers=up.headers, timeout=30, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("broker", "how"), [("kafka", "sigkill"), ("kafka", "graceful"), ("tansu", "graceful")]
+)
+def test_operator_state_survives_restarts(broker: str, how: str, tmp_path: Path) -> None:
+    """A policy, a retention override and a revoked token, set through the API, are in force
+    after a restart — on Tansu too, whose topics die with it (the store's history restores)."""
+    data = tmp_path / "mm"
+    with mailmeta_up(data, "--broker", broker) as up:
+        doc = _api(up, "GET", "/v1/policies/demo").json()["policy"]
+        doc["subject"] = "drop"
+        r = _api(up, "PUT", "/v1/policies/demo", json={"policy": doc})
+        assert r.status_code == 200, r.text
+        assert _subject_of_new_mail(up) == (None, 2)
+        assert _api(up, "PUT", "/v1/retention/demo", json={"days": 30}).status_code == 200
+        r = _api(up, "POST", "/v1/tokens", json={"name": "gone", "customer": "demo",
+                                                 "scopes": ["messages:read"]})  # fmt: skip
+        assert r.status_code == 201, r.text
+        revoked, revoked_id = r.json()["token"], r.json()["id"]
+        assert _api(up, "DELETE", f"/v1/tokens/{revoked_id}").status_code in (200, 204)
+        if how == "sigkill":
+            up.kill_tree()
+    with mailmeta_up(data, "--broker", broker) as up2:
+        shown = _api(up2, "GET", "/v1/policies/demo").json()
+        assert shown["version"] == 2 and shown["policy"]["subject"] == "drop"
+        assert shown["config_is_stale"] is True
+        listed = subprocess.run(
+            [*MAILMETA, "policy", "list", "--api", up2.api],
+            env={**os.environ, "MAILMETA_TOKEN": up2.headers["Authorization"][7:]},
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert "version 2 stays in force" in listed.stdout, listed.stdout + listed.stderr
+        assert _subject_of_new_mail(up2) == (None, 2)
+        assert _api(up2, "GET", "/v1/retention").json()["retention_days"]["demo"] == 30
+        r = httpx.get(f"{up2.api}/v1/messages", params={"customer": "demo"},
+                      headers={"Authorization": f"Bearer {revoked}"}, timeout=10)  # fmt: skip
+        assert r.status_code == 401
+
+
+def test_a_second_up_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "mm"
+    with mailmeta_up(data):
+        res = subprocess.run(
+            [*MAILMETA, "up", "--data-dir", str(data), "--smtp-port", "0", "--api-port", "0"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert res.returncode == 1
+        assert "another mailmeta up (pid" in res.stderr and str(data.resolve()) in res.stderr

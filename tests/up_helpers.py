@@ -1,0 +1,221 @@
+"""`mailmeta up` as a subprocess for tests: started on free loopback ports, stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from email.header import Header
+from email.message import EmailMessage
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mailmeta.local.brokers import free_port
+from tests.conftest import EXAMPLE_CONFIG, REPO
+
+TOOLS = REPO / ".tools"
+SWAKS = TOOLS / "usr" / "bin" / "swaks"
+SMTP_SOURCE = TOOLS / "usr" / "sbin" / "smtp-source"
+MAILMETA = [sys.executable, "-m", "mailmeta"]
+
+
+def need_tools() -> None:
+    if not (SWAKS.exists() and SMTP_SOURCE.exists()):
+        if os.environ.get("CI"):
+            pytest.fail("SMTP tools missing: run tests/tools/fetch.sh .tools (make test does)")
+        pytest.skip("run tests/tools/fetch.sh .tools for swaks and smtp-source")
+
+
+@dataclass
+class Up:
+    proc: subprocess.Popen[bytes]
+    smtp_port: int
+    api_port: int
+    data_dir: Path
+    lines: list[str] = field(default_factory=list)
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def pids(self) -> list[int]:
+        """Every process `mailmeta up` said it started (restarts included)."""
+        out = []
+        for line in self.lines:
+            for marker in (" pid ", "restarted, pid "):
+                if marker in line:
+                    out.append(int(line.split(marker)[1].split()[0].rstrip(",")))
+                    break
+        return out
+
+    def part_pid(self, name: str) -> int:
+        """The newest PID of a part ("broker", "sink", "streams", "ingest")."""
+        found = [
+            int(line.split(" pid ")[1].split()[0])
+            for line in self.lines
+            if line.strip().startswith(name) and " pid " in line
+        ]
+        assert found, f"no pid printed for {name}:\n{self.output[-2000:]}"
+        return found[-1]
+
+    def kill_tree(self) -> None:
+        """SIGKILL the supervisor and every part at once, as an OOM kill or power loss would."""
+        for pid in [self.proc.pid, *self.pids()]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(10)
+        for pid in self.pids():
+            assert_gone(pid)
+
+    def wait_line(self, text: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            assert time.monotonic() < deadline, (
+                f"no {text!r} within {timeout}s:\n{self.output[-3000:]}"
+            )
+            time.sleep(0.1)
+
+    def stats_total(self, customer: str = "demo") -> int:
+        r = httpx.get(
+            f"{self.api}/v1/stats",
+            params={"customer": customer, "days": "1"},
+            headers=self.headers,
+            timeout=10,
+        )
+        r.raise_for_status()
+        return sum(int(v["messages"]) for v in r.json()["totals"].values())
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """`mailmeta up` requires API tokens: use the operator token it wrote for us."""
+        token = (self.data_dir / "operator-token").read_text().strip()
+        return {"Authorization": f"Bearer {token}"}
+
+    def messages(self, customer: str = "demo", **params: str) -> list[dict[str, object]]:
+        r = httpx.get(
+            f"{self.api}/v1/messages",
+            params={"customer": customer, **params},
+            headers=self.headers,
+            timeout=10,
+        )
+        r.raise_for_status()
+        return r.json()["messages"]  # type: ignore[no-any-return]
+
+    def wait_messages(
+        self, n: int, timeout: float = 30.0, **params: str
+    ) -> list[dict[str, object]]:
+        deadline = time.monotonic() + timeout
+        rows: list[dict[str, object]] = []
+        while time.monotonic() < deadline:
+            rows = self.messages(**params)
+            if len(rows) >= n:
+                return rows
+            time.sleep(0.3)
+        raise AssertionError(f"expected {n} messages, have {len(rows)}:\n{self.output[-3000:]}")
+
+    def stop(self, timeout: float = 20.0) -> float:
+        """SIGTERM; returns how long the shutdown took."""
+        t0 = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return time.monotonic() - t0
+
+
+@contextmanager
+def mailmeta_up(data_dir: Path, *extra: str, config: Path = EXAMPLE_CONFIG) -> Iterator[Up]:
+    smtp_port, api_port = free_port(), free_port()
+    argv = [
+        *MAILMETA, "up",
+        "--config", str(config),
+        "--data-dir", str(data_dir),
+        "--smtp-port", str(smtp_port),
+        "--api-port", str(api_port),
+        *extra,
+    ]  # fmt: skip
+    if "--kafka-bootstrap" not in extra and "--broker-port" not in extra:
+        argv += ["--broker-port", str(free_port())]
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    up = Up(proc, smtp_port, api_port, data_dir)
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for raw in iter(proc.stdout.readline, b""):
+            line = raw.decode("utf-8", "replace")
+            up.lines.append(line)
+            if "mailmeta is up" in line:
+                up.ready.set()
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not up.ready.wait(0.2):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"mailmeta up did not start:\n{up.output[-4000:]}")
+        yield up
+    finally:
+        up.stop()
+        t.join(5)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        for pid in up.pids():  # nothing left behind, even when the test failed
+            assert_gone(pid)
+
+
+def assert_gone(pid: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        # A zombie of ours would still answer: reap it if it is our child.
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"process {pid} still running after mailmeta up stopped")
+
+
+def send_smtplib(port: int, canary: str, subject: str = "Grüße aus Köln") -> str:
+    msg = EmailMessage()
+    msg["From"] = "Alice <alice@sender.example>"
+    msg["To"] = "jane@demo.example"
+    msg["Subject"] = Header(subject, "utf-8").encode()
+    msg["Date"] = "Sun, 22 Nov 2026 10:00:00 +0100"
+    msg_id = f"<{uuid.uuid4().hex}@sender.example>"
+    msg["Message-ID"] = msg_id
+    msg["X-Secret"] = canary
+    msg.set_content(f"Body with the canary {canary}\n")
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="mx.sender.example", timeout=30) as s:
+        s.send_message(msg, from_addr="alice@sender.example", to_addrs=["jane@demo.example"])
+    return msg_id
