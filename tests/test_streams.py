@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import urllib.request
+from pathlib import Path
 
 import orjson
 import pytest
@@ -93,6 +94,50 @@ def test_worker_redacts_and_dead_letters(wsettings: Settings) -> None:
     assert any("not JSON" in r for r in reasons)
     assert any("unknown field(s): body" in r for r in reasons)
     assert any("no policy for customer 'nobody'" in r for r in reasons)
+
+
+def test_dead_letter_of_a_customer_without_its_key_holds_no_metadata(
+    wsettings: Settings, tmp_path: Path
+) -> None:
+    """A worker lacking a customer's HMAC key dead-letters its events: the dead letter (kept
+    days, the raw topic only hours) names the reason and the record, no address, subject or
+    IP (issue 14.9)."""
+    config = tmp_path / "customers.yaml"
+    config.write_text(
+        "customers:\n"
+        "  - id: keyless\n"
+        "    domains: [keyless.example]\n"
+        "    retention_days: 30\n"
+        "    hmac_key_env: MAILMETA_TEST_KEY_THIS_WORKER_LACKS\n"
+        "    policy: {mail_from: hmac, subject: keep, sender_ip: keep, rcpt_to: keep}\n"
+    )
+    settings = wsettings.model_copy(update={"config": config})
+    ev = _raw_event(
+        customer_id="keyless",
+        mail_from="alice@sender.example",
+        rcpt_to=["jane@keyless.example"],
+        subject="Secret merger plans",
+        sender_ip="198.51.100.23",
+        helo="mx.sender.example",
+        message_id="<m1@sender.example>",
+    )
+    produce(settings.kafka_bootstrap, settings.raw_topic, [encode_event(ev)], partition=0)
+    with run_stage("mailmeta.streams", settings, "Worker]: Ready"):
+        [dead] = consume(settings.kafka_bootstrap, settings.deadletter_topic, 1, timeout=45)
+    letter = (
+        (dead.value() or b"")
+        + (dead.key() or b"")
+        + b"".join(v for _, v in dead.headers() or [] if isinstance(v, bytes))
+    )
+    for secret in (
+        b"alice", b"sender.example", b"jane", b"Secret merger", b"198.51.100", b"<m1@",
+    ):  # fmt: skip
+        assert secret not in letter, secret
+    body = orjson.loads(dead.value())
+    assert body["event_id"] == ev.event_id and body["customer_id"] == "keyless"
+    assert body["partition"] == 0 and body["offset"] == 0
+    assert "MAILMETA_TEST_KEY_THIS_WORKER_LACKS" in body["reason"]
+    assert dict(dead.headers() or [])["mailmeta-error"].decode() == body["reason"]
 
 
 def test_drain_marker_reaches_every_redacted_partition(wsettings: Settings) -> None:
