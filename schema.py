@@ -125,12 +125,54 @@ def event_from_dict(obj: dict[str, Any]) -> Event:
     return Event(**obj)
 
 
+# --- the fast check -----------------------------------------------------------------------
+
+_FIELDS = frozenset(FIELD_NAMES)
+_REQUIRED = ("event_id", "received_at", "customer_id", "status")
+_OPTIONAL_STR = tuple(f.name for f in fields(Event) if f.type == "str | None")
+
+
+def plainly_valid(obj: dict[str, Any]) -> bool:
+    """True only for events ``schema.event_from_dict`` accepts; False when in doubt.
+
+    The hot path's check (the redaction worker): orjson gives exact types, so ``type() is``
+    suffices, and no Event is built. Anything it does not accept goes to event_from_dict for
+    the verdict and the reason, so it can only be stricter, never looser (tests compare them).
+    """
+    if not _FIELDS.issuperset(obj):
+        return False
+    get = obj.get
+    for name in _REQUIRED:
+        v = get(name)
+        if type(v) is not str or not v:
+            return False
+    for name in _OPTIONAL_STR:
+        v = get(name)
+        if v is not None and type(v) is not str:
+            return False
+    rcpt = get("rcpt_to")
+    if rcpt is not None and (type(rcpt) is not list or any(type(r) is not str for r in rcpt)):
+        return False
+    for name in ("size_bytes", "policy_version"):
+        v = get(name)
+        if v is not None and type(v) is not int:
+            return False
+    v = get("processing_ms")
+    if v is not None and type(v) is not float and type(v) is not int:
+        return False
+    try:
+        parse_time(obj["received_at"])
+    except ValueError:
+        return False
+    return True
+
+
 # --- time ---------------------------------------------------------------------------------
 
 
 def format_time(dt: datetime) -> str:
-    """UTC, millisecond precision, ``Z`` suffix."""
-    dt = dt.astimezone(UTC)
+    """UTC, millisecond precision, ``Z`` suffix; a naive datetime is taken as UTC."""
+    dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
@@ -139,6 +181,13 @@ def parse_time(value: str) -> datetime:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt.astimezone(UTC)
+
+
+def to_utc(dt: datetime | None) -> datetime | None:
+    """Aware UTC: a naive datetime is taken as UTC (ClickHouse and query strings give both)."""
+    if dt is None:
+        return None
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 def now_ms() -> str:

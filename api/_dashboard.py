@@ -13,7 +13,7 @@ import base64
 import binascii
 import logging
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from mailmeta.api._auth import Principal, current_principal, require
 from mailmeta.config import POLICY_FIELDS, Action, Customer, Customers
 from mailmeta.policy import UnsearchableField, search_forms
-from mailmeta.schema import STATUSES
+from mailmeta.schema import STATUSES, to_utc
 from mailmeta.store import MAX_LIMIT, Cursor, SearchFilter, SearchStore
 
 log = logging.getLogger("mailmeta.api")
@@ -37,12 +37,6 @@ _CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
     "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-
-
-def _utc(dt: datetime | None) -> datetime | None:
-    if dt is None:
-        return None
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 def encode_cursor(c: Cursor) -> str:
@@ -124,7 +118,7 @@ def dashboard_router(store: SearchStore, customers: Customers) -> APIRouter:
         """The customer's events, newest first, filtered; ``next`` is the following page's
         cursor (null on the last page). Each status change of a message is its own event."""
         c = customer_for(principal, customer)
-        lo, hi = _utc(since), _utc(until)
+        lo, hi = to_utc(since), to_utc(until)
         if lo is not None and hi is not None and lo >= hi:
             raise HTTPException(400, "'from' must be before 'to'")
         bad = sorted(set(status or ()) - STATUSES)

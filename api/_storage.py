@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from mailmeta.api._auth import Principal, TokenAuthority, authority_of, require
 from mailmeta.config import Customers
 from mailmeta.policy import stored_forms
-from mailmeta.schema import FIELD_NAMES, format_time
+from mailmeta.schema import FIELD_NAMES, format_time, to_utc
 from mailmeta.store import Store
 
 log = logging.getLogger("mailmeta.api")
@@ -62,14 +62,8 @@ class EraseBody(BaseModel):
         return self
 
 
-def _utc(dt: datetime | None) -> datetime | None:
-    if dt is None:
-        return None
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-
-
 def time_range(since: datetime | None, until: datetime | None) -> tuple[datetime | None, ...]:
-    since, until = _utc(since), _utc(until)
+    since, until = to_utc(since), to_utc(until)
     if since is not None and until is not None and since >= until:
         raise HTTPException(400, "'from' must be before 'to'")
     return since, until

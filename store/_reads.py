@@ -9,7 +9,7 @@ from typing import Any
 from mailmeta.schema import format_time
 from mailmeta.store._core import FINAL_SETTINGS, VISIBLE, StoreCore, ms
 from mailmeta.store._migrations import HOURLY_EVENTS_TABLE, HOURLY_TABLE, TABLE
-from mailmeta.store._rows import SELECT_COLUMNS, _utc, row_to_message
+from mailmeta.store._rows import SELECT_COLUMNS, row_to_message
 
 _COLS = ", ".join(SELECT_COLUMNS)
 EXPORT_PAGE = 5000
@@ -48,7 +48,7 @@ class ReadsMixin(StoreCore):
             {"c": customer, "since": ms(since), "until": ms(until)},
         )
         return [
-            {"hour": format_time(_utc(h)), "status": s, "messages": int(n), "bytes": int(b)}
+            {"hour": format_time(h), "status": s, "messages": int(n), "bytes": int(b)}
             for h, s, n, b in rows
         ]
 

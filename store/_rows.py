@@ -173,16 +173,11 @@ def to_arrow(events: Sequence[Event], retention_days: Mapping[str, int]) -> pa.T
     return pa.Table.from_arrays(arrays, schema=ARROW_SCHEMA)
 
 
-def _utc(dt: datetime) -> datetime:
-    # clickhouse-connect returns UTC columns as naive datetimes by default.
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-
-
 def row_to_message(row: Sequence[Any]) -> dict[str, Any]:
     """A result row (SELECT_COLUMNS order) as a schema dict, as the event carried it."""
     out = dict(zip(FIELD_NAMES, row, strict=True))
     out["event_id"] = str(out["event_id"])
-    out["received_at"] = format_time(_utc(out["received_at"]))
+    out["received_at"] = format_time(out["received_at"])
     # An empty array is how a dropped (None) recipient list is stored.
     out["rcpt_to"] = list(out["rcpt_to"]) or None
     return out

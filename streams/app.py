@@ -16,7 +16,6 @@ import asyncio
 import logging
 import re
 from collections.abc import Iterable
-from dataclasses import fields
 from typing import Any
 
 import faust
@@ -34,13 +33,11 @@ from mailmeta.policy import (
     decode_record,
 )
 from mailmeta.schema import (
-    FIELD_NAMES,
-    Event,
     SchemaError,
     control_of,
     encode_drain_marker,
     event_from_dict,
-    parse_time,
+    plainly_valid,
 )
 from mailmeta.streams import _metrics as metrics
 from mailmeta.streams._fast import BatchApp
@@ -52,45 +49,7 @@ log = logging.getLogger("mailmeta.streams")
 POLICY_CATCH_UP_S = 30.0
 
 
-_FIELDS = frozenset(FIELD_NAMES)
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-_REQUIRED = ("event_id", "received_at", "customer_id", "status")
-_OPTIONAL_STR = tuple(f.name for f in fields(Event) if f.type == "str | None")
-
-
-def _plainly_valid(obj: dict[str, Any]) -> bool:
-    """True only for events ``schema.event_from_dict`` accepts; False when in doubt.
-
-    The hot path's check: orjson gives exact types, so ``type() is`` suffices, and no Event
-    is built. Anything it does not accept goes to event_from_dict for the verdict and the
-    reason, so it can only be stricter, never looser (tests/test_streams.py compares them).
-    """
-    if not _FIELDS.issuperset(obj):
-        return False
-    get = obj.get
-    for name in _REQUIRED:
-        v = get(name)
-        if type(v) is not str or not v:
-            return False
-    for name in _OPTIONAL_STR:
-        v = get(name)
-        if v is not None and type(v) is not str:
-            return False
-    rcpt = get("rcpt_to")
-    if rcpt is not None and (type(rcpt) is not list or any(type(r) is not str for r in rcpt)):
-        return False
-    for name in ("size_bytes", "policy_version"):
-        v = get(name)
-        if v is not None and type(v) is not int:
-            return False
-    v = get("processing_ms")
-    if v is not None and type(v) is not float and type(v) is not int:
-        return False
-    try:
-        parse_time(obj["received_at"])
-    except ValueError:
-        return False
-    return True
 
 
 # Records transformed between yields to the event loop (~20-50 ms of work here).
@@ -180,7 +139,7 @@ class Transformer:
                     raise SchemaError(f"not JSON: {exc}") from None
                 if not isinstance(obj, dict):
                     raise SchemaError("event is not a JSON object")
-                if not _plainly_valid(obj):
+                if not plainly_valid(obj):
                     event_from_dict(obj)  # raises with the reason (and is the authority)
                 out_value = dumps(compiled(obj["customer_id"]).apply_dict(obj))
             except (SchemaError, RedactionError) as exc:

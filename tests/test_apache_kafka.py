@@ -13,9 +13,10 @@ from confluent_kafka import Consumer, KafkaError, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from mailmeta.local.apache_kafka import KafkaCluster, KafkaNode
-from tests.kafka_cluster import SCRAM_PASSWORD, SCRAM_USER, apache_kafka, kafka_cluster
+from tests.kafka_cluster import SCRAM_PASSWORD, SCRAM_USER
 
-__all__ = ["apache_kafka", "kafka_cluster"]  # fixtures, imported for pytest
+# The fixtures apache_kafka and kafka_cluster come from tests/kafka_cluster.py, a plugin of
+# the root conftest: one node and one cluster for the whole session.
 
 pytestmark = pytest.mark.kafka
 

@@ -10,107 +10,22 @@ from __future__ import annotations
 import os
 import smtplib
 import subprocess
-import threading
-import time
-import uuid
-from email.message import EmailMessage
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.up_helpers import MAILMETA, Up, mailmeta_up
+from tests.up_helpers import (
+    MAILMETA,
+    Stream,
+    Up,
+    assert_stored_once,
+    mailmeta_up,
+    message,
+    send_batch,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-def _message(i: int) -> tuple[str, EmailMessage]:
-    mid = f"<{uuid.uuid4().hex}.{i}@sender.example>"
-    m = EmailMessage()
-    m["From"] = "alice@sender.example"
-    m["To"] = "jane@demo.example"
-    m["Subject"] = f"durable {i}"
-    m["Message-ID"] = mid
-    m.set_content("body\n")
-    return mid, m
-
-
-def send_batch(port: int, n: int, connections: int = 4) -> list[str]:
-    """``n`` mails over several SMTP connections; the Message-IDs of those answered 250."""
-    acked: list[str] = []
-    per = n // connections
-    for c in range(connections):
-        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
-            for i in range(per):
-                mid, m = _message(c * per + i)
-                s.send_message(m, from_addr="alice@sender.example", to_addrs=["jane@demo.example"])
-                acked.append(mid)  # send_message raises unless the reply was 250
-    return acked
-
-
-class Stream:
-    """Mails sent one per connection in a thread until stopped; records what got 250 and
-    what was refused (with its reply code)."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.acked: list[str] = []
-        self.refused: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        i = 0
-        while not self._stop.is_set():
-            mid, m = _message(i)
-            i += 1
-            try:
-                with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as s:
-                    s.send_message(
-                        m, from_addr="alice@sender.example", to_addrs=["jane@demo.example"]
-                    )
-                self.acked.append(mid)
-            except smtplib.SMTPResponseException as exc:
-                self.refused.append(exc.smtp_code)
-            except smtplib.SMTPRecipientsRefused as exc:
-                self.refused.extend(code for code, _ in exc.recipients.values())
-            except (OSError, smtplib.SMTPException):
-                self.refused.append(0)  # no reply at all (the front end was down)
-                self._stop.wait(0.05)
-
-    def __enter__(self) -> Stream:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(60)
-
-    def wait_acked(self, n: int, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        target = len(self.acked) + n
-        while len(self.acked) < target:
-            assert time.monotonic() < deadline, f"only {len(self.acked)} acked, want {target}"
-            time.sleep(0.05)
-
-
-def assert_stored_once(up: Up, acked: list[str], timeout: float = 120.0) -> None:
-    """Every acknowledged mail is stored, none twice: rows and the hourly stats."""
-    deadline = time.monotonic() + timeout
-    stored: list[str] = []
-    while time.monotonic() < deadline:
-        rows = up.messages(limit="1000")
-        stored = [str(r["message_id"]) for r in rows]
-        if set(acked) <= set(stored):
-            break
-        time.sleep(0.5)
-    missing = set(acked) - set(stored)
-    assert not missing, f"{len(missing)} of {len(acked)} acknowledged mails lost"
-    assert len(stored) == len(set(stored)), "a mail is stored twice"
-    # Stats may trail the rows by a moment; they must reach the count and never pass it.
-    while up.stats_total() < len(stored) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert up.stats_total() == len(stored)
 
 
 def test_sigkill_of_the_whole_tree_loses_no_acknowledged_mail(tmp_path: Path) -> None:
@@ -129,8 +44,7 @@ def test_a_killed_part_is_restarted_and_nothing_acknowledged_is_lost(
 ) -> None:
     with mailmeta_up(tmp_path / "mm") as up, Stream(up.smtp_port) as stream:
         stream.wait_acked(30)
-        victim = up.part_pid(part)
-        subprocess.run(["kill", "-9", str(victim)], check=True)
+        up.kill_part(part)
         up.wait_line(f"{part:<8} restarted" if part != "broker" else "broker exited", 90)
         stream.wait_acked(30, timeout=120)  # mail flows again
     assert stream.acked
@@ -141,7 +55,7 @@ def test_a_killed_part_is_restarted_and_nothing_acknowledged_is_lost(
 
 
 def _subject_of_new_mail(up: Up) -> tuple[object, object]:
-    mid, m = _message(0)
+    mid, m = message(0)
     with smtplib.SMTP("127.0.0.1", up.smtp_port, timeout=30) as s:
         s.send_message(m, from_addr="alice@sender.example", to_addrs=["jane@demo.example"])
     row = up.wait_messages(1, message_id=mid)[0]

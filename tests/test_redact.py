@@ -341,7 +341,7 @@ def test_invalid_keys_and_rules_name_the_problem(customer: dict[str, object], me
 def test_worker_fast_check_never_looser_than_schema(change: dict[str, object]) -> None:
     """The worker's fast validity check accepts only what schema.event_from_dict accepts."""
     from mailmeta.schema import SchemaError, event_from_dict
-    from mailmeta.streams.app import _plainly_valid
+    from mailmeta.schema import plainly_valid
 
     obj = {**_event().to_dict(), **change}
     try:
@@ -349,4 +349,4 @@ def test_worker_fast_check_never_looser_than_schema(change: dict[str, object]) -
         valid = True
     except SchemaError:
         valid = False
-    assert _plainly_valid(obj) == valid
+    assert plainly_valid(obj) == valid

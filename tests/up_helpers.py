@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import smtplib
@@ -73,6 +74,10 @@ class Up:
         assert found, f"no pid printed for {name}:\n{self.output[-2000:]}"
         return found[-1]
 
+    def kill_part(self, name: str) -> None:
+        """SIGKILL one part ("broker", "sink", "streams", "ingest") by its PID."""
+        os.kill(self.part_pid(name), signal.SIGKILL)
+
     def kill_tree(self) -> None:
         """SIGKILL the supervisor and every part at once, as an OOM kill or power loss would."""
         for pid in [self.proc.pid, *self.pids()]:
@@ -118,6 +123,26 @@ class Up:
         r.raise_for_status()
         return r.json()["messages"]  # type: ignore[no-any-return]
 
+    def all_messages(self, customer: str = "demo") -> list[dict[str, object]]:
+        """Every visible row, through the API's cursor pages."""
+        rows: list[dict[str, object]] = []
+        cursor: str | None = None
+        while True:
+            params = {
+                "customer": customer,
+                "limit": "1000",
+                **({"cursor": cursor} if cursor else {}),
+            }
+            r = httpx.get(
+                f"{self.api}/v1/messages", params=params, headers=self.headers, timeout=30
+            )
+            r.raise_for_status()
+            body = r.json()
+            rows += body["messages"]
+            cursor = body.get("next")
+            if not cursor:
+                return rows
+
     def wait_messages(
         self, n: int, timeout: float = 30.0, **params: str
     ) -> list[dict[str, object]]:
@@ -144,7 +169,12 @@ class Up:
 
 
 @contextmanager
-def mailmeta_up(data_dir: Path, *extra: str, config: Path = EXAMPLE_CONFIG) -> Iterator[Up]:
+def mailmeta_up(
+    data_dir: Path,
+    *extra: str,
+    config: Path = EXAMPLE_CONFIG,
+    env: dict[str, str] | None = None,
+) -> Iterator[Up]:
     smtp_port, api_port = free_port(), free_port()
     argv = [
         *MAILMETA, "up",
@@ -161,7 +191,7 @@ def mailmeta_up(data_dir: Path, *extra: str, config: Path = EXAMPLE_CONFIG) -> I
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     up = Up(proc, smtp_port, api_port, data_dir)
 
@@ -219,3 +249,106 @@ def send_smtplib(port: int, canary: str, subject: str = "Grüße aus Köln") -> 
     with smtplib.SMTP("127.0.0.1", port, local_hostname="mx.sender.example", timeout=30) as s:
         s.send_message(msg, from_addr="alice@sender.example", to_addrs=["jane@demo.example"])
     return msg_id
+
+
+def message(i: int) -> tuple[str, EmailMessage]:
+    mid = f"<{uuid.uuid4().hex}.{i}@sender.example>"
+    m = EmailMessage()
+    m["From"] = "alice@sender.example"
+    m["To"] = "jane@demo.example"
+    m["Subject"] = f"durable {i}"
+    m["Message-ID"] = mid
+    m.set_content("body\n")
+    return mid, m
+
+
+def send_batch(port: int, n: int, connections: int = 4) -> list[str]:
+    """``n`` mails over several SMTP connections; the Message-IDs of those answered 250."""
+    acked: list[str] = []
+    per = n // connections
+    for c in range(connections):
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            for i in range(per):
+                mid, m = message(c * per + i)
+                s.send_message(m, from_addr="alice@sender.example", to_addrs=["jane@demo.example"])
+                acked.append(mid)  # send_message raises unless the reply was 250
+    return acked
+
+
+class Stream:
+    """Mails sent one per connection by ``threads`` senders until stopped (or ``limit`` were
+    tried); records what got 250 and what was refused (with its reply code)."""
+
+    def __init__(self, port: int, *, threads: int = 1, limit: int | None = None) -> None:
+        self.port = port
+        self.limit = limit
+        self.acked: list[str] = []
+        self.refused: list[int] = []
+        self._tried = itertools.count()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    @property
+    def done(self) -> bool:
+        return not any(t.is_alive() for t in self._threads)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            i = next(self._tried)
+            if self.limit is not None and i >= self.limit:
+                return
+            mid, m = message(i)
+            try:
+                with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as s:
+                    s.send_message(
+                        m, from_addr="alice@sender.example", to_addrs=["jane@demo.example"]
+                    )
+                self.acked.append(mid)
+            except smtplib.SMTPResponseException as exc:
+                self.refused.append(exc.smtp_code)
+            except smtplib.SMTPRecipientsRefused as exc:
+                self.refused.extend(code for code, _ in exc.recipients.values())
+            except (OSError, smtplib.SMTPException):
+                self.refused.append(0)  # no reply at all (the front end was down)
+                self._stop.wait(0.05)
+
+    def __enter__(self) -> Stream:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+
+    def wait_done(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.done:
+            assert time.monotonic() < deadline, f"senders not done: {len(self.acked)} acked"
+            time.sleep(0.1)
+
+    def wait_acked(self, n: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        target = len(self.acked) + n
+        while len(self.acked) < target:
+            assert time.monotonic() < deadline, f"only {len(self.acked)} acked, want {target}"
+            time.sleep(0.05)
+
+
+def assert_stored_once(up: Up, acked: list[str], timeout: float = 120.0) -> None:
+    """Every acknowledged mail is stored, none twice: rows and the hourly stats."""
+    deadline = time.monotonic() + timeout
+    stored: list[str] = []
+    while time.monotonic() < deadline:
+        stored = [str(r["message_id"]) for r in up.all_messages()]
+        if set(acked) <= set(stored):
+            break
+        time.sleep(0.5)
+    missing = set(acked) - set(stored)
+    assert not missing, f"{len(missing)} of {len(acked)} acknowledged mails lost"
+    assert len(stored) == len(set(stored)), "a mail is stored twice"
+    # Stats may trail the rows by a moment; they must reach the count and never pass it.
+    while up.stats_total() < len(stored) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert up.stats_total() == len(stored)
