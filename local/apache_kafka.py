@@ -44,6 +44,7 @@ from confluent_kafka.admin import AdminClient
 __all__ = [
     "DEFAULT_JVM_OPTS",
     "SCRAM_MECHANISM",
+    "THROUGHPUT_JVM_OPTS",
     "KafkaCluster",
     "KafkaNode",
     "KafkaNotFound",
@@ -56,8 +57,9 @@ SCRAM_MECHANISM = "SCRAM-SHA-512"
 HOME_ENV = "MAILMETA_KAFKA_HOME"
 
 # A small heap and the serial collector: a test broker holds little, and on a 2-core machine a
-# parallel or concurrent collector only competes with the code under test (docs/kafka.md).
-DEFAULT_JVM_OPTS: tuple[str, ...] = (
+# parallel or concurrent collector only competes with the code under test. C1 only: half the
+# start-to-ready time on a loaded 2-core machine, for less peak throughput (docs/kafka.md).
+THROUGHPUT_JVM_OPTS: tuple[str, ...] = (
     "-Xms64m",
     "-Xmx320m",
     "-XX:+UseSerialGC",
@@ -65,6 +67,7 @@ DEFAULT_JVM_OPTS: tuple[str, ...] = (
     "-XX:+ExitOnOutOfMemoryError",
     "-Djava.awt.headless=true",
 )
+DEFAULT_JVM_OPTS: tuple[str, ...] = (*THROUGHPUT_JVM_OPTS, "-XX:TieredStopAtLevel=1")
 
 _REPO = Path(__file__).resolve().parent.parent
 _log = logging.getLogger(__name__)
@@ -141,8 +144,15 @@ def free_ports(n: int) -> list[int]:
 
 
 def _new_cluster_id() -> str:
-    # Kafka's Uuid text form: 16 random bytes, URL-safe base64 without padding.
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    """Kafka's Uuid text form: 16 random bytes, URL-safe base64 without padding.
+
+    Like Kafka's ``Uuid.randomUuid`` it never starts with ``-``, which command lines would take
+    for an option.
+    """
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cid.startswith("-"):
+            return cid
 
 
 def _die_with_parent() -> None:
@@ -173,7 +183,8 @@ class KafkaNode:
         ``{username: password}``; credentials are created when the storage is formatted.
     :param sasl_port: port of that listener (a free one if ``None``).
     :param overrides: extra or replacing ``server.properties`` entries.
-    :param jvm_opts: JVM options (heap, GC); :data:`DEFAULT_JVM_OPTS` if ``None``.
+    :param jvm_opts: JVM options (heap, GC, JIT); :data:`DEFAULT_JVM_OPTS` (fast start) if
+        ``None``; benchmarks pass :data:`THROUGHPUT_JVM_OPTS` (full JIT).
     :param home: the Kafka to run (:func:`kafka_home` if ``None``).
     :param die_with_parent: SIGTERM the broker if this Python process dies.
     """
@@ -199,10 +210,12 @@ class KafkaNode:
             raise ValueError(f"node_id must be >= 0, got {node_id}")
         if replication < 1:
             raise ValueError(f"replication must be >= 1, got {replication}")
-        for user in scram_users or {}:
+        for user, password in (scram_users or {}).items():
             # The storage tool's --add-scram syntax cannot quote these characters.
             if not user or re.search(r"[\s,=\[\]\"]", user):
-                raise ValueError(f'SCRAM username {user!r} must be non-empty, no spaces , = [ ] "')
+                raise ValueError(f'SCRAM username {user!r}: not empty, no spaces or , = [ ] "')
+            if not password or re.search(r"[\s,\[\]\"]", password):
+                raise ValueError(f'SCRAM password of {user!r}: not empty, no spaces or , [ ] "')
         self.base_dir = Path(base_dir).resolve()
         self.node_id = node_id
         self.home = home if home is not None else kafka_home()
@@ -342,16 +355,19 @@ class KafkaNode:
         self._write_config()
         if self.formatted:
             return
-        args = ["format", "-t", self.cluster_id, "-c", str(self.config_path)]
+        # --opt=value: a value starting with "-" must not be read as an option.
+        args = ["format", f"--cluster-id={self.cluster_id}", f"--config={self.config_path}"]
         for user, password in self.scram_users.items():
-            args += ["--add-scram", f"{SCRAM_MECHANISM}=[name={user},password={password}]"]
+            args.append(f"--add-scram={SCRAM_MECHANISM}=[name={user},password={password}]")
         # The tool's own JVM needs only a small heap.
         cmd = self._java_cmd("kafka.tools.StorageTool", *args)
         cmd = [c for c in cmd if not c.startswith(("-Xmx", "-Xms"))]
         cmd.insert(1, "-Xmx128m")
         done = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
         if done.returncode != 0:
-            out = (done.stdout + done.stderr).decode(errors="replace")[-4000:]
+            # The tool prints its whole config (tab-indented) first: keep the rest.
+            text = (done.stdout + done.stderr).decode(errors="replace")
+            out = "\n".join(ln for ln in text.splitlines() if not ln.startswith("\t"))[-3000:]
             # Never echo SCRAM passwords back in an error message.
             for password in self.scram_users.values():
                 out = out.replace(password, "***")
