@@ -12,10 +12,6 @@ from mailmeta.config import Settings, load_customers
 from mailmeta.kafka import ensure_topics
 from mailmeta.local.brokers import LocalBroker, free_port
 
-# Storage and pipeline tests query the API without tokens; the access-control tests turn
-# tokens on explicitly (tests/test_tokens.py …), and `mailmeta up` always does.
-os.environ["MAILMETA_API_AUTH"] = "false"
-
 # Local-mode group timing for every Settings() and every stage subprocess: a group join waits
 # about half the session timeout on Tansu, and real clusters' 45 s would slow every test.
 os.environ.setdefault("MAILMETA_SESSION_TIMEOUT_MS", "6000")
@@ -73,6 +69,8 @@ def settings(broker: LocalBroker, tmp_path: Path) -> Settings:
         policies_topic=f"{prefix}.policies",
         smtp_port=free_port(),
         api_port=free_port(),
+        # The API requires tokens, as in every deployment: the sink writes the operator's here.
+        operator_token_file=tmp_path / "data" / "operator-token",
     )
     ensure_topics(s, load_customers(s.config).shortest_retention_days)
     return s

@@ -88,11 +88,20 @@ def sink(psettings: Settings) -> Iterator[SinkService]:
         assert service.stop(), "sink did not stop cleanly in time"
 
 
+def auth(sink: SinkService) -> dict[str, str]:
+    """The operator token the sink wrote on start (settings.operator_token_file)."""
+    assert sink.settings.operator_token_file is not None
+    return {"Authorization": f"Bearer {sink.settings.operator_token_file.read_text().strip()}"}
+
+
 def _put(
     sink: SinkService, customer: str, policy: dict[str, object], **kw: object
 ) -> httpx.Response:
     return httpx.put(
-        f"{sink.url}/v1/policies/{customer}", json={"policy": policy, **kw}, timeout=60
+        f"{sink.url}/v1/policies/{customer}",
+        json={"policy": policy, **kw},
+        timeout=60,
+        headers=auth(sink),
     )
 
 
@@ -102,7 +111,7 @@ def _stored(sink: SinkService, n: int = 100) -> list[dict[str, object]]:
 
 
 def test_seed_set_invalid_audit_and_version(sink: SinkService, psettings: Settings) -> None:
-    got = httpx.get(f"{sink.url}/v1/policies", timeout=30)
+    got = httpx.get(f"{sink.url}/v1/policies", timeout=30, headers=auth(sink))
     assert got.status_code == 200, got.text
     r = got.json()["policies"]
     assert {(p["customer_id"], p["version"], p["source"]) for p in r} == {
@@ -139,12 +148,14 @@ def test_seed_set_invalid_audit_and_version(sink: SinkService, psettings: Settin
     assert PolicyLog(psettings).read_all()["demo"].version == 2
     assert _put(sink, "demo", {"subject": "drop"}, expected_version=1).status_code == 409
 
-    show = httpx.get(f"{sink.url}/v1/policies/demo", timeout=30).json()
+    show = httpx.get(f"{sink.url}/v1/policies/demo", timeout=30, headers=auth(sink)).json()
     assert show["version"] == 2 and show["policy"] == {
         "mail_from": "hmac",
         "subject": "length_only",
     }
-    audit = httpx.get(f"{sink.url}/v1/policies/demo/audit", timeout=30).json()["audit"]
+    audit = httpx.get(f"{sink.url}/v1/policies/demo/audit", timeout=30, headers=auth(sink)).json()[
+        "audit"
+    ]
     changes = [a for a in audit if a["action"] == "policy.set"]
     assert len(changes) == 1
     a = changes[0]
@@ -169,7 +180,12 @@ def test_preview_changes_nothing_and_apply_to_stored_leaves_no_weaker_form(
         "mail_from": "hmac",  # keep -> hmac: exact, computed from the stored original
         "helo": "domain_only",  # not allowed for helo: refused below
     }
-    res = httpx.post(f"{sink.url}/v1/policies/demo/preview", json={"policy": proposed}, timeout=30)
+    res = httpx.post(
+        f"{sink.url}/v1/policies/demo/preview",
+        json={"policy": proposed},
+        timeout=30,
+        headers=auth(sink),
+    )
     assert res.status_code == 422 and res.json()["problems"][0]["field"] == "helo"
     proposed = {
         "mail_from": "hmac",
@@ -179,7 +195,10 @@ def test_preview_changes_nothing_and_apply_to_stored_leaves_no_weaker_form(
         "message_id": "domain_only",
     }
     res = httpx.post(
-        f"{sink.url}/v1/policies/demo/preview", json={"policy": proposed, "sample": 3}, timeout=30
+        f"{sink.url}/v1/policies/demo/preview",
+        json={"policy": proposed, "sample": 3},
+        timeout=30,
+        headers=auth(sink),
     )
     assert res.status_code == 200, res.text
     body = res.json()
@@ -227,13 +246,16 @@ def test_preview_changes_nothing_and_apply_to_stored_leaves_no_weaker_form(
     for row in _stored(sink):
         assert str(row["mail_from"]).startswith("k1:") and row["subject"] == "Invoice # for you"
         assert row["sender_ip"] is None  # new policy drops it: stricter
-    audit = httpx.get(f"{sink.url}/v1/policies/demo/audit", timeout=30).json()["audit"]
+    audit = httpx.get(f"{sink.url}/v1/policies/demo/audit", timeout=30, headers=auth(sink)).json()[
+        "audit"
+    ]
     assert [a["action"] for a in audit].count("policy.apply_to_stored") == 2
 
 
 def test_cli_policy_commands(sink: SinkService, tmp_path: Path) -> None:
     runner = CliRunner()
-    api = ["--api", sink.url]
+    token = auth(sink)["Authorization"].removeprefix("Bearer ")
+    api = ["--api", sink.url, "--token", token]
     good = tmp_path / "p.yaml"
     good.write_text(yaml.safe_dump({"subject": "drop", "mail_from": "domain_only"}))
     bad = tmp_path / "bad.yaml"

@@ -88,6 +88,7 @@ def sink(tansu: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         deadletter_topic=f"{prefix}.deadletter",
         partitions=PARTITIONS,
         api_port=free_port(),
+        operator_token_file=tmp / "data" / "operator-token",
     )
     ensure_topics(settings, CUSTOMERS.shortest_retention_days)
     service = SinkService(settings, CUSTOMERS, group_id=f"{prefix}-sink").start()
@@ -131,7 +132,10 @@ def read_topic(bootstrap: str, topic: str, n: int, timeout: float = 20.0) -> lis
 
 @pytest.fixture
 def api(sink: SinkService) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=sink.url, timeout=10) as client:
+    assert sink.settings.operator_token_file is not None
+    token = sink.settings.operator_token_file.read_text().strip()  # written by the sink
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=sink.url, timeout=10, headers=headers) as client:
         yield client
 
 

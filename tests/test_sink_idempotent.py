@@ -37,9 +37,16 @@ def settings(tansu: LocalBroker, tmp_path: Path) -> Settings:
         deadletter_topic=f"{prefix}.deadletter",
         partitions=2,
         api_port=free_port(),
+        operator_token_file=tmp_path / "data" / "operator-token",
     )
     ensure_topics(s, CUSTOMERS.shortest_retention_days)
     return s
+
+
+def operator(settings: Settings) -> dict[str, str]:
+    """The operator token the sink wrote on start, as a bearer header."""
+    assert settings.operator_token_file is not None
+    return {"Authorization": f"Bearer {settings.operator_token_file.read_text().strip()}"}
 
 
 def rows_inserted(service: SinkService) -> int:
@@ -63,7 +70,7 @@ def test_replay_from_offset_zero_leaves_the_count_unchanged(settings: Settings) 
         store = replay.store
         assert store is not None
         assert store.count("idem", visible_only=True) == 300
-        with httpx.Client(base_url=replay.url, timeout=10) as api:
+        with httpx.Client(base_url=replay.url, timeout=10, headers=operator(settings)) as api:
             got = api.get("/v1/messages", params={"customer": "idem", "limit": 1000}).json()
             assert sorted(m["event_id"] for m in got["messages"]) == sorted(
                 e.event_id for e in events
@@ -145,7 +152,7 @@ def test_clickhouse_down_then_back_loses_nothing(
         )
         # The sink keeps retrying with backoff; health says so; nothing is committed.
         wait_for(lambda: restartable.failures >= 3, what="retries")
-        with httpx.Client(base_url=service.url, timeout=10) as api:
+        with httpx.Client(base_url=service.url, timeout=10, headers=operator(settings)) as api:
             health = api.get("/healthz")
             assert health.status_code == 503
             assert health.json()["consumer"]["state"] == "retrying"

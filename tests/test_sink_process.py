@@ -98,10 +98,14 @@ def demo_events(n: int) -> list[Event]:
     ]
 
 
-def wait_visible(url: str, ids: set[str], timeout: float = 20.0) -> list[dict[str, object]]:
+def wait_visible(
+    url: str, ids: set[str], token_file: Path | None, timeout: float = 20.0
+) -> list[dict[str, object]]:
+    assert token_file is not None  # the sink writes the operator token there on start
+    headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
     deadline = time.monotonic() + timeout
     while True:
-        r = httpx.get(f"{url}/v1/messages", params={"customer": "demo"}, timeout=5)
+        r = httpx.get(f"{url}/v1/messages", params={"customer": "demo"}, headers=headers, timeout=5)
         got = r.json()["messages"] if r.status_code == 200 else []
         if ids <= {m["event_id"] for m in got}:
             return got  # type: ignore[no-any-return]
@@ -135,7 +139,7 @@ def test_serves_stops_on_sigterm_and_keeps_rows_across_restart(
         produce(
             settings.kafka_bootstrap, settings.redacted_topic, [encode_event(e) for e in events]
         )
-        wait_visible(url, {e.event_id for e in events})
+        wait_visible(url, {e.event_id for e in events}, settings.operator_token_file)
 
         # One process owns a chdb directory: a second sink on it refuses to start.
         other = dict(env, MAILMETA_API_PORT=str(settings.api_port + 1))
@@ -151,7 +155,7 @@ def test_serves_stops_on_sigterm_and_keeps_rows_across_restart(
         assert first.stdout_lines == [f"{READY}{url}\n"]
 
     with sink_process(env, tmp_path / "second.log") as again:
-        got = wait_visible(url, {e.event_id for e in events})
+        got = wait_visible(url, {e.event_id for e in events}, settings.operator_token_file)
         assert len(got) == len(events)  # nothing consumed twice shows twice
         code, _ = again.terminate(timeout=10)
         assert code == 0, again.stderr[-3000:]

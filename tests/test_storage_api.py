@@ -7,6 +7,7 @@ its own customer. The CLI runs as a subprocess against the API, as an operator w
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 import tracemalloc
@@ -51,6 +52,7 @@ def sink(tansu: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         redacted_topic=f"{prefix}.redacted",
         deadletter_topic=f"{prefix}.deadletter",
         api_port=free_port(),
+        operator_token_file=tmp / "data" / "operator-token",
     )
     ensure_topics(settings, CUSTOMERS.shortest_retention_days)
     service = SinkService(settings, CUSTOMERS, group_id=f"{prefix}-sink").start()
@@ -69,8 +71,21 @@ def producer(tansu: LocalBroker) -> Iterator[Producer]:
 
 @pytest.fixture
 def api(sink: SinkService) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=sink.url, timeout=30) as client:
+    token = operator_token(sink)
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=sink.url, timeout=30, headers=headers) as client:
         yield client
+
+
+def operator_token(sink: SinkService) -> str:
+    """The operator token the sink wrote on start (mode 0600), as `mailmeta up` does."""
+    assert sink.settings.operator_token_file is not None
+    return sink.settings.operator_token_file.read_text().strip()
+
+
+def cli_env(sink: SinkService) -> dict[str, str]:
+    # The CLI finds the operator token in MAILMETA_DATA_DIR, as an operator's shell would.
+    return dict(os.environ, MAILMETA_DATA_DIR=str(sink.settings.data_dir))
 
 
 def send(producer: Producer, sink: SinkService, events: list[Event]) -> None:
@@ -92,6 +107,7 @@ def cli(sink: SinkService, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=120,
         stdin=subprocess.DEVNULL,
+        env=cli_env(sink),
     )
 
 
@@ -255,7 +271,7 @@ def test_export_100k_rows_streams_in_bounded_memory_and_round_trips(
         [sys.executable, "-m", "mailmeta", "export", "--customer", "bulk", "--format", "csv",
          "--from", format_time(base), "--to", format_time(base + timedelta(seconds=5)),
          "--out", str(out), "--api", sink.url],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, env=cli_env(sink),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "exported 5000 row(s)" in done.stderr
