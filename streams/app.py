@@ -247,6 +247,12 @@ def create_app(settings: Settings) -> faust.App:
         # seen now, so a restarted worker never applies an older, looser policy.
         loop = asyncio.get_running_loop()
         high = await loop.run_in_executor(None, _policies_high_watermark, settings)
+        # Tansu may answer 0 for a topic written a moment ago, and the storage owner has
+        # always written one record by now: ask again briefly (Apache Kafka answers at once).
+        retry_until = loop.time() + 3.0
+        while high == 0 and loop.time() < retry_until:
+            await asyncio.sleep(0.2)
+            high = await loop.run_in_executor(None, _policies_high_watermark, settings)
         deadline = loop.time() + POLICY_CATCH_UP_S
         while table.applied_offset + 1 < high:
             if loop.time() > deadline:

@@ -58,7 +58,7 @@ def _subject_of_new_mail(up: Up) -> tuple[object, object]:
     mid, m = message(0)
     with smtplib.SMTP("127.0.0.1", up.smtp_port, timeout=30) as s:
         s.send_message(m, from_addr="alice@sender.example", to_addrs=["jane@demo.example"])
-    row = up.wait_messages(1, message_id=mid)[0]
+    row = up.wait_messages(1, timeout=90, message_id=mid)[0]
     return row["subject"], row["policy_version"]
 
 
