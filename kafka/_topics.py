@@ -6,6 +6,7 @@ Only standard Kafka APIs: the same code runs on Apache Kafka, Redpanda or a mana
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from confluent_kafka import KafkaException
@@ -93,8 +94,28 @@ def ensure_topics(
             except KafkaException as exc:
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise
+        _wait_for_leaders(admin, [t.topic for t in new], timeout)
     _check_existing(settings, admin, md, timeout)
     return _warn_long_retention(admin, {n: v for n, v in wanted.items() if n in existing}, timeout)
+
+
+def _wait_for_leaders(admin: AdminClient, names: list[str], timeout: float) -> None:
+    """A created topic is usable once every partition has a leader in the metadata: Kafka
+    propagates new topics to its brokers' caches asynchronously (a client asking at once
+    gets UNKNOWN_PARTITION)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        topics = admin.list_topics(timeout=timeout).topics
+        ready = all(
+            n in topics
+            and topics[n].error is None
+            and topics[n].partitions
+            and all(p.leader >= 0 for p in topics[n].partitions.values())
+            for n in names
+        )
+        if ready or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
 
 
 def _check_existing(settings: Settings, admin: AdminClient, md: Any, timeout: float) -> None:

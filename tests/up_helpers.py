@@ -341,7 +341,11 @@ def assert_stored_once(up: Up, acked: list[str], timeout: float = 120.0) -> None
     deadline = time.monotonic() + timeout
     stored: list[str] = []
     while time.monotonic() < deadline:
-        stored = [str(r["message_id"]) for r in up.all_messages()]
+        try:
+            stored = [str(r["message_id"]) for r in up.all_messages()]
+        except httpx.TransportError:  # the API's process is restarting
+            time.sleep(0.5)
+            continue
         if set(acked) <= set(stored):
             break
         time.sleep(0.5)
