@@ -10,6 +10,7 @@ import pytest
 
 from mailmeta.config import Settings, load_customers
 from mailmeta.kafka import ensure_topics
+from mailmeta.local.apache_kafka import KafkaNode
 from mailmeta.local.brokers import LocalBroker, free_port
 
 # Local-mode group timing for every Settings() and every stage subprocess: a group join waits
@@ -42,19 +43,36 @@ def noida(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
     broker.stop()
 
 
+# Apache Kafka fixtures (one node, a 3-broker cluster), shared by every module.
+pytest_plugins = ["tests.kafka_cluster"]
+
+BROKER_FIXTURES = {"kafka": "apache_kafka", "tansu": "tansu", "noida": "noida"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test on a broker runs on Apache Kafka and on Tansu, unless it names its own
+    (``@pytest.mark.parametrize('broker', ['noida'], indirect=True)``)."""
+    if "broker" not in metafunc.fixturenames:
+        return
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0] if mark.args else mark.kwargs.get("argnames", "")
+        if "broker" in (names.split(",") if isinstance(names, str) else names):
+            return
+    metafunc.parametrize("broker", ["kafka", "tansu"], indirect=True)
+
+
 @pytest.fixture
-def broker(request: pytest.FixtureRequest) -> LocalBroker:
-    """The broker a test runs on: Tansu by default, ``@pytest.mark.parametrize('broker',
-    ['noida'], indirect=True)`` for noida-db."""
-    kind = getattr(request, "param", "tansu")
-    return request.getfixturevalue(kind)  # type: ignore[no-any-return]
+def broker(request: pytest.FixtureRequest) -> LocalBroker | KafkaNode:
+    """The broker a test runs on (see pytest_generate_tests)."""
+    kind = getattr(request, "param", "kafka")
+    return request.getfixturevalue(BROKER_FIXTURES[kind])  # type: ignore[no-any-return]
 
 
 _topic_seq = 0
 
 
 @pytest.fixture
-def settings(broker: LocalBroker, tmp_path: Path) -> Settings:
+def settings(broker: LocalBroker | KafkaNode, tmp_path: Path) -> Settings:
     """Settings for one test: its own topics on the shared broker, its own data dir and ports."""
     global _topic_seq
     _topic_seq += 1
