@@ -135,8 +135,8 @@ def check_connection(settings: Settings, timeout: float = 15.0) -> bool:
         return True
     except KafkaException as exc:
         err = exc.args[0]
+        client.poll(1.0)  # serve the queued error callbacks: a refused login is only there
         errors = [*seen, err] if isinstance(err, KafkaError) else seen
-        # A refused login reaches error_cb; list_topics itself then only times out.
         if any(e.code() == KafkaError._AUTHENTICATION for e in errors):
             raise KafkaConfigError(
                 f"Kafka at {settings.kafka_bootstrap} refused the credentials of "
