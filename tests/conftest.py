@@ -68,6 +68,13 @@ def broker(request: pytest.FixtureRequest) -> LocalBroker | KafkaNode:
     return request.getfixturevalue(BROKER_FIXTURES[kind])  # type: ignore[no-any-return]
 
 
+@pytest.fixture(scope="module", params=["kafka", "tansu"])
+def module_broker(request: pytest.FixtureRequest) -> LocalBroker | KafkaNode:
+    """For module-scoped fixtures (a sink shared by a module's tests): each module runs
+    once on Apache Kafka and once on Tansu."""
+    return request.getfixturevalue(BROKER_FIXTURES[request.param])  # type: ignore[no-any-return]
+
+
 _topic_seq = 0
 
 

@@ -6,6 +6,7 @@ uses its own customer or message ids, so tests do not see each other's rows.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,15 +21,33 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, Topic
 
 from mailmeta.config import Customer, Customers, Settings
 from mailmeta.kafka import ensure_topics
+from mailmeta.local.apache_kafka import KafkaNode
 from mailmeta.local.brokers import LocalBroker, free_port
+from mailmeta.policy import Redactor
 from mailmeta.schema import Event, encode_drain_marker, encode_event, format_time, new_event_id
 from mailmeta.service import SinkService
 
 T = TypeVar("T")
 PARTITIONS = 3
+# A realistic policy: what is kept, masked, truncated or dropped, as in the example config.
+POLICY = {
+    "message_id": "keep",
+    "subject": "keep",
+    "date": "keep",
+    "size_bytes": "keep",
+    "smtp_reply": "keep",
+    "processing_ms": "keep",
+    "tls_version": "keep",
+    "mail_from": "mask",
+    "rcpt_to": "mask",
+    "sender_ip": "truncate_ip",
+    "helo": "drop",
+}
 CUSTOMERS = Customers(
     [
-        Customer(id=cid, domains=[f"{cid}.example"], retention_days=days)
+        Customer(
+            id=cid, domains=[f"{cid}.example"], retention_days=days, policy=POLICY, policy_version=4
+        )
         for cid, days in [
             ("order", 60),
             ("filter", 60),
@@ -52,37 +71,45 @@ def wait_for(fn: Callable[[], T | None], timeout: float = 20.0, what: str = "con
         time.sleep(0.1)
 
 
+REDACTOR = Redactor(CUSTOMERS)
+
+
 def redacted(customer: str, age: timedelta = timedelta(0), **fields: Any) -> Event:
-    values: dict[str, Any] = {
-        "event_id": new_event_id(),
-        "received_at": format_time(datetime.now(UTC) - age),
-        "customer_id": customer,
-        "status": "delivered",
-        "sender_ip": "198.51.100.0/24",
-        "helo": None,
-        "mail_from": "0d5b1c4e7f",
-        "rcpt_to": ["a***@example.com"],
-        "message_id": f"<{uuid.uuid4().hex}@mx.example>",
-        "subject": "Quarterly report",
-        "date": "2026-01-02T03:04:05.000Z",
-        "size_bytes": 2048,
-        "smtp_reply": "250 2.0.0 Ok",
-        "processing_ms": 3.25,
-        "tls_version": "TLSv1.3",
-        "policy_version": 4,
-    }
-    values.update(fields)
-    return Event(**values)
+    """A raw event through the real redactor (what the sink receives); ``fields`` then
+    override the result, for records that are deliberately not what a redactor writes."""
+    raw = Event(
+        event_id=new_event_id(),
+        received_at=format_time(datetime.now(UTC) - age),
+        customer_id=customer if customer in CUSTOMERS.by_id else "order",
+        status="delivered",
+        sender_ip="198.51.100.23",
+        helo="mx.sender.example",
+        mail_from="alice@sender.example",
+        rcpt_to=[f"bob@{customer}.example"],
+        message_id=f"<{uuid.uuid4().hex}@mx.example>",
+        subject="Quarterly report",
+        date="2026-01-02T03:04:05.000Z",
+        size_bytes=2048,
+        smtp_reply="250 2.0.0 Ok",
+        processing_ms=3.25,
+        tls_version="TLSv1.3",
+    )
+    out = REDACTOR.redact(raw)
+    if customer not in CUSTOMERS.by_id:  # a customer no redactor knows: not for storing
+        fields = {"customer_id": customer, **fields}
+    return dataclasses.replace(out, **fields)
 
 
 @pytest.fixture(scope="module")
-def sink(tansu: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SinkService]:
+def sink(
+    module_broker: LocalBroker | KafkaNode, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SinkService]:
     tmp = tmp_path_factory.mktemp("sink")
     prefix = f"sink-{uuid.uuid4().hex[:8]}"
     settings = Settings(
         config=Path("/nonexistent"),  # customers are given in memory
         data_dir=tmp / "data",
-        kafka_bootstrap=tansu.bootstrap,
+        kafka_bootstrap=module_broker.bootstrap,
         raw_topic=f"{prefix}.raw",
         redacted_topic=f"{prefix}.redacted",
         deadletter_topic=f"{prefix}.deadletter",
@@ -99,8 +126,8 @@ def sink(tansu: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture(scope="module")
-def producer(tansu: LocalBroker) -> Iterator[Producer]:
-    p = Producer({"bootstrap.servers": tansu.bootstrap, "acks": "all"})
+def producer(module_broker: LocalBroker | KafkaNode) -> Iterator[Producer]:
+    p = Producer({"bootstrap.servers": module_broker.bootstrap, "acks": "all"})
     yield p
     p.flush(5)
     p.close()

@@ -15,6 +15,7 @@ import pytest
 
 from mailmeta.config import Customer, Customers, Settings
 from mailmeta.kafka import ensure_topics
+from mailmeta.local.apache_kafka import KafkaNode
 from mailmeta.local.brokers import LocalBroker, free_port
 from mailmeta.policy import Redactor, stored_forms
 from mailmeta.schema import Event, encode_event, format_time, new_event_id
@@ -57,12 +58,12 @@ def mail(customer: str, mail_from: str, rcpt: str = "bob@erase.example", **field
 
 
 @pytest.fixture
-def settings(tansu: LocalBroker, tmp_path: Path) -> Settings:
+def settings(broker: LocalBroker | KafkaNode, tmp_path: Path) -> Settings:
     prefix = f"erase-{uuid.uuid4().hex[:8]}"
     s = Settings(
         config=Path("/nonexistent"),
         data_dir=tmp_path / "data",
-        kafka_bootstrap=tansu.bootstrap,
+        kafka_bootstrap=broker.bootstrap,
         raw_topic=f"{prefix}.raw",
         redacted_topic=f"{prefix}.redacted",
         deadletter_topic=f"{prefix}.deadletter",

@@ -15,6 +15,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from mailmeta.config import Customer, Customers, Settings
 from mailmeta.kafka import ensure_topics
+from mailmeta.local.apache_kafka import KafkaNode
 from mailmeta.local.brokers import LocalBroker, free_port
 from mailmeta.schema import encode_event
 from mailmeta.service import SinkService
@@ -26,12 +27,12 @@ CUSTOMERS = Customers([Customer(id="idem", domains=["idem.example"], retention_d
 
 
 @pytest.fixture
-def settings(tansu: LocalBroker, tmp_path: Path) -> Settings:
+def settings(broker: LocalBroker | KafkaNode, tmp_path: Path) -> Settings:
     prefix = f"idem-{uuid.uuid4().hex[:8]}"
     s = Settings(
         config=Path("/nonexistent"),
         data_dir=tmp_path / "data",
-        kafka_bootstrap=tansu.bootstrap,
+        kafka_bootstrap=broker.bootstrap,
         raw_topic=f"{prefix}.raw",
         redacted_topic=f"{prefix}.redacted",
         deadletter_topic=f"{prefix}.deadletter",

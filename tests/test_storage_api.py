@@ -25,6 +25,7 @@ from confluent_kafka import Producer
 
 from mailmeta.config import Customer, Customers, Settings
 from mailmeta.kafka import ensure_topics
+from mailmeta.local.apache_kafka import KafkaNode
 from mailmeta.local.brokers import LocalBroker, free_port
 from mailmeta.policy import hmac_tagged
 from mailmeta.schema import FIELD_NAMES, Event, encode_event, format_time
@@ -41,13 +42,15 @@ CUSTOMERS = Customers(
 
 
 @pytest.fixture(scope="module")
-def sink(tansu: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SinkService]:
+def sink(
+    module_broker: LocalBroker | KafkaNode, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SinkService]:
     tmp = tmp_path_factory.mktemp("storage")
     prefix = f"storage-{uuid.uuid4().hex[:8]}"
     settings = Settings(
         config=Path("/nonexistent"),  # customers are given in memory
         data_dir=tmp / "data",
-        kafka_bootstrap=tansu.bootstrap,
+        kafka_bootstrap=module_broker.bootstrap,
         raw_topic=f"{prefix}.raw",
         redacted_topic=f"{prefix}.redacted",
         deadletter_topic=f"{prefix}.deadletter",
@@ -63,8 +66,8 @@ def sink(tansu: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture(scope="module")
-def producer(tansu: LocalBroker) -> Iterator[Producer]:
-    p = Producer({"bootstrap.servers": tansu.bootstrap, "acks": "all"})
+def producer(module_broker: LocalBroker | KafkaNode) -> Iterator[Producer]:
+    p = Producer({"bootstrap.servers": module_broker.bootstrap, "acks": "all"})
     yield p
     p.flush(5)
 
