@@ -20,6 +20,7 @@ import pytest
 from mailmeta.config import Customers, Settings, load_customers
 from mailmeta.ingest import IngestServer, decode_rfc2047, extract_headers
 from mailmeta.kafka import ensure_topics
+from mailmeta.local.apache_kafka import KafkaNode
 from mailmeta.local.brokers import LocalBroker, free_port
 from tests.smtp_helpers import (
     SWAKS,
@@ -227,8 +228,9 @@ def test_extract_reads_only_the_header_block() -> None:
     assert extract_headers(b"\r\nSubject: body\r\n").subject is None
 
 
+@pytest.mark.parametrize("later", ["kafka", "tansu"])
 def test_broker_unreachable_gives_451_and_client_can_retry(
-    settings: Settings, customers: Customers
+    later: str, settings: Settings, customers: Customers, tmp_path: Path
 ) -> None:
     kafka_port = free_port()
     down = settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{kafka_port}"})
@@ -243,7 +245,12 @@ def test_broker_unreachable_gives_451_and_client_can_retry(
             assert info.value.smtp_error == b"4.3.0 Temporary failure, try again later"
 
             # The broker comes (back) up; the client retries on the same connection.
-            with LocalBroker("tansu", kafka_port) as broker:
+            started = (
+                KafkaNode(tmp_path / "kafka", port=kafka_port)
+                if later == "kafka"
+                else LocalBroker("tansu", kafka_port)
+            )
+            with started as broker:
                 up = settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
                 ensure_topics(up, customers.shortest_retention_days)
                 codes = []
