@@ -24,7 +24,7 @@ from confluent_kafka import Consumer, TopicPartition
 from faust.tables.globaltable import GlobalTable
 
 from mailmeta.config import Settings, load_customers
-from mailmeta.kafka import consumer_config, faust_broker_options, producer_config
+from mailmeta.kafka import AsyncProducer, consumer_config, faust_broker_options, producer_config
 from mailmeta.policy import (
     POLICY_PARTITION,
     PolicyRecordError,
@@ -41,7 +41,6 @@ from mailmeta.schema import (
 )
 from mailmeta.streams import _metrics as metrics
 from mailmeta.streams._fast import BatchApp
-from mailmeta.streams._produce import Sender
 
 log = logging.getLogger("mailmeta.streams")
 
@@ -242,9 +241,10 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.task
     async def wait_for_policies() -> None:
-        # Recovery on some brokers ends before the table holds the topic (a wrong
-        # ListOffsets answer): redact nothing until the table has read up to the end
-        # seen now, so a restarted worker never applies an older, looser policy.
+        # Redact nothing until the table has read up to the end seen now, so a restarted
+        # worker never applies an older, looser policy. On Apache Kafka faust's recovery
+        # already ends there; Tansu's wrong ListOffsets answers end it early, so the check
+        # stays (it costs one ListOffsets at start).
         loop = asyncio.get_running_loop()
         high = await loop.run_in_executor(None, _policies_high_watermark, settings)
         # Tansu may answer 0 for a topic written a moment ago, and the storage owner has
@@ -265,7 +265,7 @@ def create_app(settings: Settings) -> faust.App:
         log.info("policies loaded (%s records); redacting", high)
         policies_ready.set()
 
-    sender = Sender(producer_config(settings, **{"batch.size": 1 << 20}))
+    sender = AsyncProducer(producer_config(settings, **{"batch.size": 1 << 20}), name="streams")
 
     async def handle(records: list[tuple[bytes | None, bytes, int, int]]) -> asyncio.Future[None]:
         # At-least-once: the batch's offsets are acked (and committed) only once every
