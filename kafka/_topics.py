@@ -94,7 +94,10 @@ def ensure_topics(
             except KafkaException as exc:
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise
-        _wait_for_leaders(admin, [t.topic for t in new], timeout)
+    # New topics, and existing ones on a broker that just (re)started, serve clients only once
+    # each partition has a leader; a consumer group that joins earlier can be assigned without
+    # them (seen with faust on a restarted Kafka) and never consume them.
+    _wait_for_leaders(admin, [*wanted, settings.policies_topic], timeout)
     _check_existing(settings, admin, md, timeout)
     return _warn_long_retention(admin, {n: v for n, v in wanted.items() if n in existing}, timeout)
 
