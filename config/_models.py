@@ -9,6 +9,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
+import re2
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -40,6 +41,7 @@ _IP_FIELDS = frozenset({"sender_ip"})
 
 _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$")
 _ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_BOUNCE_LOCAL_RE = re.compile(r"^[a-z0-9_.-]{1,64}$")
 
 
 # Fields holding an address (or an id@domain): domain_only applies to them.
@@ -73,10 +75,17 @@ class Replacement(BaseModel):
     @field_validator("pattern")
     @classmethod
     def _compiles(cls, value: str) -> str:
+        # Patterns run on every subject, so on RE2 (linear time, no backtracking): what it
+        # cannot run (back-references, look-around) is refused here, not at the first mail.
+        options = re2.Options()
+        options.log_errors = False  # the reason goes into the error below, not to stderr
         try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"not a valid regular expression: {exc}") from None
+            re2.compile(value, options)
+        except re2.error as exc:
+            why = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
+            raise ValueError(
+                f"not a valid regular expression for the linear-time (RE2) engine: {why}"
+            ) from None
         return value
 
 
@@ -294,6 +303,11 @@ class Customer(BaseModel):
     client_networks: list[str] = Field(default_factory=list)
     smtp_users: list[SmtpUser] = Field(default_factory=list)
     require_tls: bool = False
+    # Where this customer's delivery status notifications arrive (ingest/_dsn.py): whole
+    # addresses (also with a VERP "+token" after the local part) and domains all of whose
+    # addresses are bounce addresses.
+    bounce_addresses: list[str] = Field(default_factory=list)
+    bounce_domains: list[str] = Field(default_factory=list)
 
     @field_validator("relay_to")
     @classmethod
@@ -313,7 +327,7 @@ class Customer(BaseModel):
                 raise ValueError(f"{n!r} is not an IP network (CIDR)") from None
         return out
 
-    @field_validator("domains")
+    @field_validator("domains", "bounce_domains")
     @classmethod
     def _domains(cls, domains: list[str]) -> list[str]:
         out = []
@@ -322,6 +336,22 @@ class Customer(BaseModel):
             if not _DOMAIN_RE.match(d):
                 raise ValueError(f"{d!r} is not a valid domain name")
             out.append(d)
+        return out
+
+    @field_validator("bounce_addresses")
+    @classmethod
+    def _bounce_addresses(cls, addresses: list[str]) -> list[str]:
+        out = []
+        for a in addresses:
+            local, at, domain = a.strip().lower().rpartition("@")
+            domain = domain.rstrip(".")
+            # "+" separates the VERP token, so a bounce address's own local part has none.
+            if not at or not _BOUNCE_LOCAL_RE.match(local) or not _DOMAIN_RE.match(domain):
+                raise ValueError(
+                    f"{a!r} is not an address local@domain (local part: letters, digits, "
+                    "'.', '_', '-'; no '+', which starts a VERP token)"
+                )
+            out.append(f"{local}@{domain}")
         return out
 
     @field_validator("policy", mode="before")
@@ -418,6 +448,29 @@ class CustomersFile(BaseModel):
                         f"domain {d!r} belongs to both customer {owner[d]!r} and {c.id!r}"
                     )
                 owner[d] = c.id
+        # Bounce domains and addresses: no customer's mail may land with another one.
+        for c in self.customers:
+            for d in c.bounce_domains:
+                if owner.get(d, c.id) != c.id:
+                    raise ValueError(
+                        f"bounce domain {d!r} of customer {c.id!r} already belongs to {owner[d]!r}"
+                    )
+                owner[d] = c.id
+        bounce_owner: dict[str, str] = {}
+        for c in self.customers:
+            for a in c.bounce_addresses:
+                domain = a.rpartition("@")[2]
+                if owner.get(domain, c.id) != c.id:
+                    raise ValueError(
+                        f"bounce address {a!r} of customer {c.id!r} is at a domain of "
+                        f"{owner[domain]!r}"
+                    )
+                if bounce_owner.get(a, c.id) != c.id:
+                    raise ValueError(
+                        f"bounce address {a!r} belongs to both customer {bounce_owner[a]!r} "
+                        f"and {c.id!r}"
+                    )
+                bounce_owner[a] = c.id
         users: dict[str, str] = {}
         for c in self.customers:
             for u in c.smtp_users:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 
 import pytest
 
 from mailmeta.config import Action, Policy, parse_customers
-from mailmeta.schema import Event, new_event_id, now_ms
 from mailmeta.policy import CompiledPolicy, RedactionError, Redactor, mask, truncate_ip
+from mailmeta.schema import Event, new_event_id, now_ms
 
 KEY = b"k" * 32
 
@@ -340,8 +341,7 @@ def test_invalid_keys_and_rules_name_the_problem(customer: dict[str, object], me
 )
 def test_worker_fast_check_never_looser_than_schema(change: dict[str, object]) -> None:
     """The worker's fast validity check accepts only what schema.event_from_dict accepts."""
-    from mailmeta.schema import SchemaError, event_from_dict
-    from mailmeta.schema import plainly_valid
+    from mailmeta.schema import SchemaError, event_from_dict, plainly_valid
 
     obj = {**_event().to_dict(), **change}
     try:
@@ -350,3 +350,40 @@ def test_worker_fast_check_never_looser_than_schema(change: dict[str, object]) -
     except SchemaError:
         valid = False
     assert plainly_valid(obj) == valid
+
+
+@pytest.mark.timeout(30)  # Python's re takes ~forever here: fail, do not hang
+def test_subject_replacements_run_in_linear_time() -> None:
+    """Admin regexes run on every subject: a catastrophic-backtracking pattern must not
+    stall the worker (issue 14.14)."""
+    policy = Policy.model_validate(
+        {"subject": {"action": "keep", "replace": [{"pattern": "(a+)+$", "with": "#"}]}}
+    )
+    redact = CompiledPolicy.compile(policy, None, 1)
+    subject = "a" * 50_000 + "!"  # Python's re backtracks for ~forever on this
+    ev = Event(
+        event_id=new_event_id(), received_at=now_ms(), customer_id="c", status="accepted",
+        subject=subject,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    assert redact.apply(ev).subject == subject  # no match, as `re` would (eventually) say
+    ok = Event(**{**ev.to_dict(), "subject": "a" * 50_000})
+    assert redact.apply(ok).subject == "#"
+    assert time.perf_counter() - t0 < 1.0
+
+
+@pytest.mark.parametrize(
+    ("pattern", "why"),
+    [(r"(a)\1", "invalid escape sequence"), (r"(?<=a)b", "invalid perl operator")],
+)
+def test_patterns_re2_cannot_run_are_refused_naming_the_field(pattern: str, why: str) -> None:
+    from mailmeta.config import ConfigError
+
+    rules = {"subject": {"action": "keep", "replace": [{"pattern": "ok"}, {"pattern": pattern}]}}
+    data = {"customers": [{"id": "a", "domains": ["a.example"], "retention_days": 3,
+                           "policy": rules}]}  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        parse_customers(data, "customers.yaml")
+    text = str(info.value)
+    assert "customer 'a'" in text and "policy.subject.replace.1.pattern" in text, text
+    assert why in text and "linear-time" in text, text
