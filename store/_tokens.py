@@ -13,19 +13,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from mailmeta.schema import format_time
+from mailmeta.schema import format_time, to_utc
 from mailmeta.store._core import StoreCore
 from mailmeta.store._migrations import ACCESS_LOG_TABLE, TOKENS_TABLE
 
 _TOKEN_COLUMNS = (
     "token_id, name, customer_id, scopes, secret_hash, created_at, revoked_at, updated_at"
 )
-
-
-def _utc(dt: datetime | None) -> datetime | None:
-    if dt is None:
-        return None
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 @dataclass(slots=True)
@@ -109,11 +103,18 @@ class TokensMixin(StoreCore):
         rows = self._rows(f"SELECT {_TOKEN_COLUMNS} FROM {TOKENS_TABLE} FINAL ORDER BY created_at")
         out = []
         for tid, name, cust, scopes, h, created, revoked, updated in rows:
-            created_utc = _utc(created)
+            created_utc = to_utc(created)
             assert created_utc is not None
             out.append(
                 TokenRecord(
-                    tid, name, cust, frozenset(scopes), h, created_utc, _utc(revoked), _utc(updated)
+                    tid,
+                    name,
+                    cust,
+                    frozenset(scopes),
+                    h,
+                    created_utc,
+                    to_utc(revoked),
+                    to_utc(updated),
                 )
             )
         return out
@@ -165,7 +166,7 @@ class TokensMixin(StoreCore):
         )
         return [
             {
-                "at": format_time(_utc(at) or datetime.now(UTC)),
+                "at": format_time(to_utc(at) or datetime.now(UTC)),
                 "token_id": tid,
                 "method": m,
                 "route": route,
