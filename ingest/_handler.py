@@ -16,6 +16,7 @@ from mailmeta import schema
 from mailmeta.config import Customer, Customers
 from mailmeta.ingest import _metrics as metrics
 from mailmeta.ingest._auth import AuthUser, RelayAccess
+from mailmeta.ingest._dsn import BounceRoutes, DsnError, looks_like_report, parse_dsn, status_events
 from mailmeta.ingest._extract import (
     accepted_reply,
     build_event,
@@ -68,6 +69,7 @@ class IngestHandler:
         self.max_recipients = max_recipients
         self.relay_to = relay_to or None
         self.access = access or RelayAccess(customers, "")
+        self.bounces = BounceRoutes(customers)
         self.spool_after = spool_after
         self.relay_timeout = relay_timeout
         self.shutting_down = False
@@ -145,8 +147,11 @@ class IngestHandler:
         ):
             metrics.RECIPIENTS_REJECTED.labels("malformed").inc()
             return f"553 5.1.3 <{address}>: malformed recipient address"
-        # Inbound: mail to a customer's own domain is accepted from anyone.
+        # Inbound: mail to a customer's own domain (or bounce address) is accepted from anyone.
         customer = self.customers.for_domain(domain)
+        if customer is None and self.bounces:
+            owner = self.bounces.customer_for(address)
+            customer = self.customers.by_id.get(owner) if owner else None
         if customer is None:
             relay_for = self._relay_customer(server, session, envelope)
             if not isinstance(relay_for, Customer):
@@ -238,8 +243,12 @@ class IngestHandler:
             for ev in events:
                 ev.status = verdict.status
                 ev.smtp_reply = verdict.line
+        ids = [ev.event_id for ev in events]  # the message's own: what the reply names
+        if self.bounces and (verdict is None or verdict.status == "delivered"):
+            # Only once the DSN is ours to keep: a deferred one comes again. Recorded with
+            # the DSN's own event, durable before the 250 like it.
+            events += self._dsn_events(content, envelope, session)
         records = [(ev.event_id.encode(), schema.encode_event(ev)) for ev in events]
-        ids = [ev.event_id for ev in events]
         failure = await self.record(records)
 
         if verdict is not None:
@@ -255,6 +264,35 @@ class IngestHandler:
             return REPLY_DEFERRED  # the reason is ours: nothing internal to the client
         _ACCEPTED.inc()
         return accepted_reply(ids)
+
+    def _dsn_events(
+        self, content: bytes, envelope: MailEnvelope, session: Session
+    ) -> list[schema.Event]:
+        """Status events for the original message when this is a DSN to a bounce address."""
+        bounce_rcpts: dict[str, list[str]] = {}
+        for rcpt in envelope.rcpt_tos:
+            owner = self.bounces.customer_for(rcpt)
+            if owner is not None and owner == envelope.customer_of[rcpt]:
+                bounce_rcpts.setdefault(owner, []).append(rcpt)
+        if not bounce_rcpts or not looks_like_report(content):
+            return []
+        try:
+            dsn = parse_dsn(content)
+            out: list[schema.Event] = []
+            for customer_id, rcpts in bounce_rcpts.items():
+                out += status_events(dsn, customer_id, rcpts)
+        except DsnError as exc:
+            metrics.DSN.labels("unusable").inc()
+            log.info("delivery status notification on %r not used: %s", session.peer, exc)
+            return []
+        except Exception as exc:  # a hostile report must cost its status, never the mail
+            metrics.DSN.labels("unusable").inc()
+            # The type only: an exception's text could quote message data.
+            log.warning("delivery status notification on %r not parsed: %s",
+                        session.peer, type(exc).__name__)  # fmt: skip
+            return []
+        metrics.DSN.labels("status_recorded").inc()
+        return out
 
     async def record(self, records: list[tuple[bytes, bytes]]) -> str | None:
         """Make the records durable: acknowledged by the broker, or else fsync'd in the spool.

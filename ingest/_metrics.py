@@ -18,6 +18,12 @@ RECIPIENTS_REJECTED = Counter(
     # unknown_domain | malformed | too_many | relay_denied | tls_required | next_hop
     ["reason"],
 )
+DSN = Counter(
+    "mailmeta_ingest_dsn",
+    "Delivery status notifications to bounce addresses, by outcome",
+    # status_recorded | unusable
+    ["outcome"],
+)
 EVENTS_PRODUCED = Counter(
     "mailmeta_ingest_events_produced",
     "Events acknowledged by the broker",
