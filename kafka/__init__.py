@@ -3,6 +3,7 @@
 Only standard Kafka APIs: the same code runs on Apache Kafka, Redpanda or a managed Kafka.
 """
 
+from mailmeta.kafka._bridge import AsyncProducer, OutRecord, discard_futures
 from mailmeta.kafka._clients import (
     KafkaConfigError,
     admin,
@@ -21,13 +22,16 @@ from mailmeta.kafka._topics import (
 )
 
 __all__ = [
+    "AsyncProducer",
     "KafkaConfigError",
+    "OutRecord",
     "TopicError",
     "admin",
     "check_connection",
     "check_topic_retention",
     "connection",
     "consumer_config",
+    "discard_futures",
     "ensure_topics",
     "faust_broker_options",
     "producer_config",
