@@ -44,6 +44,8 @@ from mailmeta.streams._fast import BatchApp
 
 log = logging.getLogger("mailmeta.streams")
 
+# The faust app id, hence the consumer group whose offsets on the raw topic say what is done.
+APP_ID = "mailmeta-redactor"
 # How long a worker waits for the policy table to catch up before it redacts anything.
 POLICY_CATCH_UP_S = 30.0
 
@@ -190,7 +192,7 @@ def create_app(settings: Settings) -> faust.App:
     for c in customers:
         metrics.POLICY_VERSION.labels(c.id).set(c.policy_version)
     app = BatchApp(
-        "mailmeta-redactor",
+        APP_ID,
         **faust_broker_options(settings),
         value_serializer="raw",
         key_serializer="raw",
@@ -290,6 +292,20 @@ def create_app(settings: Settings) -> faust.App:
         left = await asyncio.get_running_loop().run_in_executor(None, sender.stop)
         if left:
             log.warning("%s output records not acknowledged at shutdown (read again)", left)
+
+    monitor = metrics.BacklogMonitor(settings, APP_ID)
+
+    @app.task
+    async def watch_raw_backlog() -> None:
+        # Every worker watches the whole raw topic (cheap: offsets and one record per
+        # lagging partition), so the age is there even while its own partitions are fine.
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await loop.run_in_executor(None, monitor.check)
+            except Exception as exc:  # a broker hiccup: keep the last value, try again
+                log.warning("could not measure the raw backlog: %s", exc)
+            await asyncio.sleep(metrics.CHECK_EVERY_S)
 
     app.batch_agent(raw, handle)
     app.batch_gate(policies_ready)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import time
 import urllib.request
 from pathlib import Path
 
@@ -138,6 +140,51 @@ def test_dead_letter_of_a_customer_without_its_key_holds_no_metadata(
     assert body["partition"] == 0 and body["offset"] == 0
     assert "MAILMETA_TEST_KEY_THIS_WORKER_LACKS" in body["reason"]
     assert dict(dead.headers() or [])["mailmeta-error"].decode() == body["reason"]
+
+
+def test_raw_backlog_age_while_the_worker_is_down(
+    wsettings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The age of the oldest unredacted raw event, against the raw topic's retention: the
+    metric and the warning an operator needs before acknowledged mail expires unprocessed
+    (issue 14.12)."""
+    from confluent_kafka import Producer
+    from prometheus_client import REGISTRY
+
+    from mailmeta.streams._metrics import BacklogMonitor
+    from mailmeta.streams.app import APP_ID
+
+    settings = wsettings.model_copy(update={"streams_metrics_port": free_port()})
+    monitor = BacklogMonitor(settings, APP_ID)
+    assert monitor.check() == 0.0  # nothing waiting
+    # The worker is down; events wait. One was written 3.5 h ago (raw retention: 6 h).
+    age = 3.5 * 3600
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    try:
+        old_ms = int((time.time() - age) * 1000)
+        producer.produce(settings.raw_topic, encode_event(_raw_event()), partition=0,
+                         timestamp=old_ms)  # fmt: skip
+        producer.produce(settings.raw_topic, encode_event(_raw_event()), partition=1)
+        assert producer.flush(15) == 0
+    finally:
+        producer.flush(1)
+    with caplog.at_level(logging.WARNING, logger="mailmeta.streams"):
+        seen = monitor.check()
+    assert age <= seen < age + 120
+    gauge = REGISTRY.get_sample_value("mailmeta_streams_raw_backlog_age_seconds")
+    assert gauge == seen
+    assert any("58% of the raw topic's retention (6 h)" in r.getMessage() for r in caplog.records)
+
+    with run_stage("mailmeta.streams", settings, "Worker]: Ready") as stage:
+        consume(settings.kafka_bootstrap, settings.redacted_topic, 2, timeout=45)
+        url = f"http://{settings.api_host}:{settings.streams_metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert "mailmeta_streams_raw_backlog_age_seconds " in r.read().decode()
+        # Once the worker committed its offsets, nothing waits.
+        deadline = time.monotonic() + 30
+        while monitor.check() != 0.0:
+            assert time.monotonic() < deadline, stage.output[-3000:]
+            time.sleep(0.5)
 
 
 def test_drain_marker_reaches_every_redacted_partition(wsettings: Settings) -> None:
