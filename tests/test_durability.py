@@ -25,7 +25,7 @@ from tests.up_helpers import (
     send_batch,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def test_sigkill_of_the_whole_tree_loses_no_acknowledged_mail(tmp_path: Path) -> None:
