@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     # --- SMTP front end (ingest) -----------------------------------------------------------
     # Next hop "HOST:PORT" for relay mode; empty: terminal sink (events say "accepted").
     relay_to: str = ""
+    # STARTTLS to the next hop whenever it offers it (required for customers with
+    # require_tls). Verification off by default, as in MTA-to-MTA opportunistic TLS (RFC
+    # 7435); on: the hop's certificate must chain to the system CAs, or to relay_tls_ca_file
+    # instead, and name the hop's host.
+    relay_tls_verify: bool = False
+    relay_tls_ca_file: str = ""
     # Comma-separated CIDRs whose clients may relay to foreign domains (besides each
     # customer's client_networks and AUTH users); the customer is the sender domain's owner.
     relay_networks: str = ""

@@ -38,7 +38,11 @@ async def serve(settings: Settings, customers: Customers) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = IngestServer(settings, customers, reuse_port=settings.ingest_reuse_port)
+    try:
+        server = IngestServer(settings, customers, reuse_port=settings.ingest_reuse_port)
+    except ValueError as exc:  # a setting that cannot be used (e.g. the relay's CA file)
+        print(f"mailmeta ingest: {exc}", file=sys.stderr)
+        return 2
     try:
         await server.start()
     except OSError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -30,7 +31,7 @@ from mailmeta.ingest._producer import DeliveryError, EventProducer
 from mailmeta.ingest._protocol import FrontEndSMTP, MailEnvelope
 from mailmeta.ingest._relay import RelayReply, relay
 from mailmeta.ingest._spool import Spool, SpoolFull
-from mailmeta.ingest._tls import tls_info
+from mailmeta.ingest._tls import client_context, tls_info
 
 log = logging.getLogger("mailmeta.ingest")
 
@@ -62,6 +63,7 @@ class IngestHandler:
         access: RelayAccess | None = None,
         spool_after: float = 2.0,
         relay_timeout: float = 60.0,
+        relay_tls: ssl.SSLContext | None = None,
     ) -> None:
         self.customers = customers
         self.producer = producer
@@ -72,6 +74,8 @@ class IngestHandler:
         self.bounces = BounceRoutes(customers)
         self.spool_after = spool_after
         self.relay_timeout = relay_timeout
+        # STARTTLS to next hops that offer it (the server passes the configured context).
+        self.relay_tls = relay_tls or client_context(verify=False)
         self.shutting_down = False
         # DATA handlers running now; graceful shutdown waits for them.
         self.in_flight = 0
@@ -217,6 +221,8 @@ class IngestHandler:
                 rcpt_to=list(envelope.rcpt_tos),
                 content=content,
                 time_limit=self.relay_timeout,
+                tls=self.relay_tls,
+                require_tls=any(self.customers.by_id[c].require_tls for c in by_customer),
             )
             metrics.RELAY_LATENCY.observe(time.perf_counter() - t_relay)
 
@@ -242,7 +248,7 @@ class IngestHandler:
         if verdict is not None:
             for ev in events:
                 ev.status = verdict.status
-                ev.smtp_reply = verdict.line
+                ev.smtp_reply = verdict.event_line
         ids = [ev.event_id for ev in events]  # the message's own: what the reply names
         if self.bounces and (verdict is None or verdict.status == "delivered"):
             # Only once the DSN is ours to keep: a deferred one comes again. Recorded with

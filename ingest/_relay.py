@@ -1,13 +1,23 @@
 """Relay mode: forward a received message unchanged to the next hop over SMTP and report
-its verdict. The body lives only in this process's memory for the transaction."""
+its verdict. The body lives only in this process's memory for the transaction.
+
+STARTTLS to the next hop whenever it offers it; when TLS is required (a customer with
+``require_tls``) and the hop offers none, refuses it or the handshake fails, the message is
+deferred (451 4.7.5). A failed handshake otherwise means one more attempt in plaintext, as
+opportunistic TLS does (RFC 7435).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import ssl
 from dataclasses import dataclass
 
 from mailmeta.config import parse_host_port
+
+log = logging.getLogger("mailmeta.ingest.relay")
 
 _MAX_REPLY_TEXT = 400
 
@@ -16,6 +26,7 @@ _MAX_REPLY_TEXT = 400
 class RelayReply:
     code: int
     text: str  # enhanced status code and text, one line, printable ASCII
+    tls_version: str | None = None  # of the connection to the next hop, None: plaintext
 
     @property
     def status(self) -> str:
@@ -30,8 +41,23 @@ class RelayReply:
     def line(self) -> str:
         return f"{self.code} {self.text}".rstrip()
 
+    @property
+    def event_line(self) -> str:
+        """The event's ``smtp_reply``: the hop's reply, and how it was reached when that
+        was over TLS (`` (next hop: TLSv1.3)``); the schema has one ``tls_version``, the
+        inbound one."""
+        if self.tls_version is None:
+            return self.line
+        return f"{self.line} (next hop: {self.tls_version})"
+
 
 _UNSAFE = RelayReply(501, "5.5.2 control character in envelope, not relayed")
+_NO_STARTTLS = RelayReply(451, "4.7.5 TLS required, but the next hop offers no STARTTLS")
+_TLS_FAILED = RelayReply(451, "4.7.5 TLS required, but the TLS handshake with the next hop failed")
+
+
+class _TlsFailed(Exception):
+    """The next hop accepted STARTTLS but the handshake failed: the connection is gone."""
 
 
 class _ReplyError(Exception):
@@ -73,6 +99,7 @@ class _Client:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
         self.extensions: set[str] = set()
+        self.tls_version: str | None = None
 
     async def _lines(self) -> tuple[int, list[str]]:
         """One (possibly multi-line) reply: its code and the text of each line."""
@@ -88,7 +115,7 @@ class _Client:
 
     async def reply(self) -> RelayReply:
         code, lines = await self._lines()
-        return RelayReply(code, _printable(" ".join(lines).strip()))
+        return RelayReply(code, _printable(" ".join(lines).strip()), self.tls_version)
 
     async def command(self, verb: str, *parts: str) -> RelayReply:
         self.writer.write(command_line(verb, *parts))
@@ -101,12 +128,30 @@ class _Client:
         return reply
 
     async def ehlo(self, helo: str) -> None:
+        self.extensions = set()
         self.writer.write(command_line("EHLO ", helo))
         code, lines = await self._lines()
         if code // 100 != 2:  # no ESMTP: plain HELO
             await self.expect("HELO ", helo)
             return
         self.extensions = {ln.split(" ", 1)[0].upper() for ln in lines[1:]}
+
+    async def starttls(self, helo: str, context: ssl.SSLContext, host: str) -> bool:
+        """STARTTLS and a new EHLO (RFC 3207: what was said in plaintext is forgotten).
+        False when the hop refuses the command (the session goes on in plaintext)."""
+        if (await self.command("STARTTLS")).code != 220:
+            return False
+        try:
+            await self.writer.start_tls(context, server_hostname=host)
+        except (OSError, ConnectionError, ssl.CertificateError) as exc:
+            # ssl.SSLError is an OSError; its reason names the failure, never message data.
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            log.info("TLS handshake with next hop %s failed: %s", host, reason)
+            raise _TlsFailed from None
+        obj = self.writer.get_extra_info("ssl_object")
+        self.tls_version = str(obj.version()) if obj is not None and obj.version() else "TLS"
+        await self.ehlo(helo)
+        return True
 
 
 async def relay(
@@ -117,26 +162,28 @@ async def relay(
     rcpt_to: list[str],
     content: bytes,
     time_limit: float = 60.0,
+    tls: ssl.SSLContext | None = None,
+    require_tls: bool = False,
 ) -> RelayReply:
     """Deliver one message to ``next_hop`` ("HOST:PORT"); the reply to its DATA (or the
-    first refusal) is the verdict. Connection problems are a 451 (deferred)."""
+    first refusal) is the verdict. Connection problems are a 451 (deferred). ``tls``: the
+    context for STARTTLS when the hop offers it (None: never); ``require_tls``: no
+    delivery without it."""
     host, port = parse_host_port(next_hop)
     try:
         for part in (helo, mail_from, *rcpt_to):
             command_line("", part)  # refused before connecting
     except UnsafeCommand:
         return _UNSAFE
+    args = (helo, mail_from, rcpt_to, content)
     try:
         async with asyncio.timeout(time_limit):
-            reader, writer = await asyncio.open_connection(host, port, limit=64 * 1024)
             try:
-                return await _transaction(
-                    _Client(reader, writer), helo, mail_from, rcpt_to, content
-                )
-            finally:
-                writer.close()
-                with contextlib.suppress(OSError, asyncio.CancelledError, TimeoutError):
-                    await asyncio.wait_for(writer.wait_closed(), 1.0)
+                return await _session(host, port, *args, tls=tls, require_tls=require_tls)
+            except _TlsFailed:
+                if require_tls:
+                    return _TLS_FAILED
+                return await _session(host, port, *args, tls=None, require_tls=False)
     except _ReplyError as exc:
         return exc.reply
     except UnsafeCommand:
@@ -147,13 +194,40 @@ async def relay(
         return RelayReply(451, "4.4.1 next hop unreachable")
 
 
-async def _transaction(
-    client: _Client, helo: str, mail_from: str, rcpt_to: list[str], content: bytes
+async def _session(
+    host: str,
+    port: int,
+    helo: str,
+    mail_from: str,
+    rcpt_to: list[str],
+    content: bytes,
+    *,
+    tls: ssl.SSLContext | None,
+    require_tls: bool,
 ) -> RelayReply:
-    greeting = await client.reply()
-    if greeting.code != 220:
-        raise _ReplyError(greeting)
-    await client.ehlo(helo)
+    reader, writer = await asyncio.open_connection(host, port, limit=64 * 1024)
+    client = _Client(reader, writer)
+    try:
+        greeting = await client.reply()
+        if greeting.code != 220:
+            raise _ReplyError(greeting)
+        await client.ehlo(helo)
+        if tls is not None and "STARTTLS" in client.extensions:
+            await client.starttls(helo, tls, host)
+        if require_tls and client.tls_version is None:
+            await _quit(client)
+            return _NO_STARTTLS
+        return await _transaction(client, mail_from, rcpt_to, content)
+    finally:
+        # The writer of the TLS layer when STARTTLS replaced the transport.
+        client.writer.close()
+        with contextlib.suppress(OSError, asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(client.writer.wait_closed(), 1.0)
+
+
+async def _transaction(
+    client: _Client, mail_from: str, rcpt_to: list[str], content: bytes
+) -> RelayReply:
     params = ""
     if "SIZE" in client.extensions:
         params += f" SIZE={len(content)}"

@@ -21,6 +21,25 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     return ctx
 
 
+def client_context(verify: bool, ca_file: str = "") -> ssl.SSLContext:
+    """The relay's context for STARTTLS to a next hop. ``verify``: the certificate must
+    chain to ``ca_file`` (else the system's CAs) and name the host; otherwise any
+    certificate is taken (encryption without authentication, RFC 7435)."""
+    if verify:
+        ctx = ssl.create_default_context(cafile=ca_file or None)
+    else:
+        if ca_file:
+            raise ValueError(
+                "MAILMETA_RELAY_TLS_CA_FILE is set but MAILMETA_RELAY_TLS_VERIFY is off: "
+                "set MAILMETA_RELAY_TLS_VERIFY=true to verify next hops against it"
+            )
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
 def self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
     """A self-signed EC certificate for ``hostname`` in ``directory`` (reused when present)."""
     cert_path, key_path = directory / "selfsigned.crt", directory / "selfsigned.key"

@@ -18,7 +18,7 @@ from mailmeta.ingest._handler import IngestHandler
 from mailmeta.ingest._producer import DEFAULT_DELIVERY_TIMEOUT, EventProducer
 from mailmeta.ingest._protocol import FrontEndSMTP, Shared
 from mailmeta.ingest._spool import Spool, replay_forever
-from mailmeta.ingest._tls import self_signed, server_context
+from mailmeta.ingest._tls import client_context, self_signed, server_context
 from mailmeta.kafka import producer_config as kafka_producer_config
 
 log = logging.getLogger("mailmeta.ingest")
@@ -53,6 +53,18 @@ def tls_context_for(settings: Settings, hostname: str) -> ssl.SSLContext | None:
         cert, key = self_signed(settings.data_dir / "tls", hostname)
         return server_context(cert, key)
     return None
+
+
+def relay_tls_context(settings: Settings) -> ssl.SSLContext:
+    """The context for STARTTLS to next hops; ValueError naming the setting when the CA
+    file cannot be used."""
+    try:
+        return client_context(settings.relay_tls_verify, settings.relay_tls_ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(
+            f"MAILMETA_RELAY_TLS_CA_FILE {settings.relay_tls_ca_file!r}: cannot load: "
+            f"{getattr(exc, 'strerror', None) or exc}"
+        ) from None
 
 
 def spool_dir(settings: Settings) -> Path:
@@ -94,6 +106,7 @@ class IngestServer:
         proxy_networks = parse_networks(
             settings.smtp_proxy_networks, "MAILMETA_SMTP_PROXY_NETWORKS"
         )
+        relay_tls = relay_tls_context(settings)  # before the producer: a bad setting fails first
         self.producer = EventProducer(
             kafka_producer_config(settings),
             settings.raw_topic,
@@ -113,6 +126,7 @@ class IngestServer:
             relay_to=settings.relay_to or None,
             access=RelayAccess(customers, settings.relay_networks),
             spool_after=settings.ingest_spool_after_s,
+            relay_tls=relay_tls,
         )
         authenticator = Authenticator(customers)
         self.shared = Shared(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -270,7 +271,14 @@ class NextHop:
         async def stop() -> None:
             if self._server is not None:
                 self._server.close()
-            await asyncio.sleep(0.05)
+            # Sessions end once their clients have gone: let their tasks finish (bounded), so
+            # none is destroyed pending when the loop stops.
+            sessions = asyncio.all_tasks() - {asyncio.current_task()}
+            if sessions:
+                _, stuck = await asyncio.wait(sessions, timeout=5)
+                for task in stuck:
+                    task.cancel()
+                await asyncio.gather(*stuck, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -279,7 +287,48 @@ class NextHop:
         self.loop.close()
 
 
+def refuses_connections(port: int, host: str = "127.0.0.1") -> bool:
+    """True when nothing listens on ``port`` any more; a connection it still accepts is
+    closed at once (poll this with ``wait_until``)."""
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 def free_loopback_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class TlsNextHop(NextHop):
+    """A :class:`NextHop` that offers STARTTLS with ``tls_context`` (None: offers none) and
+    notes the TLS version each received message came over (None: plaintext)."""
+
+    def __init__(
+        self, tls_context: ssl.SSLContext | None, reply: str = "250 2.0.0 Ok: queued as NEXTHOP1"
+    ) -> None:
+        from aiosmtpd.smtp import SMTP
+
+        super().__init__(reply)
+        self.tls_versions: list[str | None] = []
+        hop = self
+
+        class Handler:
+            async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+                hop.received.append(
+                    (envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content)
+                )
+                obj = session.ssl.get("ssl_object") if isinstance(session.ssl, dict) else None
+                hop.tls_versions.append(obj.version() if obj is not None else None)
+                return hop.reply
+
+        self._factory = lambda: SMTP(
+            Handler(),
+            hostname="nexthop.test",
+            loop=self.loop,
+            tls_context=tls_context,
+            require_starttls=False,
+        )
