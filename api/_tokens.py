@@ -15,8 +15,11 @@ from mailmeta.api._auth import (
     authority_of,
     require_operator,
 )
-from mailmeta.config import Customers
-from mailmeta.store import Store
+from mailmeta.api._deps import CustomersDep, StoreDep
+
+Operator = Annotated[Principal, Depends(require_operator)]
+
+router = APIRouter()
 
 
 class TokenBody(BaseModel):
@@ -33,50 +36,44 @@ def _authority(request: Request) -> TokenAuthority:
     return authority
 
 
-def tokens_router(store: Store, customers: Customers) -> APIRouter:
-    router = APIRouter()
+@router.post("/v1/tokens", status_code=201)
+def create_token(
+    request: Request,
+    principal: Operator,
+    store: StoreDep,
+    customers: CustomersDep,
+    body: TokenBody,
+) -> dict[str, Any]:
+    authority = _authority(request)
+    if body.customer is not None and body.customer not in customers.by_id:
+        raise HTTPException(404, "unknown customer")
+    try:
+        record, token = authority.create(body.name, body.customer, body.scopes)
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
+    store.append_audit(
+        principal.name,
+        "token.create",
+        body.customer or "*",
+        {"token_id": record.token_id, "scopes": sorted(record.scopes)},
+    )
+    # The only time the clear token leaves this process.
+    return {**record.public(), "token": token}
 
-    @router.post("/v1/tokens", status_code=201)
-    def create_token(
-        request: Request,
-        principal: Annotated[Principal, Depends(require_operator)],
-        body: TokenBody,
-    ) -> dict[str, Any]:
-        authority = _authority(request)
-        if body.customer is not None and body.customer not in customers.by_id:
-            raise HTTPException(404, "unknown customer")
-        try:
-            record, token = authority.create(body.name, body.customer, body.scopes)
-        except ValueError as exc:
-            raise HTTPException(400, str(exc)) from None
-        store.append_audit(
-            principal.name,
-            "token.create",
-            body.customer or "*",
-            {"token_id": record.token_id, "scopes": sorted(record.scopes)},
-        )
-        # The only time the clear token leaves this process.
-        return {**record.public(), "token": token}
 
-    @router.get("/v1/tokens")
-    def list_tokens(
-        request: Request,
-        principal: Annotated[Principal, Depends(require_operator)],
-    ) -> dict[str, Any]:
-        return {"tokens": [t.public() for t in _authority(request).tokens()]}
+@router.get("/v1/tokens")
+def list_tokens(request: Request, principal: Operator) -> dict[str, Any]:
+    return {"tokens": [t.public() for t in _authority(request).tokens()]}
 
-    @router.delete("/v1/tokens/{token_id}")
-    def revoke_token(
-        request: Request,
-        principal: Annotated[Principal, Depends(require_operator)],
-        token_id: str,
-    ) -> dict[str, Any]:
-        record = _authority(request).revoke(token_id)
-        if record is None:
-            raise HTTPException(404, "no such token")
-        store.append_audit(
-            principal.name, "token.revoke", record.customer_id or "*", {"token_id": token_id}
-        )
-        return record.public()
 
-    return router
+@router.delete("/v1/tokens/{token_id}")
+def revoke_token(
+    request: Request, principal: Operator, store: StoreDep, token_id: str
+) -> dict[str, Any]:
+    record = _authority(request).revoke(token_id)
+    if record is None:
+        raise HTTPException(404, "no such token")
+    store.append_audit(
+        principal.name, "token.revoke", record.customer_id or "*", {"token_id": token_id}
+    )
+    return record.public()
