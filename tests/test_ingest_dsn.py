@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import logging
 import smtplib
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
 from mailmeta.config import ConfigError, Customers, Settings, load_customers, parse_customers
 from tests.smtp_helpers import read_raw, running_server, write_customers
+from tests.up_helpers import mailmeta_up
 
 BOUNCE_ADDRESS = "bounces@demo.example"
 SECRET = "CONFIDENTIAL-RETURNED-BODY-7f3a"  # only ever in a returned message's body
@@ -404,3 +407,61 @@ def test_bounce_settings_are_validated(tmp_path: Path) -> None:
         {"customers": [{**base, "bounce_addresses": ["Bounces@Demo.Example."]}]}, "c.yaml"
     )
     assert ok.by_id["demo"].bounce_addresses == ["bounces@demo.example"]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_bounce_shows_in_the_message_history(tmp_path: Path) -> None:
+    """The whole pipeline (`mailmeta up` on Tansu): the original message's history in the
+    API reads accepted, then bounced with the DSN's status and diagnostic."""
+    keep = {f: "keep" for f in ("message_id", "rcpt_to", "subject", "smtp_reply")}
+    config = write_customers(
+        tmp_path / "customers.yaml",
+        [
+            {
+                "id": "demo",
+                "domains": ["demo.example"],
+                "retention_days": 30,
+                "bounce_addresses": [BOUNCE_ADDRESS],
+                "policy": keep,
+            }
+        ],
+    )
+    original = _crlf(
+        "From: sales@demo.example\nTo: team@demo.example\nSubject: Quarterly report\n"
+        "Message-ID: <orig-postfix-1@demo.example>\nDate: Tue, 01 Jul 2025 10:00:00 +0200\n\n"
+        "body\n"
+    )
+    with mailmeta_up(tmp_path / "mm", "--broker", "tansu", config=config) as up:
+        with smtplib.SMTP("127.0.0.1", up.smtp_port, timeout=30) as c:
+            c.ehlo("out.demo.example")
+            c.mail("sales@demo.example")
+            assert c.rcpt("team@demo.example")[0] == 250
+            code, text = c.data(original)
+            assert code == 250
+        event_id = text.decode().rsplit(" ", 1)[1]
+        _send(up.smtp_port, BOUNCE_ADDRESS, POSTFIX_BOUNCE)
+        deadline = time.monotonic() + 60
+        history: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            r = httpx.get(
+                f"{up.api}/v1/messages/{event_id}",
+                params={"customer": "demo"},
+                headers=up.headers,
+                timeout=10,
+            )
+            if r.status_code == 200:
+                history = r.json()["history"]
+                if len(history) >= 2:
+                    break
+            time.sleep(0.3)
+        assert [h["status"] for h in history] == ["accepted", "bounced"], up.output[-3000:]
+        bounced = history[1]
+        assert bounced["message_id"] == "<orig-postfix-1@demo.example>"
+        assert bounced["rcpt_to"] == ["nobody@recipient.example"]
+        assert bounced["smtp_reply"].startswith("5.1.1 smtp; 550 5.1.1 <nobody@recipient.example>")
+        # The report itself is one more stored message, found under its own Message-ID.
+        report = up.messages(message_id="<20250701080005.7C1E41C0B3@mail.partner.example>")
+        assert [m["subject"] for m in report] == ["Undelivered Mail Returned to Sender"]
+        up.stop()
+    assert up.proc.returncode == 0, up.output[-3000:]
