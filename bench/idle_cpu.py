@@ -1,6 +1,9 @@
 """How much CPU an idle `mailmeta up` uses, per part (Linux /proc).
 
-.venv/bin/python bench/idle_cpu.py [--seconds 20]
+.venv/bin/python bench/idle_cpu.py [--seconds 20] [--broker kafka|tansu|kafka,tansu]
+
+With both brokers, one `mailmeta up` after the other, same measure. The brokers alone:
+``bench/kafka_facts.py --only idle``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from _brokers import loadavg, parse_kinds
 
 from mailmeta.local.brokers import free_port
 
@@ -28,12 +33,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--settle", type=float, default=10)
+    ap.add_argument("--broker", "--brokers", default="kafka", help="kafka, tansu or both")
     args = ap.parse_args()
+    try:
+        kinds = parse_kinds(args.broker, ("kafka", "tansu"))
+    except ValueError as exc:
+        ap.error(str(exc))
+    for kind in kinds:
+        measure(kind, args.settle, args.seconds)
+
+
+def measure(broker: str, settle: float, seconds: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mailmeta", "up", "--data-dir", tmp,
              "--smtp-port", str(free_port()), "--api-port", str(free_port()),
-             "--broker-port", str(free_port())],
+             "--broker-port", str(free_port()), "--broker", broker],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         lines: list[str] = []
@@ -48,26 +63,30 @@ def main() -> None:
 
         threading.Thread(target=pump, daemon=True).start()
         try:
-            if not ready.wait(120):
+            if not ready.wait(240):
                 raise SystemExit("mailmeta up did not start:\n" + "".join(lines))
             parts = {"supervisor": proc.pid}
             for line in lines:
                 if " pid " in line:
                     parts[line.split()[0]] = int(line.split(" pid ")[1].split()[0])
-            time.sleep(args.settle)
+            time.sleep(settle)
             before = {n: cpu_seconds(p) for n, p in parts.items()}
-            time.sleep(args.seconds)
+            time.sleep(seconds)
             after = {n: cpu_seconds(p) for n, p in parts.items()}
         finally:
-            proc.terminate()
-            proc.wait(30)
+            proc.terminate()  # by PID: it drains and stops its parts by PID
+            try:
+                proc.wait(40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
     total = 0.0
-    print(f"idle CPU over {args.seconds:.0f} s (percent of one core):")
+    print(f"mailmeta up --broker {broker}: idle CPU over {seconds:.0f} s (percent of one core):")
     for name in parts:
-        pct = 100 * (after[name] - before[name]) / args.seconds
+        pct = 100 * (after[name] - before[name]) / seconds
         total += pct
         print(f"  {name:<11} {pct:5.1f} %")
-    print(f"  {'total':<11} {total:5.1f} %")
+    print(f"  {'total':<11} {total:5.1f} %   ({loadavg()})")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Measured facts about the test Apache Kafka (docs/kafka.md): start times, memory, idle CPU.
 
 .venv/bin/python bench/kafka_facts.py [--runs 3] [--records 200000] [--idle 20] [--jvm-variants]
+.venv/bin/python bench/kafka_facts.py --only idle [--idle 20] [--settle 10]    # just 4.
 
 1. Single KRaft node: format time, start-to-ready on a fresh dir and again on the same dir.
 2. 3-broker KRaft cluster: start-to-ready (all nodes answer and all brokers are registered).
@@ -141,10 +142,16 @@ def main() -> None:
     ap.add_argument("--idle", type=float, default=20)
     ap.add_argument("--settle", type=float, default=10)
     ap.add_argument("--jvm-variants", action="store_true")
+    ap.add_argument("--only", choices=["all", "idle"], default="all", help="idle: just 4.")
     args = ap.parse_args()
     print(f"Apache Kafka from {kafka_home()}, JVM options {' '.join(DEFAULT_JVM_OPTS)}")
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
+    if args.only == "all":
+        startup_memory_load(args)
+    idle_kafka_vs_tansu(args.settle, args.idle)
 
+
+def startup_memory_load(args: argparse.Namespace) -> None:
     fmt, fresh, again = single_node(args.runs, None)
     print(f"single node: format {summary(fmt)}")
     print(f"single node: start to ready, fresh dir {summary(fresh)}")
@@ -197,20 +204,23 @@ def main() -> None:
                 f"{consumed:,.0f} rec/s; VmRSS after load {', '.join(f'{r:.0f}' for r in rss)} MiB"
             )
 
+
+def idle_kafka_vs_tansu(settle: float, seconds: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         node = KafkaNode(Path(tmp)).start(timeout=120)
         try:
-            kafka_cpu = idle_cpu(node.pid or 0, args.settle, args.idle)
+            kafka_cpu = idle_cpu(node.pid or 0, settle, seconds)
             kafka_rss = rss_mib(node.pid or 0)
         finally:
             node.stop()
     with LocalBroker("tansu", free_port()) as tansu:
-        tansu_cpu = idle_cpu(tansu.pid or 0, args.settle, args.idle)
+        tansu_cpu = idle_cpu(tansu.pid or 0, settle, seconds)
         tansu_rss = rss_mib(tansu.pid or 0)
     print(
-        f"idle ({args.idle:.0f} s after {args.settle:.0f} s settle): Apache Kafka node "
+        f"idle ({seconds:.0f} s after {settle:.0f} s settle): Apache Kafka node "
         f"{kafka_cpu:.1f} % of a core, VmRSS {kafka_rss:.0f} MiB; "
-        f"Tansu {tansu_cpu:.1f} % of a core, VmRSS {tansu_rss:.0f} MiB"
+        f"Tansu {tansu_cpu:.1f} % of a core, VmRSS {tansu_rss:.0f} MiB; "
+        f"load average {os.getloadavg()[0]:.2f}"
     )
 
 

@@ -5,8 +5,13 @@ Same events (~370 B), same policy (3 HMACs, a mask, an IP truncation), same tran
 running them at once would measure the scheduler). Each candidate is a subprocess that
 starts with N events waiting in its own raw topic; events/s is counted from its first
 output record to its last as seen by a consumer here. Then the idle faust worker's CPU.
+With several brokers (``--broker kafka,tansu``) the pair runs on each in turn, one run.
+Apache Kafka is a single node as ``mailmeta up`` starts it, with the full JIT unless
+``--kafka-jvm up`` (the broker's peak throughput is not what is measured here, but the
+C1-only JIT of ``mailmeta up`` could cap it).
 
-    .venv/bin/python bench/redaction_throughput.py [--events 100000] [--broker tansu|noida]
+    .venv/bin/python bench/redaction_throughput.py [--events 100000]
+        [--broker kafka|tansu|noida|kafka,tansu,...] [--kafka-jvm throughput|up]
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ import time
 import uuid
 from pathlib import Path
 
+from _brokers import JVM_CHOICES, BenchBroker, loadavg, parse_kinds
 from confluent_kafka import Consumer, Producer
+from pydantic import SecretStr
 
 from mailmeta.config import Settings, load_customers
 from mailmeta.kafka import ensure_topics
-from mailmeta.local.brokers import LocalBroker, free_port
 from mailmeta.schema import Event, encode_event, new_event_id, now_ms
 
 CONFIG = """\
@@ -157,7 +163,10 @@ def cpu_seconds(pid: int) -> float:
 def run(name: str, argv: list[str], settings: Settings, n: int, idle_s: float) -> dict[str, float]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for k, v in settings.model_dump().items():
-        env[f"MAILMETA_{k.upper()}"] = str(v)
+        if isinstance(v, SecretStr):
+            v = v.get_secret_value() or None
+        if v is not None:  # unset optional settings stay unset (not the text "None")
+            env[f"MAILMETA_{k.upper()}"] = str(v)
     c = Consumer(
         {
             "bootstrap.servers": settings.kafka_bootstrap,
@@ -205,53 +214,64 @@ def run(name: str, argv: list[str], settings: Settings, n: int, idle_s: float) -
     return {"rate": rate, "busy_cpu": busy_cpu, "idle_cpu_pct": idle * 100}
 
 
+def compare(broker: BenchBroker, tmp: Path, events: list[bytes], idle_s: float) -> float:
+    """The faust worker, then the plain loop, on ``broker``; returns faust / plain."""
+    n = len(events)
+    size = sum(map(len, events)) / n
+    print(f"{n} events of ~{size:.0f} B on {broker.label}; policy: 3 hmac, mask, truncate_ip")
+    # queued.min.messages=1000 helps on noida (DESIGN.md) but caps Tansu's fetches at
+    # ~7k records/s (measured: 7,029/s with it, ~360k/s at librdkafka's default).
+    plain_conf = {"queued.min.messages": 1000} if broker.kind == "noida" else {}
+    results = {}
+    for name, argv in (
+        ("faust worker", [sys.executable, "-m", "mailmeta.streams"]),
+        ("plain confluent loop", [sys.executable, "-c", PLAIN_LOOP, json.dumps(plain_conf)]),
+    ):
+        tag = uuid.uuid4().hex[:6]
+        s = Settings(
+            config=tmp / "customers.yaml",
+            data_dir=tmp / tag,
+            kafka_bootstrap=broker.bootstrap,
+            kafka_single_node=True,  # one local broker, on purpose
+            raw_topic=f"b{tag}.raw",
+            redacted_topic=f"b{tag}.redacted",
+            deadletter_topic=f"b{tag}.dead",
+            policies_topic=f"b{tag}.policies",
+        )
+        ensure_topics(s, load_customers(s.config).shortest_retention_days)
+        produce(s.kafka_bootstrap, s.raw_topic, events)
+        results[name] = r = run(name, argv, s, n, idle_s)
+        print(
+            f"  {name:<22} {r['rate']:>9,.0f} ev/s   cpu while busy {r['busy_cpu']:.1f} s"
+            f"   idle cpu {r['idle_cpu_pct']:.1f} %",
+            flush=True,
+        )
+    ratio = results["faust worker"]["rate"] / results["plain confluent loop"]["rate"]
+    print(f"  faust / plain = {ratio:.2f}")
+    return ratio
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=100_000)
-    ap.add_argument("--broker", choices=["tansu", "noida"], default="tansu")
+    ap.add_argument(
+        "--broker", "--brokers", default="kafka", help="kafka, tansu, noida, or a comma list"
+    )
+    ap.add_argument("--kafka-jvm", choices=JVM_CHOICES, default="throughput")
     ap.add_argument("--idle", type=float, default=10.0)
     args = ap.parse_args()
+    try:
+        kinds = parse_kinds(args.broker)
+    except ValueError as exc:
+        ap.error(str(exc))
     tmp = Path(tempfile.mkdtemp(prefix="mm-bench-"))
     (tmp / "customers.yaml").write_text(CONFIG)
-    data = tmp / "noida" if args.broker == "noida" else None
-    broker = LocalBroker(args.broker, free_port(), data_dir=data, log_path=tmp / "broker.log")
-    broker.start()
-    try:
-        events = make_events(args.events)
-        size = sum(map(len, events)) / len(events)
-        print(
-            f"{args.events} events of ~{size:.0f} B on {args.broker}; policy: 3 hmac, mask, truncate_ip"
-        )
-        # queued.min.messages=1000 helps on noida (DESIGN.md) but caps Tansu's fetches at
-        # ~7k records/s (measured: 7,029/s with it, ~360k/s at librdkafka's default).
-        plain_conf = {"queued.min.messages": 1000} if args.broker == "noida" else {}
-        results = {}
-        for name, argv in (
-            ("faust worker", [sys.executable, "-m", "mailmeta.streams"]),
-            ("plain confluent loop", [sys.executable, "-c", PLAIN_LOOP, json.dumps(plain_conf)]),
-        ):
-            tag = uuid.uuid4().hex[:6]
-            s = Settings(
-                config=tmp / "customers.yaml",
-                data_dir=tmp / tag,
-                kafka_bootstrap=broker.bootstrap,
-                raw_topic=f"b{tag}.raw",
-                redacted_topic=f"b{tag}.redacted",
-                deadletter_topic=f"b{tag}.dead",
-                policies_topic=f"b{tag}.policies",
-            )
-            ensure_topics(s, load_customers(s.config).shortest_retention_days)
-            produce(s.kafka_bootstrap, s.raw_topic, events)
-            results[name] = r = run(name, argv, s, args.events, args.idle)
-            print(
-                f"  {name:<22} {r['rate']:>9,.0f} ev/s   cpu while busy {r['busy_cpu']:.1f} s"
-                f"   idle cpu {r['idle_cpu_pct']:.1f} %",
-                flush=True,
-            )
-        ratio = results["faust worker"]["rate"] / results["plain confluent loop"]["rate"]
-        print(f"  faust / plain = {ratio:.2f}")
-    finally:
-        broker.stop()
+    print(f"machine: {loadavg()}")
+    events = make_events(args.events)
+    for kind in kinds:
+        with BenchBroker(kind, tmp / kind, jvm=args.kafka_jvm) as broker:
+            compare(broker, tmp, events, args.idle)
+        print(f"machine: {loadavg()}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """SMTP ingest throughput: mailmeta's front end vs a bare aiosmtpd server, same load, one run.
 
     .venv/bin/python bench/smtp_ingest.py [-n 5000] [--sessions 20] [--size 1024] [--rounds 3]
+        [--brokers kafka,tansu] [--workers 1,2] [--kafka-jvm up|throughput]
 
-(a) ``python -m mailmeta.ingest`` producing to a local Tansu broker (250 only after the
-    broker acknowledged), one process and ``--workers 2``; (b) a bare aiosmtpd server whose
+(a) ``python -m mailmeta.ingest`` producing to a local broker (250 only after the broker
+    acknowledged), one process and ``--workers 2``, on each broker of ``--brokers``: Apache
+    Kafka as ``mailmeta up`` runs it (durable) and/or the memory-only Tansu, side by side, so
+    the cost of durability is the Kafka / Tansu ratio; (b) a bare aiosmtpd server whose
     handler parses the headers with email.parser (default asyncio loop). All are driven by
     Postfix's smtp-source, one message per connection, in alternating rounds (the machine
     is shared: figures are medians, compare the ratios). Every process started here is
@@ -24,6 +27,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from _brokers import JVM_CHOICES, BenchBroker, loadavg, parse_kinds
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = REPO / ".tools" / "usr"
@@ -165,34 +170,37 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=200, help="messages sent first, not timed")
+    ap.add_argument("--brokers", default="kafka,tansu", help="comma-separated: kafka, tansu")
+    ap.add_argument("--workers", default="1,2", help="comma-separated --workers values to run")
+    ap.add_argument("--kafka-jvm", choices=JVM_CHOICES, default="up",
+                    help="up: the JVM options `mailmeta up` uses; throughput: full JIT")  # fmt: skip
     ap.add_argument("--baseline-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline_server:
         _baseline_server(args.baseline_server)
         return 0
+    try:
+        kinds = parse_kinds(args.brokers, ("kafka", "tansu"))
+        worker_counts = [int(w) for w in args.workers.split(",")]
+    except ValueError as exc:
+        ap.error(str(exc))
     if not SMTP_SOURCE.exists():
         print(f"{SMTP_SOURCE} missing: run tests/tools/fetch.sh .tools", file=sys.stderr)
         return 2
 
     from mailmeta.config import Settings, load_customers
     from mailmeta.kafka import ensure_topics
-    from mailmeta.local.brokers import LocalBroker, free_port
+    from mailmeta.local.brokers import free_port
 
-    broker = LocalBroker("tansu", free_port())
     procs: list[subprocess.Popen[str]] = []
     data_dir = tempfile.TemporaryDirectory(prefix="mailmeta-bench-")
+    brokers = [BenchBroker(k, Path(data_dir.name) / k, jvm=args.kafka_jvm) for k in kinds]
     try:
-        broker.start()
-        topic = f"bench-{uuid.uuid4().hex[:8]}.raw"
-        settings = Settings(
-            kafka_bootstrap=broker.bootstrap,
-            raw_topic=topic,
-            redacted_topic=topic.replace(".raw", ".redacted"),
-            deadletter_topic=topic.replace(".raw", ".deadletter"),
-        )
-        ensure_topics(settings, load_customers(settings.config).shortest_retention_days)
+        print(f"machine: {loadavg()}")
         servers: dict[str, int] = {}
         pids: dict[str, int] = {}
+        topics: dict[str, tuple[str, str]] = {}  # server name -> (bootstrap, topic)
+        broker_pid: dict[str, int] = {}  # server name -> its broker's pid
 
         def start(name: str, argv: list[str], env: dict[str, str] | None, port: int) -> None:
             proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
@@ -204,42 +212,66 @@ def main() -> int:
         base_port = free_port()
         start("bare aiosmtpd", [sys.executable, __file__, "--baseline-server", str(base_port)],
               None, base_port)  # fmt: skip
-        for workers in (1, 2):
-            port = free_port()
-            env = dict(
-                os.environ,
-                MAILMETA_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
-                MAILMETA_RAW_TOPIC=topic,
-                MAILMETA_SMTP_HOST="127.0.0.1",
-                MAILMETA_SMTP_PORT=str(port),
-                MAILMETA_DATA_DIR=f"{data_dir.name}/w{workers}",
-                MAILMETA_LOG_LEVEL="warning",  # one INFO line per message would cost throughput
-                # smtp-source opens every connection from 127.0.0.1.
-                MAILMETA_SMTP_MAX_CONNECTIONS_PER_IP="1000",
+        for broker in brokers:
+            t0 = time.monotonic()
+            broker.start()
+            print(f"{broker.label}: ready in {time.monotonic() - t0:.1f} s on {broker.bootstrap}")
+            topic = f"bench-{uuid.uuid4().hex[:8]}.raw"
+            settings = Settings(
+                kafka_bootstrap=broker.bootstrap,
+                kafka_single_node=True,  # one local broker, on purpose (as `mailmeta up`)
+                raw_topic=topic,
+                redacted_topic=topic.replace(".raw", ".redacted"),
+                deadletter_topic=topic.replace(".raw", ".deadletter"),
             )
-            name = "mailmeta ingest" if workers == 1 else f"mailmeta --workers {workers}"
-            start(name, [sys.executable, "-m", "mailmeta.ingest", "--workers", str(workers)],
-                  env, port)  # fmt: skip
+            ensure_topics(settings, load_customers(settings.config).shortest_retention_days)
+            for workers in worker_counts:
+                port = free_port()
+                env = dict(
+                    os.environ,
+                    MAILMETA_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
+                    MAILMETA_KAFKA_SINGLE_NODE="true",
+                    MAILMETA_RAW_TOPIC=topic,
+                    MAILMETA_SMTP_HOST="127.0.0.1",
+                    MAILMETA_SMTP_PORT=str(port),
+                    MAILMETA_DATA_DIR=f"{data_dir.name}/{broker.kind}-w{workers}",
+                    MAILMETA_LOG_LEVEL="warning",  # one INFO line per message would cost throughput
+                    # smtp-source opens every connection from 127.0.0.1.
+                    MAILMETA_SMTP_MAX_CONNECTIONS_PER_IP="1000",
+                )
+                name = f"ingest -w{workers} on {broker.kind}"
+                start(name, [sys.executable, "-m", "mailmeta.ingest", "--workers", str(workers)],
+                      env, port)  # fmt: skip
+                topics[name] = (broker.bootstrap, topic)
+                broker_pid[name] = broker.pid or 0
 
         n, s, size = args.messages, args.sessions, args.size
         print(f"load: smtp-source -s {s} -m {n} -l {size} (one message per connection), "
               f"{args.rounds} rounds")  # fmt: skip
         rates: dict[str, list[float]] = {name: [] for name in servers}
         cpu: dict[str, list[float]] = {name: [] for name in servers}
-        sent = 0
+        broker_cpu: dict[str, list[float]] = {name: [] for name in broker_pid}
+        sent = dict.fromkeys(servers, 0)
         for name, port in servers.items():
             if args.warmup:
                 _smtp_source(port, args.warmup, s, size)
-                sent += args.warmup if name != "bare aiosmtpd" else 0
+                sent[name] += args.warmup
         for r in range(args.rounds):
             for name, port in servers.items():
                 c0 = _cpu_seconds(pids[name])
+                b0 = _cpu_seconds(broker_pid[name]) if name in broker_pid else 0.0
                 elapsed = _smtp_source(port, n, s, size)
                 us = (_cpu_seconds(pids[name]) - c0) / n * 1e6
                 rates[name].append(n / elapsed)
                 cpu[name].append(us)
-                sent += n if name != "bare aiosmtpd" else 0
-                print(f"  round {r + 1} {name:>22}: {n / elapsed:8.0f} msg/s {us:6.0f} CPU-us/msg")
+                sent[name] += n
+                line = f"  round {r + 1} {name:>22}: {n / elapsed:8.0f} msg/s {us:6.0f} CPU-us/msg"
+                if name in broker_pid:
+                    # The broker's CPU for this round's messages (rounds run one at a time).
+                    bus = (_cpu_seconds(broker_pid[name]) - b0) / n * 1e6
+                    broker_cpu[name].append(bus)
+                    line += f" + broker {bus:5.0f}"
+                print(line)
         base = statistics.median(rates["bare aiosmtpd"])
         base_cpu = statistics.median(cpu["bare aiosmtpd"])
         print(
@@ -248,13 +280,31 @@ def main() -> int:
         for name, values in rates.items():
             med, c = statistics.median(values), statistics.median(cpu[name])
             print(f"{name:>24} {med:15.0f} {med / base:7.2f}x {c:11.0f} {c / base_cpu:7.2f}x")
-        events = _count_events(broker.bootstrap, topic)
-        print(f"events on {topic}: {events} (expected {sent})")
-        return 0 if events == sent else 1
+        if "kafka" in kinds and "tansu" in kinds:
+            for w in worker_counts:
+                k = statistics.median(rates[f"ingest -w{w} on kafka"])
+                t = statistics.median(rates[f"ingest -w{w} on tansu"])
+                lower = 100 * (1 - k / t)
+                print(
+                    f"durability cost, --workers {w}: Kafka / Tansu = {k / t:.2f}, Kafka "
+                    f"{abs(lower):.0f} % {'lower' if lower > 0 else 'higher'} (target: <= 10 % lower)"
+                )
+        for kind in kinds:
+            bus = [x for name, xs in broker_cpu.items() if name.endswith(kind) for x in xs]
+            print(f"broker CPU per message, {kind}: median {statistics.median(bus):.0f} us")
+        print(f"machine after the run: {loadavg()}")
+        ok = True
+        for bootstrap, topic in dict.fromkeys(topics.values()):
+            expected = sum(sent[name] for name, bt in topics.items() if bt == (bootstrap, topic))
+            events = _count_events(bootstrap, topic)
+            print(f"events on {topic}: {events} (expected {expected})")
+            ok = ok and events == expected
+        return 0 if ok else 1
     finally:
         for proc in reversed(procs):
             _stop(proc)
-        broker.stop()
+        for broker in brokers:
+            broker.stop()
         data_dir.cleanup()
 
 
