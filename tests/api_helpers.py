@@ -7,6 +7,8 @@ uvicorn in a thread on a free loopback port and stopped by the fixture that star
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 import time
 import uuid
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 
 from mailmeta.api import SCOPES, TokenAuthority, create_api
@@ -121,3 +124,21 @@ class ApiServer:
             r = c.post("/v1/tokens", json={"name": name, "customer": customer, "scopes": scopes})
         assert r.status_code == 201, r.text
         return str(r.json()["token"])
+
+
+# The browser tests drive Debian's chromium through Playwright (no browser download).
+CHROMIUM = os.environ.get("MAILMETA_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+def need_chromium() -> None:
+    if Path(CHROMIUM).exists() or shutil.which(CHROMIUM):
+        return
+    message = f"{CHROMIUM} not found (make test installs Debian's chromium: tests/tools/browser.sh)"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message)  # CI must run the browser test, never skip it
+    pytest.skip(message)

@@ -4,31 +4,13 @@ to test-artifacts/."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from tests.api_helpers import ApiServer, event
-
-CHROMIUM = os.environ.get("MAILMETA_CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
-
-
-def _need_chromium() -> None:
-    if Path(CHROMIUM).exists() or shutil.which(CHROMIUM):
-        return
-    message = f"{CHROMIUM} not found (make test installs Debian's chromium: tests/tools/browser.sh)"
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(message)  # CI must run the browser test, never skip it
-    pytest.skip(message)
+from tests.api_helpers import ARTIFACTS, CHROMIUM, FLAGS, ApiServer, event, need_chromium
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +47,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
 
 
 def test_sign_in_filter_open_a_message_and_see_the_chart(api: ApiServer, tmp_path: Path) -> None:
-    _need_chromium()
+    need_chromium()
     from playwright.sync_api import sync_playwright
 
     token = api.token("acme", "messages:read", "stats:read", name="browser")

@@ -16,22 +16,37 @@ function el(tag, text, cls) {
   return e;
 }
 
-async function api(path, params) {
+// Every call goes through here: the token as a bearer, JSON in and out; a 401 signs out.
+async function call(method, path, params, body) {
   const url = new URL(path, location.origin);
   for (const [k, v] of Object.entries(params || {})) if (v !== "" && v != null) url.searchParams.set(k, v);
-  const r = await fetch(url, { headers: { Authorization: "Bearer " + sessionStorage.getItem("mailmeta-token") } });
-  let body = null;
-  try { body = await r.json(); } catch (_) { /* not JSON */ }
+  const init = { method, headers: { Authorization: "Bearer " + sessionStorage.getItem("mailmeta-token") } };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const r = await fetch(url, init);
+  let data = null;
+  try { data = await r.json(); } catch (_) { /* not JSON */ }
   if (r.status === 401) { signOut("Your token is invalid or was revoked."); throw new Error("unauthorized"); }
-  if (!r.ok) throw new Error((body && body.error) || ("HTTP " + r.status));
-  return body;
+  return { status: r.status, ok: r.ok, body: data };
+}
+
+function failure(r) { return (r.body && r.body.error) || ("HTTP " + r.status); }
+
+async function api(path, params) {
+  const r = await call("GET", path, params);
+  if (!r.ok) throw new Error(failure(r));
+  return r.body;
 }
 
 function signOut(message) {
   sessionStorage.removeItem("mailmeta-token");
-  $("app").hidden = true; $("signout").hidden = true; $("signin").hidden = false;
+  $("app").hidden = true; $("signout").hidden = true; $("signin").hidden = false; $("policy").hidden = true;
   $("who").textContent = ""; $("signin-error").textContent = message || "";
 }
+
+function isOperator() { return !!state.me && state.me.scopes.includes("admin") && !state.me.customer; }
 
 function utc(local) { return local ? local + ":00Z" : ""; }
 
@@ -196,7 +211,9 @@ async function start() {
   const sel = $("f-customer"); sel.replaceChildren();
   for (const c of state.me.customers) sel.appendChild(el("option", c.id));
   sel.disabled = state.me.customers.length < 2;
-  await refresh();
+  // Policies are operators' business: only a token with the admin scope sees the editor.
+  $("policy").hidden = !isOperator();
+  await Promise.all([refresh(), isOperator() ? loadPolicy(customer()) : null]);
 }
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -208,7 +225,11 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("signout").addEventListener("click", () => signOut());
   $("filters").addEventListener("submit", (ev) => { ev.preventDefault(); refresh(); });
-  $("f-customer").addEventListener("change", () => refresh());
+  $("f-customer").addEventListener("change", () => {
+    refresh();
+    if (isOperator()) loadPolicy(customer());
+  });
+  setUpPolicyEditor();
   $("more").addEventListener("click", () => {
     state.cursors.push(state.next);
     loadMessages(state.next).catch(showError);
