@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     raw_retention_hours: int = Field(default=6, ge=1)
     # "chdb:///abs/dir" (embedded) or "http(s)://user:pass@host:8123/db" (server).
     clickhouse_dsn: str = ""
+    # A ClickHouse cluster (remote_servers name): replicated local tables ON CLUSTER behind
+    # Distributed ones (store/_cluster.py). Empty: one server, plain tables.
+    clickhouse_cluster: str = ""
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 2525
     api_host: str = "127.0.0.1"

@@ -20,8 +20,10 @@ import orjson
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 
+from mailmeta.config import Settings
 from mailmeta.schema import Event, format_time
 from mailmeta.store._base import MAX_LIMIT, StoreError, UnstorableEvent
+from mailmeta.store._cluster import Cluster
 from mailmeta.store._core import FINAL_SETTINGS, VISIBLE
 from mailmeta.store._erasure import ErasureMixin, Erasures
 from mailmeta.store._migrations import (
@@ -62,7 +64,8 @@ def safe_dsn(dsn: str) -> str:
 
 
 def chdb_path(dsn: str) -> Path | None:
-    return Path(dsn.removeprefix("chdb://")) if dsn.startswith("chdb://") else None
+    # The path without a query (``?database=…`` picks a database in it).
+    return Path(urlsplit(dsn).path) if dsn.startswith("chdb://") else None
 
 
 class ClickHouseStore(
@@ -76,8 +79,16 @@ class ClickHouseStore(
         retention_days: Mapping[str, int] | None = None,
         *,
         apply_migrations: bool = True,
+        cluster: str | Cluster | None = None,
     ) -> None:
+        """``cluster``: the ClickHouse cluster to create and use the schema on (cluster mode,
+        store/_cluster.py); None takes MAILMETA_CLICKHOUSE_CLUSTER, "" means one server."""
         self.dsn = dsn
+        if cluster is None:
+            cluster = Settings().clickhouse_cluster
+        self._cluster = (
+            Cluster(cluster) if isinstance(cluster, str) and cluster else cluster or None
+        )
         # The customers file's values; overrides from `retention set` apply on top.
         self._seed_retention = dict(retention_days or {})
         self._retention = dict(self._seed_retention)
@@ -154,7 +165,29 @@ class ClickHouseStore(
 
     def migrate(self) -> list[int]:
         """Apply pending schema migrations; returns the versions applied (empty: none due)."""
-        return migrate(self._command, self._rows, MIGRATIONS)
+        self._check_layout()
+        return migrate(self._command, self._rows, MIGRATIONS, self._cluster)
+
+    def _check_layout(self) -> None:
+        """Refuse a database laid out for the other mode: queries would miss the tables."""
+        rows = self._rows(
+            "SELECT engine FROM system.tables WHERE database = currentDatabase() "
+            "AND name = {t:String}",
+            {"t": TABLE},
+        )
+        if not rows:
+            return
+        distributed = rows[0][0] == "Distributed"
+        if self._cluster is not None and not distributed:
+            raise StoreError(
+                f"MAILMETA_CLICKHOUSE_CLUSTER={self._cluster.name}, but this database holds a "
+                "single-server schema: cluster mode needs a database created in cluster mode"
+            )
+        if self._cluster is None and distributed:
+            raise StoreError(
+                "this database holds a cluster schema (Distributed tables): "
+                "set MAILMETA_CLICKHOUSE_CLUSTER to the cluster's name"
+            )
 
     def schema_version(self) -> int:
         return max(applied_versions(self._rows), default=0)
@@ -188,7 +221,7 @@ class ClickHouseStore(
             if table.num_rows:
                 with self._client() as c:
                     try:
-                        c.insert_arrow(TABLE, table)
+                        c.insert_arrow(TABLE, table, settings=self._insert_settings())
                     except Exception as exc:
                         raise StoreError(f"insert of {len(events)} rows failed: {exc}") from exc
         return int(table.num_rows)
@@ -220,7 +253,7 @@ class ClickHouseStore(
             if table.num_rows:
                 with self._client() as c:
                     try:
-                        c.insert_arrow(TABLE, table)
+                        c.insert_arrow(TABLE, table, settings=self._insert_settings())
                     except Exception as exc:
                         raise StoreError(
                             f"insert of {len(prepared.values)} rows failed: {exc}"
@@ -300,7 +333,8 @@ class ClickHouseStore(
             n = int(self._rows(f"SELECT count() FROM {AUDIT_TABLE} WHERE {where}", params)[0][0])
             if n:
                 self._command(
-                    f"ALTER TABLE {AUDIT_TABLE} DELETE WHERE {where} SETTINGS mutations_sync = 2",
+                    f"ALTER TABLE {self._alter(AUDIT_TABLE)} DELETE WHERE {where} "
+                    "SETTINGS mutations_sync = 2",
                     params,
                 )
         return n
@@ -308,8 +342,10 @@ class ClickHouseStore(
     def force_ttl_merge(self) -> None:
         # MATERIALIZE TTL recomputes expiry of existing parts; OPTIMIZE FINAL then merges
         # each partition, which drops expired rows and collapses duplicates.
-        self._command(f"ALTER TABLE {TABLE} MATERIALIZE TTL SETTINGS mutations_sync = 2")
-        self._command(f"OPTIMIZE TABLE {TABLE} FINAL")
+        self._command(
+            f"ALTER TABLE {self._alter(TABLE)} MATERIALIZE TTL SETTINGS mutations_sync = 2"
+        )
+        self._command(f"OPTIMIZE TABLE {self._alter(TABLE)} FINAL")
 
     def ping(self) -> bool:
         try:

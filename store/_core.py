@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from mailmeta.store._cluster import Cluster
+
 # A row is visible while younger than the shorter of the retention it was stored with and
 # the customer's current one: a shortened promise applies at once, before any rewrite. The
 # first condition is implied by the second; it is there so the primary key and partition
@@ -31,6 +33,17 @@ class StoreCore:
     _retention: dict[str, int]
     _seed_retention: dict[str, int]
     _write_lock: threading.RLock
+    _cluster: Cluster | None = None
+
+    def _alter(self, table: str) -> str:
+        """What an ALTER … DELETE/UPDATE/MATERIALIZE or OPTIMIZE of ``table`` names: the table
+        itself, or in cluster mode its local table (with ON CLUSTER where sharded)."""
+        return table if self._cluster is None else self._cluster.alter_target(table)
+
+    def _insert_settings(self) -> dict[str, Any] | None:
+        # A Distributed insert returns only once every shard holds its rows (not queued on
+        # this server): what the sink commits and what a rewrite then deletes is stored.
+        return None if self._cluster is None else {"distributed_foreground_insert": 1}
 
     if TYPE_CHECKING:
 

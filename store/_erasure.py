@@ -122,7 +122,8 @@ class ErasureMixin(StoreCore):
             self._log_erasure(customer, params, rows, everything)
             if rows:
                 self._command(
-                    f"ALTER TABLE {TABLE} DELETE WHERE {where} SETTINGS mutations_sync = 2",
+                    f"ALTER TABLE {self._alter(TABLE)} DELETE WHERE {where} "
+                    "SETTINGS mutations_sync = 2",
                     params,
                 )
             aggregates = 0
@@ -135,7 +136,8 @@ class ErasureMixin(StoreCore):
                     )
                     if n:
                         self._command(
-                            f"ALTER TABLE {table} DELETE WHERE customer_id = {{c:String}} "
+                            f"ALTER TABLE {self._alter(table)} DELETE "
+                            "WHERE customer_id = {c:String} "
                             "SETTINGS mutations_sync = 2",
                             params,
                         )
@@ -179,7 +181,7 @@ class ErasureMixin(StoreCore):
         if everything:
             # 'all' covers the customer's earlier entries: they need not keep their forms.
             self._command(
-                f"ALTER TABLE {ERASURE_LOG_TABLE} DELETE WHERE customer_id = {{c:String}} "
+                f"ALTER TABLE {self._alter(ERASURE_LOG_TABLE)} DELETE WHERE customer_id = {{c:String}} "
                 "AND scope != 'all' SETTINGS mutations_sync = 2",
                 {"c": customer},
             )

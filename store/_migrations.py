@@ -9,6 +9,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mailmeta.store._cluster import Cluster
 
 log = logging.getLogger("mailmeta.store")
 
@@ -34,6 +38,8 @@ ERASURE_LOG_DAYS = 8
 TOKENS_TABLE = "api_tokens"
 ACCESS_LOG_TABLE = "api_access_log"
 ACCESS_LOG_RETENTION_DAYS = 30
+POLICY_VERSIONS_TABLE = "policy_versions"
+LEDGER_TABLE = "schema_migrations"
 
 # Version ranges, so work on separate features never collides on a number:
 #   1-19 messages and storage; 20-29 redaction policies; 30-39 API tokens and access logs.
@@ -307,8 +313,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         (
             # Every redaction policy version of a customer (the policies topic keeps only
             # the latest): how a row stamped with a version was redacted.
-            """
-            CREATE TABLE IF NOT EXISTS policy_versions
+            f"""
+            CREATE TABLE IF NOT EXISTS {POLICY_VERSIONS_TABLE}
             (
                 customer_id String,
                 version UInt32,
@@ -324,8 +330,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
 )
 
-_CREATE_LEDGER = """
-CREATE TABLE IF NOT EXISTS schema_migrations
+_CREATE_LEDGER = f"""
+CREATE TABLE IF NOT EXISTS {LEDGER_TABLE}
 (
     version UInt32,
     name String,
@@ -337,7 +343,7 @@ ORDER BY version
 
 
 def applied_versions(query: Callable[[str], list[tuple[int, ...]]]) -> set[int]:
-    return {int(r[0]) for r in query("SELECT version FROM schema_migrations FINAL")}
+    return {int(r[0]) for r in query(f"SELECT version FROM {LEDGER_TABLE} FINAL")}
 
 
 Command = Callable[..., object]
@@ -347,9 +353,16 @@ def migrate(
     command: Command,
     query: Callable[[str], list[tuple[int, ...]]],
     migrations: tuple[Migration, ...] = MIGRATIONS,
+    cluster: Cluster | None = None,
 ) -> list[int]:
-    """Apply the steps not yet recorded, in order; returns the versions applied now."""
-    command(_CREATE_LEDGER)
+    """Apply the steps not yet recorded, in order; returns the versions applied now.
+
+    With ``cluster``, each step in its cluster form (store/_cluster.py): ON CLUSTER DDL with
+    IF NOT EXISTS, and the ledger replicated on every server, so several replicas running
+    this at once only repeat idempotent steps, and a ledger row written anywhere counts.
+    """
+    for sql in cluster.statement(_CREATE_LEDGER) if cluster else (_CREATE_LEDGER,):
+        command(sql)
     done = applied_versions(query)
     known = max((m.version for m in migrations), default=0)
     if done and max(done) > known:
@@ -359,10 +372,10 @@ def migrate(
     for m in sorted(migrations, key=lambda m: m.version):
         if m.version in done:
             continue
-        for sql in m.statements:
+        for sql in cluster.migration(m).statements if cluster else m.statements:
             command(sql)
         command(
-            "INSERT INTO schema_migrations (version, name) SELECT {v:UInt32}, {n:String}",
+            f"INSERT INTO {LEDGER_TABLE} (version, name) SELECT {{v:UInt32}}, {{n:String}}",
             {"v": m.version, "n": m.name},
         )
         log.info("applied schema migration %s (%s)", m.version, m.name)

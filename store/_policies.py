@@ -6,23 +6,25 @@ Mixed into ClickHouseStore (uses its ``_rows``/``_command``/``_client``).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from mailmeta.schema import Event, format_time
 from mailmeta.store._base import StoreError
-from mailmeta.store._migrations import TABLE
+from mailmeta.store._core import StoreCore
+from mailmeta.store._migrations import POLICY_VERSIONS_TABLE, TABLE
 from mailmeta.store._rows import SELECT_COLUMNS, row_to_message, to_arrow
 
-POLICY_VERSIONS = "policy_versions"
+POLICY_VERSIONS = POLICY_VERSIONS_TABLE
 _PAGE = 20_000
 
 
-class PolicyStoreMixin:
-    _rows: Callable[..., list[Any]]
-    _command: Callable[..., object]
-    _client: Callable[..., Any]
+class PolicyStoreMixin(StoreCore):
+    if TYPE_CHECKING:
+
+        def _client(self) -> AbstractContextManager[Any]: ...
 
     def record_policy_version(
         self, customer: str, version: int, document: Mapping[str, Any], actor: str, source: str
@@ -51,18 +53,25 @@ class PolicyStoreMixin:
         """Delete every recorded version of the customer's policy but the newest (the one in
         force while the customer is configured: rows stored from now on are redacted by it,
         and a restart restores it from here). Returns the number of versions removed."""
-        where = (
-            "customer_id = {c:String} AND version < "
-            f"(SELECT max(version) FROM {POLICY_VERSIONS} WHERE customer_id = {{c:String}})"
-        )
         params = {"c": customer}
+        newest = self._rows(
+            f"SELECT max(version), count() FROM {POLICY_VERSIONS} WHERE customer_id = {{c:String}}",
+            params,
+        )[0]
+        if not newest[1]:
+            return 0
+        # The newest version bound as a constant, not a subquery: a replicated table
+        # (cluster mode) refuses mutations with subqueries.
+        where = "customer_id = {c:String} AND version < {v:UInt32}"
+        bound = {"c": customer, "v": int(newest[0])}
         n = int(
-            self._rows(f"SELECT count() FROM {POLICY_VERSIONS} FINAL WHERE {where}", params)[0][0]
+            self._rows(f"SELECT count() FROM {POLICY_VERSIONS} FINAL WHERE {where}", bound)[0][0]
         )
         if n:
             self._command(
-                f"ALTER TABLE {POLICY_VERSIONS} DELETE WHERE {where} SETTINGS mutations_sync = 2",
-                params,
+                f"ALTER TABLE {self._alter(POLICY_VERSIONS)} DELETE WHERE {where} "
+                "SETTINGS mutations_sync = 2",
+                bound,
             )
         return n
 
@@ -121,17 +130,33 @@ class PolicyStoreMixin:
                 table = to_arrow(events, {customer: days})
                 with self._client() as c:
                     try:
-                        c.insert_arrow(TABLE, table)
+                        c.insert_arrow(TABLE, table, settings=self._insert_settings())
                     except Exception as exc:
                         raise StoreError(f"rewrite insert failed: {exc}") from exc
                 done += len(events)
             if len(rows) < _PAGE:
                 break
         if done:
-            self._command(
-                f"ALTER TABLE {TABLE} DELETE WHERE {where} AND event_id IN "
-                f"(SELECT event_id FROM {TABLE} WHERE customer_id = {{c:String}} "
-                "AND policy_version = {nv:UInt32}) SETTINGS mutations_sync = 2",
-                {"c": customer, "vs": versions, "nv": new_version},
-            )
+            self._delete_rewritten(customer, versions, new_version)
         return done
+
+    def _delete_rewritten(self, customer: str, versions: list[int], new_version: int) -> None:
+        """Delete the old copies of the customer's events that now have a rewritten copy."""
+        local, settings = TABLE, "mutations_sync = 2"
+        if self._cluster is not None:
+            # Every copy of an event is on one shard, so the subquery may read the shard's
+            # own rows. It makes the mutation non-deterministic to ClickHouse: each replica
+            # evaluates it. Once each replica has fetched the rewritten parts the answers
+            # agree; an event rewritten again meanwhile only leaves an old copy that FINAL
+            # hides and the next merge drops.
+            local = self._cluster.local(TABLE)
+            if not self._cluster.emulated:
+                self._command(f"SYSTEM SYNC REPLICA{self._cluster.on_cluster} {local} LIGHTWEIGHT")
+            settings += ", allow_nondeterministic_mutations = 1"
+        self._command(
+            f"ALTER TABLE {self._alter(TABLE)} DELETE WHERE customer_id = {{c:String}} "
+            "AND has({vs:Array(UInt32)}, policy_version) AND event_id IN "
+            f"(SELECT event_id FROM {local} WHERE customer_id = {{c:String}} "
+            f"AND policy_version = {{nv:UInt32}}) SETTINGS {settings}",
+            {"c": customer, "vs": versions, "nv": new_version},
+        )

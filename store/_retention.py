@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime
 
 from mailmeta.store._base import RetentionChange, StoreError
-from mailmeta.store._core import StoreCore
+from mailmeta.store._core import StoreCore, ms
 from mailmeta.store._migrations import RETENTION_TABLE, TABLE
 
 log = logging.getLogger("mailmeta.store")
@@ -59,7 +60,9 @@ class RetentionMixin(StoreCore):
             raise KeyError(customer)
         if not MIN_DAYS <= days <= MAX_DAYS:
             raise ValueError(f"days must be {MIN_DAYS}..{MAX_DAYS}")
-        params = {"c": customer, "d": days}
+        # "Now" bound once: the count and the deletion agree, and a replicated table
+        # (cluster mode) refuses a mutation calling now64().
+        params = {"c": customer, "d": days, "now": ms(datetime.now(UTC))}
         # Held against insert_events: no batch built with the old value can land after the
         # rewrite below and keep it.
         with self._write_lock:
@@ -71,14 +74,18 @@ class RetentionMixin(StoreCore):
             )
             self._retention[customer] = days
             where = "customer_id = {c:String}"
-            expired_where = f"{where} AND received_at + toIntervalDay({{d:UInt16}}) <= now64(3)"
+            expired_where = (
+                f"{where} AND received_at + toIntervalDay({{d:UInt16}}) "
+                "<= fromUnixTimestamp64Milli({now:Int64}, 'UTC')"
+            )
             expired = int(
                 self._rows(f"SELECT count() FROM {TABLE} WHERE {expired_where}", params)[0][0]
             )
             if expired:
                 # Physically, now: a shortened promise must not wait for a TTL merge.
                 self._command(
-                    f"ALTER TABLE {TABLE} DELETE WHERE {expired_where} SETTINGS mutations_sync = 2",
+                    f"ALTER TABLE {self._alter(TABLE)} DELETE WHERE {expired_where} "
+                    "SETTINGS mutations_sync = 2",
                     params,
                 )
             stale = f"{where} AND retention_days != {{d:UInt16}}"
@@ -87,7 +94,8 @@ class RetentionMixin(StoreCore):
                 # Rewriting retention_days recomputes each part's TTL (ClickHouse does this
                 # for mutations of columns the TTL expression reads).
                 self._command(
-                    f"ALTER TABLE {TABLE} UPDATE retention_days = {{d:UInt16}} WHERE {stale} "
+                    f"ALTER TABLE {self._alter(TABLE)} UPDATE retention_days = {{d:UInt16}} "
+                    f"WHERE {stale} "
                     "SETTINGS mutations_sync = 2",
                     params,
                 )

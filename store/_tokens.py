@@ -137,6 +137,7 @@ class TokensMixin(StoreCore):
                 ACCESS_LOG_TABLE,
                 [[r.at, r.token_id, r.method, r.route, r.status, r.latency_ms] for r in records],
                 column_names=["at", "token_id", "method", "route", "status", "latency_ms"],
+                settings=self._insert_settings(),
             )
 
     def erase_access(self, token_ids: Sequence[str]) -> int:
@@ -148,7 +149,8 @@ class TokensMixin(StoreCore):
         n = int(self._rows(f"SELECT count() FROM {ACCESS_LOG_TABLE} WHERE {where}", params)[0][0])
         if n:
             self._command(
-                f"ALTER TABLE {ACCESS_LOG_TABLE} DELETE WHERE {where} SETTINGS mutations_sync = 2",
+                f"ALTER TABLE {self._alter(ACCESS_LOG_TABLE)} DELETE WHERE {where} "
+                "SETTINGS mutations_sync = 2",
                 params,
             )
         return n
