@@ -267,8 +267,10 @@ def cli_commands() -> set[tuple[str, ...]]:
     found: set[tuple[str, ...]] = set()
 
     def walk(cmd: click.Command, path: tuple[str, ...]) -> None:
-        if isinstance(cmd, click.Group):
-            for name, sub in cmd.commands.items():
+        # Duck-typed: Typer's groups are not click.Group subclasses in every Typer release.
+        subs: dict[str, click.Command] | None = getattr(cmd, "commands", None)
+        if subs is not None:
+            for name, sub in subs.items():
                 walk(sub, (*path, name))
         else:
             found.add(path)
