@@ -82,7 +82,7 @@ def store_migrate() -> None:
     s = _settings()
     retention = {c.id: c.retention_days for c in load_customers(s.config)}
     try:
-        store = ClickHouseStore(s.resolved_dsn(), retention)
+        store = ClickHouseStore(s.resolved_dsn(), retention, cluster=s.clickhouse_cluster)
     except StoreError as exc:
         typer.echo(f"mailmeta: ClickHouse at {safe_dsn(s.resolved_dsn())}: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -109,7 +109,7 @@ def token_bootstrap(
 
     s = _settings()
     retention = {c.id: c.retention_days for c in load_customers(s.config)}
-    store = ClickHouseStore(s.resolved_dsn(), retention)
+    store = ClickHouseStore(s.resolved_dsn(), retention, cluster=s.clickhouse_cluster)
     try:
         authority = TokenAuthority(store).load()
         live = [t for t in authority.tokens() if t.customer_id is None and t.revoked_at is None]

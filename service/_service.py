@@ -53,7 +53,11 @@ class SinkService:
                 self.store = self._given_store
             else:
                 retention = {c.id: c.retention_days for c in self.customers}
-                self.store = ClickHouseStore(self.settings.resolved_dsn(), retention)
+                self.store = ClickHouseStore(
+                    self.settings.resolved_dsn(),
+                    retention,
+                    cluster=self.settings.clickhouse_cluster,
+                )
             self.consumer = SinkConsumer(
                 self.settings, self.store, self.drain, group_id=self._group_id
             )
