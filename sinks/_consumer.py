@@ -73,6 +73,7 @@ class ConsumerStats:
     rows_inserted: int = 0
     dead_lettered: int = 0
     batches: int = 0
+    polls: int = 0  # turns of the consumer loop: each one is a chance to commit
     last_error: str | None = None
 
 
@@ -167,6 +168,7 @@ class SinkConsumer:
                 room = max(1, self._max_rows - batch.records)
                 for msg in consumer.consume(num_messages=room, timeout=timeout):
                     self._take(msg)
+                self.stats.polls += 1
                 batch = self._batch  # a revoke during consume() may have flushed it
                 if batch.records and (
                     batch.records >= self._max_rows

@@ -1,4 +1,5 @@
-"""Reusable test helpers: consume a topic with bounded waits, run a stage as a subprocess."""
+"""Reusable test helpers: wait for a condition, consume a topic with bounded waits, run a stage
+as a subprocess."""
 
 from __future__ import annotations
 
@@ -9,14 +10,35 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from confluent_kafka import Consumer, Message, Producer
 
 from mailmeta.config import Settings
+
+T = TypeVar("T")
+
+
+def wait_until(
+    predicate: Callable[[], T | None],
+    timeout: float = 20.0,
+    what: str = "condition",
+    interval: float = 0.1,
+) -> T:
+    """Poll ``predicate`` until it returns something truthy and return that, or fail after
+    ``timeout`` s naming ``what``. Tests synchronise on conditions this way, never on sleeps."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
 
 
 def produce(bootstrap: str, topic: str, values: list[bytes], partition: int | None = None) -> None:

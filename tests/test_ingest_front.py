@@ -19,6 +19,7 @@ from mailmeta.config import Customers, Settings, load_customers
 from mailmeta.ingest import hash_password
 from mailmeta.ingest._extract import _FOLD, header_block, scan_headers
 from mailmeta.ingest._protocol import _FAST_ADDR
+from tests.kafka_helpers import wait_until
 from tests.smtp_helpers import NextHop, Wire, message, read_events, running_server, write_customers
 
 RCPT = "alice@demo.example"
@@ -306,8 +307,9 @@ def test_too_many_connections_from_one_ip(settings: Settings, tmp_path: Path) ->
         finally:
             for w in held:
                 w.close()
-        time.sleep(0.2)  # the server sees the closes
-        _sentinel(srv.port)  # a slot is free again
+        # Every slot is free again once the server has seen the closes.
+        wait_until(lambda: not srv.shared.per_ip, 5, "the server to see the closes")
+        _sentinel(srv.port)
     _only_sentinel(settings)
 
 

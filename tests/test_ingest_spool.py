@@ -17,13 +17,16 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+import orjson
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
 from mailmeta.config import Settings, load_customers
 from mailmeta.ingest import Spool, SpoolFull
 from mailmeta.ingest._spool import encode_frame, replay_forever
 from mailmeta.kafka import ensure_topics
 from mailmeta.local.brokers import LocalBroker, free_port
+from tests.kafka_helpers import wait_until
 from tests.smtp_helpers import message, read_events, running_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,6 +45,29 @@ def _send(port: int, subject: str) -> tuple[int, str]:
 
 def _segments(directory: Path) -> list[Path]:
     return list(directory.glob("seg-*.log"))
+
+
+def _noida_saved(data_dir: Path) -> dict[str, dict[int, int]]:
+    """What noida has saved to its state file: each topic's high watermark by partition
+    (empty while the file is missing or being rewritten)."""
+    try:
+        state = orjson.loads((data_dir / "kafka.json").read_bytes())
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        return {}
+    return {
+        name: {pid: part["high_watermark"] for pid, part in topic["partitions"]}
+        for name, topic in state["topics"]
+    }
+
+
+def _live_watermarks(bootstrap: str, topic: str, partitions: list[int]) -> dict[int, int]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "spool-test-watermarks"})
+    try:
+        return {
+            p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions
+        }
+    finally:
+        c.close()
 
 
 def _tear_last_segment(directory: Path) -> None:
@@ -88,7 +114,7 @@ def test_replay_while_storing_delivers_every_record_once_in_order(tmp_path: Path
         delivered: list[bytes] = []
 
         async def deliver(records: Sequence[tuple[bytes, bytes]]) -> None:
-            await asyncio.sleep(0.002)  # stores and fsyncs run meanwhile
+            await asyncio.sleep(0.002)  # pace: a slow delivery, so stores and fsyncs run meanwhile
             delivered.extend(k for k, _ in records)
 
         keys = [f"k{i:03d}".encode() for i in range(300)]
@@ -108,7 +134,7 @@ def test_replay_while_storing_delivers_every_record_once_in_order(tmp_path: Path
         for i in range(0, len(keys), 3):  # small groups share one fsync (group commit)
             await asyncio.gather(*(spool.store([(k, b"v" * 60)]) for k in keys[i : i + 3]))
             if i % 30 == 0:
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # pace: let the replayer catch up now and then
         await asyncio.wait_for(caught_up.wait(), 10)
         replayer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -124,8 +150,8 @@ def test_replay_while_storing_delivers_every_record_once_in_order(tmp_path: Path
 @pytest.mark.noida
 @pytest.mark.slow
 def test_broker_stopped_mid_stream_every_250_arrives_once(tmp_path: Path) -> None:
-    port = free_port()
-    broker = LocalBroker("noida", port, data_dir=tmp_path / "noida", log_path=tmp_path / "b.log")
+    port, noida_dir = free_port(), tmp_path / "noida"
+    broker = LocalBroker("noida", port, data_dir=noida_dir, log_path=tmp_path / "b.log")
     broker.start()
     try:
         s = Settings(
@@ -139,47 +165,66 @@ def test_broker_stopped_mid_stream_every_250_arrives_once(tmp_path: Path) -> Non
             ingest_spool_after_s=0.5,
         )
         ensure_topics(s, load_customers(EXAMPLE).shortest_retention_days)
-        time.sleep(2.5)  # noida writes its state 1-2 s after a change: let the topics land
+        # noida writes its state 1-2 s after a change: until the topics are in it, a restart
+        # would lose them.
+        wait_until(
+            lambda: {s.raw_topic, s.redacted_topic} <= _noida_saved(noida_dir).keys(),
+            15,
+            "noida to save the topics",
+        )
         replies: dict[str, int] = {}
         stop_sending = threading.Event()
         with running_server(s, load_customers(EXAMPLE), delivery_timeout=3.0) as srv:
-            paused = threading.Event()
+            spool = srv.spool
+            assert spool is not None
+            paused, idle = threading.Event(), threading.Event()
 
             def sender() -> None:
                 i = 0
                 while not stop_sending.is_set():
                     if paused.is_set():
+                        idle.set()  # no send in flight
                         time.sleep(0.05)
                         continue
+                    idle.clear()
                     subject = f"m{i}"
                     replies[subject] = _send(srv.port, subject)[0]
                     i += 1
 
+            def n_accepted() -> int:
+                return sum(c == 250 for c in list(replies.values()))
+
             t = threading.Thread(target=sender, daemon=True)
             t.start()
-            time.sleep(1.5)
+            wait_until(lambda: n_accepted() >= 10, 30, "ten mails accepted")
             # noida persists its state 1-2 s after a change (DESIGN.md), even on a graceful
             # stop: let it save what it acknowledged. It also acknowledges (acks=all) a produce
             # that reaches it while it handles SIGTERM without persisting it: with a plain
             # producer sending during the stop, the last 1-2 acknowledged records are gone
             # after the restart. No client can keep what the broker acknowledged and then
-            # dropped, so stop it while the clients are paused, and resume them during the
-            # outage: they keep sending while it is down and while it comes back.
+            # dropped, so stop it while the clients are paused (and nothing is left to replay)
+            # and its state file holds every record it has, and resume them during the outage:
+            # they keep sending while it is down and while it comes back.
             paused.set()
-            time.sleep(3.5)
+            assert idle.wait(30), "the sender did not pause"
+            wait_until(lambda: spool.pending == 0, 30, "the spool to drain before the stop")
+            saved = _noida_saved(noida_dir)
+            live = _live_watermarks(broker.bootstrap, s.raw_topic, sorted(saved[s.raw_topic]))
+            wait_until(
+                lambda: _noida_saved(noida_dir).get(s.raw_topic) == live,
+                15,
+                f"noida to save the raw topic up to {live}",
+            )
             broker.stop()  # graceful: noida keeps the data it has saved
             paused.clear()
-            time.sleep(4.0)
-            assert srv.spool is not None and srv.spool.pending > 0
+            wait_until(lambda: spool.pending >= 3, 30, "mail sent during the outage to be spooled")
             broker.start()
-            time.sleep(1.5)
+            after_restart = len(replies)
+            wait_until(lambda: len(replies) >= after_restart + 5, 30, "sends while it comes back")
             stop_sending.set()
             t.join(60)
             assert not t.is_alive()
-            deadline = time.monotonic() + 30
-            while srv.spool.pending and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert srv.spool.pending == 0
+            wait_until(lambda: spool.pending == 0, 30, "the spool to be replayed")
         accepted = {k for k, v in replies.items() if v == 250}
         assert len(accepted) > 10 and set(replies.values()) <= {250, 451}
         events = read_events(s, min_count=len(accepted), timeout=20)

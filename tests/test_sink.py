@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import clickhouse_connect
 import httpx
@@ -26,8 +26,8 @@ from mailmeta.local.brokers import LocalBroker, free_port
 from mailmeta.policy import Redactor
 from mailmeta.schema import Event, encode_drain_marker, encode_event, format_time, new_event_id
 from mailmeta.service import SinkService
+from tests.kafka_helpers import wait_until as wait_for  # other sink tests import it from here
 
-T = TypeVar("T")
 PARTITIONS = 3
 # A realistic policy: what is kept, masked, truncated or dropped, as in the example config.
 POLICY = {
@@ -58,17 +58,6 @@ CUSTOMERS = Customers(
         ]
     ]
 )
-
-
-def wait_for(fn: Callable[[], T | None], timeout: float = 20.0, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 REDACTOR = Redactor(CUSTOMERS)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +19,8 @@ from mailmeta.local.brokers import LocalBroker, free_port
 from mailmeta.schema import encode_event
 from mailmeta.service import SinkService
 from mailmeta.store import ClickHouseStore, StoreError
-from tests.kafka_helpers import produce
-from tests.test_sink import redacted, wait_for
+from tests.kafka_helpers import produce, wait_until
+from tests.test_sink import redacted
 
 CUSTOMERS = Customers([Customer(id="idem", domains=["idem.example"], retention_days=60)])
 
@@ -62,12 +61,12 @@ def test_replay_from_offset_zero_leaves_the_count_unchanged(settings: Settings) 
     produce(settings.kafka_bootstrap, settings.redacted_topic, values)
 
     with SinkService(settings, CUSTOMERS, group_id=f"first-{uuid.uuid4().hex}") as first:
-        wait_for(lambda: rows_inserted(first) >= 300, what="first pass")
+        wait_until(lambda: rows_inserted(first) >= 300, what="first pass")
         assert first.store is not None
         assert first.store.count("idem", visible_only=True) == 300
     # A new consumer group starts at offset 0: every record is delivered again.
     with SinkService(settings, CUSTOMERS, group_id=f"replay-{uuid.uuid4().hex}") as replay:
-        wait_for(lambda: rows_inserted(replay) >= 300, what="replay")
+        wait_until(lambda: rows_inserted(replay) >= 300, what="replay")
         store = replay.store
         assert store is not None
         assert store.count("idem", visible_only=True) == 300
@@ -144,7 +143,7 @@ def test_clickhouse_down_then_back_loses_nothing(
         produce(
             settings.kafka_bootstrap, settings.redacted_topic, [encode_event(e) for e in before]
         )
-        wait_for(lambda: rows_inserted(service) >= 20, what="first events")
+        wait_until(lambda: rows_inserted(service) >= 20, what="first events")
 
         restartable.stop()
         during = [redacted("idem") for _ in range(40)]
@@ -152,14 +151,14 @@ def test_clickhouse_down_then_back_loses_nothing(
             settings.kafka_bootstrap, settings.redacted_topic, [encode_event(e) for e in during]
         )
         # The sink keeps retrying with backoff; health says so; nothing is committed.
-        wait_for(lambda: restartable.failures >= 3, what="retries")
+        wait_until(lambda: restartable.failures >= 3, what="retries")
         with httpx.Client(base_url=service.url, timeout=10, headers=operator(settings)) as api:
             health = api.get("/healthz")
             assert health.status_code == 503
             assert health.json()["consumer"]["state"] == "retrying"
             assert health.json()["clickhouse"] == "unreachable"
             restartable.start()
-            wait_for(lambda: rows_inserted(service) >= 60, what="events after the restart")
+            wait_until(lambda: rows_inserted(service) >= 60, what="events after the restart")
             assert api.get("/healthz").json()["consumer"]["state"] == "running"
             got = api.get("/v1/messages", params={"customer": "idem", "limit": 1000}).json()
         assert sorted(m["event_id"] for m in got["messages"]) == sorted(
@@ -201,12 +200,16 @@ def test_a_batch_is_committed_only_once_the_writer_stored_it(settings: Settings)
                 settings.kafka_bootstrap, settings.redacted_topic, [encode_event(e) for e in events]
             )
             assert store.writing.wait(20), "the writer never started an insert"
-            time.sleep(1.5)  # several consumer-loop turns (and commit chances) while it writes
+            assert service.consumer is not None
+            stats = service.consumer.stats
+            # Each turn of the consumer loop is a chance to commit: none may while it writes.
+            turns = stats.polls + 10
+            wait_until(lambda: stats.polls >= turns, 20, "ten consumer-loop turns")
             assert committed(settings, group) == 0
             assert rows_inserted(service) == 0
             store.gate.set()
-            wait_for(lambda: rows_inserted(service) >= 30, what="the held batch")
-            wait_for(lambda: committed(settings, group) == 30, what="its commit")
+            wait_until(lambda: rows_inserted(service) >= 30, what="the held batch")
+            wait_until(lambda: committed(settings, group) == 30, what="its commit")
             assert store.count("idem", visible_only=True) == 30
     finally:
         store.gate.set()
