@@ -5,15 +5,17 @@ Mixed into ClickHouseStore (uses its ``_rows``/``_command``/``_client``).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import pyarrow as pa
 
 from mailmeta.schema import Event, format_time
 from mailmeta.store._base import StoreError
-from mailmeta.store._core import StoreCore
+from mailmeta.store._core import FINAL_SETTINGS, StoreCore
 from mailmeta.store._migrations import POLICY_VERSIONS_TABLE, TABLE
 from mailmeta.store._rows import SELECT_COLUMNS, row_to_message, to_arrow
 
@@ -23,8 +25,11 @@ _PAGE = 20_000
 
 class PolicyStoreMixin(StoreCore):
     if TYPE_CHECKING:
+        _write_lock: threading.RLock
 
         def _client(self) -> AbstractContextManager[Any]: ...
+
+        def _without_erased(self, table: pa.Table) -> pa.Table: ...
 
     def record_policy_version(
         self, customer: str, version: int, document: Mapping[str, Any], actor: str, source: str
@@ -111,9 +116,11 @@ class PolicyStoreMixin(StoreCore):
             if after is not None:
                 page_where += " AND (received_at, event_id) > ({t:DateTime64(3, 'UTC')}, {e:UUID})"
                 params["t"], params["e"] = after
+            # FINAL: one surviving copy per event; an event whose newest copy is under
+            # another version is not rewritten (its old copy would win once stamped newer).
             rows = self._rows(
-                f"SELECT {cols} FROM {TABLE} WHERE {page_where} "
-                "ORDER BY received_at, event_id LIMIT {n:UInt32}",
+                f"SELECT {cols} FROM {TABLE} FINAL WHERE {page_where} "
+                "ORDER BY received_at, event_id LIMIT {n:UInt32}" + FINAL_SETTINGS,
                 params,
             )
             if not rows:
@@ -127,13 +134,16 @@ class PolicyStoreMixin(StoreCore):
                     new["policy_version"] = new_version
                     by_days.setdefault(int(row[-1]), []).append(Event(**new))
             for days, events in by_days.items():
-                table = to_arrow(events, {customer: days})
-                with self._client() as c:
-                    try:
-                        c.insert_arrow(TABLE, table, settings=self._insert_settings())
-                    except Exception as exc:
-                        raise StoreError(f"rewrite insert failed: {exc}") from exc
-                done += len(events)
+                # As the sink's inserts: under the write lock and without erased events, so
+                # an erasure that lands during the rewrite is not undone by it.
+                with self._write_lock:
+                    table = self._without_erased(to_arrow(events, {customer: days}))
+                    with self._client() as c:
+                        try:
+                            c.insert_arrow(TABLE, table, settings=self._insert_settings())
+                        except Exception as exc:
+                            raise StoreError(f"rewrite insert failed: {exc}") from exc
+                done += table.num_rows
             if len(rows) < _PAGE:
                 break
         if done:

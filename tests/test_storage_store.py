@@ -250,8 +250,8 @@ def test_hourly_stats_count_each_event_once(store: ClickHouseStore, raw: Client)
     def drop_subject(row: dict[str, object]) -> dict[str, object] | None:
         return {**row, "subject": None}
 
-    # (It rewrites every physical copy: unmerged duplicates included.)
-    assert store.rewrite_stored("acme", [3], 4, drop_subject) >= 6
+    # One rewrite per event (its surviving copy), however many copies are unmerged.
+    assert store.rewrite_stored("acme", [3], 4, drop_subject) == 6
     assert store.hourly_stats("acme", *window) == before
     store.insert_events([bounced])  # an old copy redelivered after the rewrite
     assert store.hourly_stats("acme", *window) == before
@@ -264,3 +264,19 @@ def test_hourly_stats_count_each_event_once(store: ClickHouseStore, raw: Client)
     assert store.hourly_stats("acme", *window) == before
     assert store.erase("acme", everything=True).aggregate_rows > 0
     assert store.hourly_stats("acme", *window) == []
+
+
+def test_a_rewrite_does_not_bring_back_an_event_erased_meanwhile(store: ClickHouseStore) -> None:
+    """The rewrite's insert goes through the erasure log like the sink's: an event erased
+    while its rewritten copy is being prepared stays erased."""
+    kept, gone = full_event(), full_event(message_id="<erase-me@mx.example>")
+    store.insert_events([kept, gone])
+
+    def erase_then_rewrite(row: dict[str, object]) -> dict[str, object] | None:
+        if row["event_id"] == gone.event_id:
+            store.erase("acme", message_ids=["<erase-me@mx.example>"])
+        return {**row, "subject": None}
+
+    assert store.rewrite_stored("acme", [3], 4, erase_then_rewrite) == 1
+    ids = {m["event_id"] for m in store.query_messages("acme", limit=100)}
+    assert gone.event_id not in ids and kept.event_id in ids
