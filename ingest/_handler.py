@@ -32,6 +32,7 @@ from mailmeta.ingest._protocol import FrontEndSMTP, MailEnvelope
 from mailmeta.ingest._relay import RelayReply, relay
 from mailmeta.ingest._spool import Spool, SpoolFull
 from mailmeta.ingest._tls import client_context, tls_info
+from mailmeta.kafka import discard_futures
 
 log = logging.getLogger("mailmeta.ingest")
 
@@ -325,7 +326,7 @@ class IngestHandler:
             return None
         reason = str(failed) if failed is not None else "timed out waiting for the event store"
         if spool is None:
-            _settle_quietly(futures)
+            discard_futures(futures)
             metrics.MESSAGES.labels("deferred_produce_failed").inc()
             return reason
         # The producer may still deliver these; if it does, replay must not send them again.
@@ -358,14 +359,6 @@ class IngestHandler:
         # The type only: an exception's text could quote message data.
         log.error("SMTP session error: %s", type(error).__name__)
         return "451 4.3.0 Internal error, try again later"
-
-
-def _settle_quietly(futures: list[asyncio.Future[None]]) -> None:
-    for fut in futures:
-        if not fut.done():
-            fut.cancel()
-        elif not fut.cancelled():
-            fut.exception()  # mark retrieved: no "exception was never retrieved" noise
 
 
 def _close_after_reply(server: SMTP) -> None:
