@@ -135,7 +135,10 @@ class BatchConsumer(faust_aiokafka.Consumer):
                         held = []
                         break  # a rebalance began: these records are fetched again after it
                     r_offset = get_read_offset(tp)
-                    fresh = [r for r in recs if r_offset is None or r.offset > r_offset]
+                    # >=, as faust's own loop: after a seek (start, rebalance) the read offset
+                    # is the committed one, i.e. the *next* record to read; ">" skipped it, and
+                    # so lost one record per partition at every worker start.
+                    fresh = [r for r in recs if r_offset is None or r.offset >= r_offset]
                     if not fresh:
                         continue
                     found = handlers.get(tp.topic)

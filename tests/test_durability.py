@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.kafka_helpers import wait_until
 from tests.up_helpers import (
     MAILMETA,
     Stream,
@@ -78,7 +79,8 @@ def test_operator_state_survives_restarts(broker: str, how: str, tmp_path: Path)
         doc["subject"] = "drop"
         r = _api(up, "PUT", "/v1/policies/demo", json={"policy": doc})
         assert r.status_code == 200, r.text
-        assert _subject_of_new_mail(up) == (None, 2)
+        # A live change reaches the worker within seconds (tests/test_policy.py): wait for it.
+        wait_until(lambda: _subject_of_new_mail(up) == (None, 2), 60, "the live policy")
         assert _api(up, "PUT", "/v1/retention/demo", json={"days": 30}).status_code == 200
         r = _api(up, "POST", "/v1/tokens", json={"name": "gone", "customer": "demo",
                                                  "scopes": ["messages:read"]})  # fmt: skip

@@ -219,3 +219,24 @@ def test_worker_on_noida(broker: LocalBroker, wsettings: Settings) -> None:
     with run_stage("mailmeta.streams", settings, "Worker]: Ready"):
         redacted = consume(settings.kafka_bootstrap, settings.redacted_topic, 1, timeout=45)
     assert [decode_event(m.value()).event_id for m in redacted] == [good.event_id]
+
+
+def test_a_restarted_worker_redacts_the_first_record_after_its_committed_offset(
+    wsettings: Settings,
+) -> None:
+    """At-least-once across worker restarts: the record at the committed offset of each
+    partition is the next one read, not skipped (one lost per partition per start before)."""
+    settings = wsettings
+    first = [_raw_event(message_id=f"<first-{p}@sender.example>") for p in range(3)]
+    later = [_raw_event(message_id=f"<later-{p}@sender.example>") for p in range(3)]
+    for p, ev in enumerate(first):
+        produce(settings.kafka_bootstrap, settings.raw_topic, [encode_event(ev)], partition=p)
+    with run_stage("mailmeta.streams", settings, "Worker]: Ready"):
+        consume(settings.kafka_bootstrap, settings.redacted_topic, 3, timeout=45)
+    # The worker stopped cleanly (offsets committed); one new record in every partition.
+    for p, ev in enumerate(later):
+        produce(settings.kafka_bootstrap, settings.raw_topic, [encode_event(ev)], partition=p)
+    with run_stage("mailmeta.streams", settings, "Worker]: Ready"):
+        out = consume(settings.kafka_bootstrap, settings.redacted_topic, 6, timeout=45)
+    ids = {decode_event(m.value() or b"").message_id for m in out}
+    assert {ev.message_id for ev in later} <= ids
