@@ -396,10 +396,11 @@ def test_workers_relay_to_postfix_smtp_sink(settings: Settings, tmp_path: Path) 
     import sys
     import urllib.request
 
-    from tests.smtp_helpers import free_loopback_port
+    from tests.smtp_helpers import free_loopback_port, free_port_run
 
     tool_env = {**os.environ, "LD_LIBRARY_PATH": str(TOOLS / "lib" / "postfix")}
-    sink_port, metrics_port = free_loopback_port(), free_loopback_port()
+    # Worker i serves metrics on metrics_port + i: both ports must be free.
+    sink_port, metrics_port = free_loopback_port(), free_port_run(2)
     sink_cmd = [str(TOOLS / "sbin" / "smtp-sink")]
     if os.geteuid() == 0:
         sink_cmd += ["-u", "nobody"]
@@ -444,6 +445,8 @@ def test_workers_relay_to_postfix_smtp_sink(settings: Settings, tmp_path: Path) 
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=5)
+        if proc.stdout is not None:
+            proc.stdout.close()
         sink.terminate()
         sink.wait(5)
     events = read_events(settings, min_count=60, timeout=20)
