@@ -35,7 +35,7 @@ lint: $(TSTAMP)
 	$(BIN)/mypy .
 	$(BIN)/lint-imports
 
-bench: $(TSTAMP) .tools/usr/sbin/smtp-source
+bench: $(TSTAMP) .tools/usr/sbin/smtp-source .tools/kafka.fetched
 	$(BIN)/python bench/smtp_ingest.py
 
 .tools/usr/sbin/smtp-source:
