@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, Message, Producer
 
@@ -51,8 +51,11 @@ def produce(bootstrap: str, topic: str, values: list[bytes], partition: int | No
     assert p.flush(15) == 0, "broker did not acknowledge every record"
 
 
-def consume(bootstrap: str, topic: str, n: int, timeout: float = 30.0) -> list[Message]:
-    """Read at least ``n`` records from the start of ``topic`` (or until the timeout)."""
+def consume(
+    bootstrap: str, topic: str, n: int, timeout: float = 30.0, **client: Any
+) -> list[Message]:
+    """Read at least ``n`` records from the start of ``topic`` (or until the timeout);
+    ``client``: extra consumer settings (e.g. SASL)."""
     c = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -60,6 +63,7 @@ def consume(bootstrap: str, topic: str, n: int, timeout: float = 30.0) -> list[M
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
             "session.timeout.ms": 6000,
+            **client,
         }
     )
     out: list[Message] = []

@@ -9,11 +9,12 @@ import uuid
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka import KafkaError, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from mailmeta.local.apache_kafka import KafkaCluster, KafkaNode
 from tests.kafka_cluster import SCRAM_PASSWORD, SCRAM_USER
+from tests.kafka_helpers import consume
 
 # The fixtures apache_kafka and kafka_cluster come from tests/kafka_cluster.py, a plugin of
 # the root conftest: one node and one cluster for the whole session.
@@ -52,26 +53,9 @@ def _produce(conf: dict[str, Any], topic: str, values: list[bytes], timeout: flo
 
 def _consume_all(conf: dict[str, Any], topic: str, n: int, timeout: float = 60) -> list[bytes]:
     """Read from the start until ``n`` records arrived or the deadline passed."""
-    c = Consumer(
-        {
-            **conf,
-            "group.id": f"t-{uuid.uuid4().hex}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "logger": _quiet,
-        }
-    )
-    out: list[bytes] = []
-    try:
-        c.subscribe([topic])
-        deadline = time.monotonic() + timeout
-        while len(out) < n and time.monotonic() < deadline:
-            m = c.poll(0.5)
-            if m is not None and m.error() is None:
-                out.append(m.value() or b"")
-    finally:
-        c.close()
-    return out
+    extra = {k: v for k, v in conf.items() if k != "bootstrap.servers"}
+    got = consume(conf["bootstrap.servers"], topic, n, timeout, logger=_quiet, **extra)
+    return [m.value() or b"" for m in got]
 
 
 def test_single_node_keeps_acknowledged_records_through_sigkill(apache_kafka: KafkaNode) -> None:
