@@ -40,7 +40,7 @@ def _settings() -> Settings:
 
 def _customers(settings: Settings) -> int:
     try:
-        return load_customers(settings.config).shortest_retention_days
+        return load_customers(settings.config, settings.region).shortest_retention_days
     except ConfigError as exc:
         typer.echo(f"mailmeta: invalid configuration:\n{exc}", err=True)
         raise typer.Exit(2) from None

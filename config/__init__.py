@@ -2,18 +2,21 @@
 
 from mailmeta.config._load import ConfigError, Customers, load_customers, parse_customers
 from mailmeta.config._models import (
+    DEFAULT_REGION,
     POLICY_FIELDS,
     STRICT_DEFAULT_POLICY,
     Action,
     Customer,
     FieldRule,
     Policy,
+    Region,
     allowed_actions,
     parse_host_port,
 )
 from mailmeta.config._settings import Settings
 
 __all__ = [
+    "DEFAULT_REGION",
     "POLICY_FIELDS",
     "STRICT_DEFAULT_POLICY",
     "Action",
@@ -22,6 +25,7 @@ __all__ = [
     "Customers",
     "FieldRule",
     "Policy",
+    "Region",
     "Settings",
     "allowed_actions",
     "load_customers",

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from mailmeta.config._models import Customer, CustomersFile
+from mailmeta.config._models import DEFAULT_REGION, Customer, CustomersFile, Region
 
 
 class ConfigError(ValueError):
@@ -17,12 +17,45 @@ class ConfigError(ValueError):
 
 
 class Customers:
-    """The validated customers, indexed by id and by recipient domain."""
+    """The validated customers, indexed by id and by recipient domain, as seen from the region
+    a process serves (``region``): every stage knows every customer, to tell a misdirected
+    client where to go, and handles only the customers of its own region."""
 
-    def __init__(self, customers: list[Customer], source: str = "<memory>") -> None:
+    def __init__(
+        self,
+        customers: list[Customer],
+        source: str = "<memory>",
+        regions: dict[str, Region] | None = None,
+        region: str = DEFAULT_REGION,
+    ) -> None:
         self.source = source
+        self.regions: dict[str, Region] = dict(regions or {})
+        self.region = region
         self.by_id: dict[str, Customer] = {c.id: c for c in customers}
         self._by_domain: dict[str, Customer] = {d: c for c in customers for d in c.domains}
+
+    def serving(self, region: str) -> Customers:
+        """The same customers as seen by a process of ``region`` (MAILMETA_REGION)."""
+        if region != DEFAULT_REGION and region not in self.regions:
+            declared = ", ".join(sorted(self.regions)) or "none"
+            raise ConfigError(
+                f"MAILMETA_REGION={region!r} is not a region of {self.source} (declared: {declared})"
+            )
+        return Customers(list(self.by_id.values()), self.source, self.regions, region)
+
+    def elsewhere(self, customer: Customer) -> str | None:
+        """The region ``customer`` is pinned to when it is not this one, else None."""
+        return customer.region if customer.region != self.region else None
+
+    def here(self) -> list[Customer]:
+        """The customers of this region: the only ones whose data this process may handle."""
+        return [c for c in self.by_id.values() if c.region == self.region]
+
+    def where_to(self, region: str) -> str:
+        """How a client reaches ``region``: its API URL / SMTP host when declared."""
+        r = self.regions.get(region)
+        hints = [h for h in ((r.api_url, r.smtp_host) if r else ()) if h]
+        return f"region {region!r}" + (f" ({', '.join(hints)})" if hints else "")
 
     def __iter__(self) -> Iterator[Customer]:
         return iter(self.by_id.values())
@@ -39,7 +72,8 @@ class Customers:
 
     @property
     def shortest_retention_days(self) -> int:
-        return min(c.retention_days for c in self.by_id.values())
+        """Of this region's customers (all of them if it has none): its topics' retention."""
+        return min(c.retention_days for c in (self.here() or self.by_id.values()))
 
 
 def _where(data: Any, loc: tuple[int | str, ...]) -> str:
@@ -72,10 +106,11 @@ def parse_customers(data: Any, source: str) -> Customers:
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"{source}: {_where(data, err['loc'])}: {msg}")
         raise ConfigError("\n".join(lines)) from None
-    return Customers(parsed.customers, source)
+    return Customers(parsed.customers, source, parsed.regions)
 
 
-def load_customers(path: str | Path) -> Customers:
+def load_customers(path: str | Path, region: str = DEFAULT_REGION) -> Customers:
+    """The customers file at ``path``, as seen from ``region`` (see :meth:`Customers.serving`)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -87,4 +122,4 @@ def load_customers(path: str | Path) -> Customers:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping with a 'customers' list")
-    return parse_customers(data, str(path))
+    return parse_customers(data, str(path)).serving(region)

@@ -47,6 +47,10 @@ _BOUNCE_LOCAL_RE = re.compile(r"^[a-z0-9_.-]{1,64}$")
 # Fields holding an address (or an id@domain): domain_only applies to them.
 _ADDRESS_FIELDS = frozenset({"mail_from", "rcpt_to", "message_id"})
 _KEY_ID_RE = r"^[A-Za-z0-9_-]{1,16}$"
+# A region's name is part of its topic names, consumer groups and data dirs.
+REGION_RE = r"^[a-z][a-z0-9-]{0,15}$"
+# The region of customers that name none (and of processes whose MAILMETA_REGION is empty).
+DEFAULT_REGION = "default"
 # The key id a single hmac_key / hmac_key_env / hmac_key_file gets.
 DEFAULT_KEY_ID = "k1"
 
@@ -308,6 +312,10 @@ class Customer(BaseModel):
     # addresses are bounce addresses.
     bounce_addresses: list[str] = Field(default_factory=list)
     bounce_domains: list[str] = Field(default_factory=list)
+    # Region pinning: this customer's events travel only through that region's topics and
+    # land only in its store; every other region's front end, workers, sinks and API refuse
+    # them. Must be declared under the file's top-level `regions`. Unset: the default region.
+    region: Annotated[str, StringConstraints(pattern=REGION_RE)] = DEFAULT_REGION
 
     @field_validator("relay_to")
     @classmethod
@@ -429,10 +437,41 @@ class Customer(BaseModel):
         return self.keys()[key_id]
 
 
+class Region(BaseModel):
+    """A region besides the default one: its own Kafka topics, store and API (a "cell").
+    The addresses are what other regions tell clients who asked the wrong one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_url: Annotated[str, StringConstraints(pattern=r"^https?://\S+$")] | None = None
+    smtp_host: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9.:\[\]-]{1,255}$")] | None = (
+        None
+    )
+
+
 class CustomersFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    regions: dict[Annotated[str, StringConstraints(pattern=REGION_RE)], Region] = Field(
+        default_factory=dict
+    )
     customers: list[Customer] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _regions(self) -> CustomersFile:
+        if DEFAULT_REGION in self.regions:
+            raise ValueError(
+                f"region {DEFAULT_REGION!r} is the region of customers that name none; "
+                "declare only the others under 'regions'"
+            )
+        for c in self.customers:
+            if c.region != DEFAULT_REGION and c.region not in self.regions:
+                declared = ", ".join(sorted(self.regions)) or "none"
+                raise ValueError(
+                    f"customer {c.id!r}: field 'region': {c.region!r} is not declared under "
+                    f"'regions' (declared: {declared})"
+                )
+        return self
 
     @model_validator(mode="after")
     def _unique(self) -> CustomersFile:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, StringConstraints, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mailmeta import schema
+from mailmeta.config._models import DEFAULT_REGION, REGION_RE
+
+_TOPICS = ("raw_topic", "redacted_topic", "deadletter_topic", "policies_topic")
 
 DEFAULT_CONFIG = Path(__file__).with_name("customers.example.yaml")
 
@@ -17,6 +20,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MAILMETA_", extra="ignore")
 
     config: Path = DEFAULT_CONFIG
+    # The region this process serves (config `regions`): its customers only, through its own
+    # topics ("mailmeta.raw.eu", ...), consumer groups and store. Topics not set explicitly
+    # get the region as a suffix; the default region keeps the plain names.
+    region: Annotated[str, StringConstraints(pattern=REGION_RE)] = DEFAULT_REGION
     data_dir: Path = Path(".mailmeta")
     kafka_bootstrap: str = "127.0.0.1:9092"
     # --- Kafka security (kafka/_clients.py): every client of every stage uses these ---------
@@ -106,6 +113,18 @@ class Settings(BaseSettings):
     ingest_spool_after_s: float = Field(default=2.0, gt=0)
     # Spool capacity; when full the front end answers 451. 0 disables the spool.
     ingest_spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+
+    @model_validator(mode="after")
+    def _regional_topics(self) -> Settings:
+        if self.region != DEFAULT_REGION:
+            for name in _TOPICS:
+                if name not in self.model_fields_set:
+                    setattr(self, name, f"{getattr(self, name)}.{self.region}")
+        return self
+
+    def group_id(self, base: str) -> str:
+        """A consumer group of this region: regions may share one Kafka cluster."""
+        return base if self.region == DEFAULT_REGION else f"{base}.{self.region}"
 
     def resolved_dsn(self) -> str:
         if self.clickhouse_dsn:

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        customers = load_customers(settings.config)
+        customers = load_customers(settings.config, settings.region)
         check_connection(settings, timeout=5.0)  # refused credentials: fail now, say which
     except (ConfigError, KafkaConfigError) as exc:
         print(f"mailmeta ingest: {exc}", file=sys.stderr)

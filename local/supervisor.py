@@ -166,7 +166,8 @@ class Supervisor:
 
     def start(self) -> None:
         s = self.settings
-        customers = load_customers(s.config)  # fails here, naming the field, before any process
+        # Fails here, naming the field, before any process starts.
+        customers = load_customers(s.config, s.region)
         self.rundir.lock()
         for what in self.rundir.stop_leftovers():
             self.out(f"  stopped {what} left running by an earlier, unclean stop")
@@ -246,9 +247,8 @@ class Supervisor:
         self.broker.stop(5)
         self._start_broker()
         if self.broker_kind == "tansu":  # it lost its topics with its memory
-            ensure_topics(
-                self.settings, load_customers(self.settings.config).shortest_retention_days
-            )
+            s = self.settings
+            ensure_topics(s, load_customers(s.config, s.region).shortest_retention_days)
 
     def _restart_later(self, part: Part) -> None:
         """Restart a dead part once its backoff has passed (reset after a stable run)."""

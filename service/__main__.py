@@ -35,7 +35,7 @@ def main() -> int:
         stream=sys.stderr,
     )
     try:
-        customers = load_customers(settings.config)
+        customers = load_customers(settings.config, settings.region)
         check_connection(settings, timeout=5.0)  # refused credentials: fail now, say which
     except (ConfigError, KafkaConfigError) as exc:
         print(f"mailmeta sink: {exc}", file=sys.stderr)

@@ -29,12 +29,12 @@ class SinkService:
         customers: Customers,
         *,
         store: Store | None = None,
-        group_id: str = GROUP_ID,
+        group_id: str | None = None,
     ) -> None:
         self.settings = settings
         self.customers = customers
         self._given_store = store
-        self._group_id = group_id
+        self._group_id = group_id or settings.group_id(GROUP_ID)
         self.store: Store | None = None
         self.drain = DrainState(settings.partitions)
         self.consumer: SinkConsumer | None = None

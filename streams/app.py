@@ -187,12 +187,12 @@ class Transformer:
 
 
 def create_app(settings: Settings) -> faust.App:
-    customers = load_customers(settings.config)
+    customers = load_customers(settings.config, settings.region)
     redactor = Redactor(customers)
     for c in customers:
         metrics.POLICY_VERSION.labels(c.id).set(c.policy_version)
     app = BatchApp(
-        APP_ID,
+        settings.group_id(APP_ID),
         **faust_broker_options(settings),
         value_serializer="raw",
         key_serializer="raw",
@@ -293,7 +293,7 @@ def create_app(settings: Settings) -> faust.App:
         if left:
             log.warning("%s output records not acknowledged at shutdown (read again)", left)
 
-    monitor = metrics.BacklogMonitor(settings, APP_ID)
+    monitor = metrics.BacklogMonitor(settings, settings.group_id(APP_ID))
 
     @app.task
     async def watch_raw_backlog() -> None:
