@@ -53,6 +53,14 @@ def up(
     ingest_metrics_port: Annotated[
         int, typer.Option(help="Prometheus metrics port of the front end (0: off).")
     ] = 0,
+    region_port_step: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="With regions in the customers file, each runs side by side: region N (in "
+            "name order after the default one) uses every port + N x this step.",
+        ),
+    ] = 100,
 ) -> None:
     """Run the whole pipeline on this machine until Ctrl-C (or SIGTERM)."""
     from mailmeta.local.supervisor import run_up
@@ -90,6 +98,7 @@ def up(
             local_broker=kafka_bootstrap is None,
             broker_port=broker_port,
             broker_kind="kafka" if broker == "kafka" else "tansu",
+            region_port_step=region_port_step,
         )
     except ConfigError as exc:
         typer.echo(f"mailmeta: invalid configuration:\n{exc}", err=True)

@@ -30,8 +30,9 @@ import httpx
 from confluent_kafka import Producer
 from pydantic import SecretStr
 
-from mailmeta.config import Settings, load_customers
+from mailmeta.config import DEFAULT_REGION, Settings, load_customers
 from mailmeta.kafka import check_connection, ensure_topics, producer_config
+from mailmeta.local._regions import cell_settings, regions_of
 from mailmeta.local._rundir import RunDir
 from mailmeta.local.apache_kafka import KafkaNode, KafkaNotFound, free_ports
 from mailmeta.local.brokers import LocalBroker, die_with_parent
@@ -132,10 +133,11 @@ class Supervisor:
         self.local_broker = local_broker
         self.broker_port = broker_port
         self.broker_kind: BrokerKind = broker_kind
-        self.out = out or (lambda line: print(line, flush=True))
+        say = out or (lambda line: print(line, flush=True))
+        region = settings.region
+        self.out = say if region == DEFAULT_REGION else (lambda line: say(_tagged(line, region)))
         self.broker: LocalBroker | KafkaNode | None = None
         self.parts: list[Part] = []
-        self._stop = threading.Event()
         self.data_dir = settings.data_dir.resolve()
         self.log_dir = self.data_dir / "logs"
         self.operator_token_file = self.data_dir / "operator-token"
@@ -224,23 +226,19 @@ class Supervisor:
 
     # -- run -------------------------------------------------------------------------------
 
-    def request_stop(self, *_: object) -> None:
-        self._stop.set()
-
-    def run_until_stopped(self) -> int:
-        """Block until a signal, restarting any part (or the local broker) that dies."""
-        while not self._stop.wait(0.5):
-            if self.broker is not None and not _alive(self.broker):
-                self.out("mailmeta: the local broker exited unexpectedly; restarting it")
-                try:
-                    self._restart_broker()
-                except (RuntimeError, TimeoutError, OSError) as exc:
-                    self.out(f"mailmeta: the local broker could not restart: {exc}")
-                    return 1
-            for part in self.parts:
-                if not part.alive():
-                    self._restart_later(part)
-        return 0
+    def check(self) -> bool:
+        """Restart whatever died; False when the local broker cannot come back."""
+        if self.broker is not None and not _alive(self.broker):
+            self.out("mailmeta: the local broker exited unexpectedly; restarting it")
+            try:
+                self._restart_broker()
+            except (RuntimeError, TimeoutError, OSError) as exc:
+                self.out(f"mailmeta: the local broker could not restart: {exc}")
+                return False
+        for part in self.parts:
+            if not part.alive():
+                self._restart_later(part)
+        return True
 
     def _restart_broker(self) -> None:
         assert self.broker is not None
@@ -335,6 +333,13 @@ class Supervisor:
         self.rundir.unlock()
 
 
+def _tagged(line: str, region: str) -> str:
+    """A line of a region's cell, marked with the region ("  [eu] sink ...")."""
+    if line.startswith("  "):
+        return f"  [{region}] {line[2:]}"
+    return line.replace("mailmeta: ", f"mailmeta: [{region}] ", 1)
+
+
 def local_kafka(base_dir: Path, port: int) -> KafkaNode:
     """The local single-node Kafka: its controller port is kept with its data across runs."""
     port_file = base_dir / "controller.port"
@@ -370,30 +375,72 @@ def _check_port_free(port: int) -> None:
 
 
 def run_up(
-    settings: Settings, *, local_broker: bool, broker_port: int, broker_kind: BrokerKind = "kafka"
+    settings: Settings,
+    *,
+    local_broker: bool,
+    broker_port: int,
+    broker_kind: BrokerKind = "kafka",
+    region_port_step: int = 100,
 ) -> int:
-    sup = Supervisor(
-        settings, local_broker=local_broker, broker_port=broker_port, broker_kind=broker_kind
-    )
-    print(f"mailmeta up — data in {sup.data_dir}, logs in {sup.log_dir}", flush=True)
-    old = {sig: signal.signal(sig, sup.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        try:
-            sup.start()
-        except BaseException:
-            sup.kill_all()
-            raise
-        s = sup.settings
-        print(
-            f"mailmeta is up. Send mail to {s.smtp_host}:{s.smtp_port}; query "
-            f"http://{s.api_host}:{s.api_port}/v1/messages?customer=ID. Ctrl-C stops.",
-            flush=True,
+    """Every region's cell (just the default one without `regions`), until a signal."""
+    customers = load_customers(settings.config, settings.region)
+    cells = [
+        Supervisor(
+            cell_settings(settings, region, i, region_port_step),
+            local_broker=local_broker,
+            broker_port=broker_port + i * region_port_step,
+            broker_kind=broker_kind,
         )
-        code = sup.run_until_stopped()
+        for i, region in enumerate(regions_of(customers))
+    ]
+    print(f"mailmeta up — data in {cells[0].data_dir}, logs in {cells[0].log_dir}", flush=True)
+    stop = threading.Event()
+    old = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        started: list[Supervisor] = []
+        try:
+            for cell in cells:
+                started.append(cell)
+                cell.start()
+        except BaseException:
+            for cell in reversed(started):
+                cell.kill_all()
+            raise
+        _say_up(cells)
+        code = 0
+        while code == 0 and not stop.wait(0.5):
+            code = 0 if all(cell.check() for cell in cells) else 1
         print("mailmeta: stopping (draining in-flight events)…", flush=True)
-        sup.stop()
+        _stop_all(cells)
         print("mailmeta: stopped", flush=True)
         return code
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+def _say_up(cells: list[Supervisor]) -> None:
+    s = cells[0].settings
+    print(
+        f"mailmeta is up. Send mail to {s.smtp_host}:{s.smtp_port}; query "
+        f"http://{s.api_host}:{s.api_port}/v1/messages?customer=ID. Ctrl-C stops.",
+        flush=True,
+    )
+    for cell in cells[1:]:
+        r = cell.settings
+        print(
+            f"  region {r.region}: SMTP {r.smtp_host}:{r.smtp_port}, API "
+            f"http://{r.api_host}:{r.api_port}, token in {cell.operator_token_file}",
+            flush=True,
+        )
+
+
+def _stop_all(cells: list[Supervisor]) -> None:
+    """Cells stop side by side: the whole stop stays within one cell's budget."""
+    threads = [threading.Thread(target=cell.stop, daemon=True) for cell in cells]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(STOP_BUDGET_S + 5)

@@ -7,7 +7,6 @@ import hmac
 import os
 import smtplib
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -24,33 +23,13 @@ from tests.up_helpers import (
     SWAKS,
     TOOLS,
     Up,
+    dump_clickhouse,
     mailmeta_up,
     need_tools,
     send_smtplib,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-def _dump_clickhouse(data_dir: Path) -> bytes:
-    """Every row of every non-system table, read by a separate process (one owner per chdb dir)."""
-    script = (
-        "import sys, clickhouse_connect\n"
-        "c = clickhouse_connect.get_client(dsn='chdb://' + sys.argv[1])\n"
-        "out = []\n"
-        'for db, t in c.query("SELECT database, name FROM system.tables WHERE database NOT IN '
-        "('system','INFORMATION_SCHEMA','information_schema') AND engine NOT LIKE '%View%'\").result_rows:\n"
-        "    out.append(c.raw_query(f'SELECT * FROM `{db}`.`{t}` FORMAT TSV'))\n"
-        "c.close()\n"
-        "sys.stdout.buffer.write(b'\\n'.join(out))\n"
-    )
-    res = subprocess.run(
-        [sys.executable, "-c", script, str(data_dir / "clickhouse")],
-        capture_output=True,
-        timeout=120,
-        check=True,
-    )
-    return res.stdout
 
 
 @pytest.mark.parametrize("broker", ["kafka", "tansu"])
@@ -129,7 +108,7 @@ def test_pipeline_end_to_end(broker: str, tmp_path: Path) -> None:
     assert token not in up.output  # the clear token is in its file only
     assert files_containing(data, token.encode()) == [data / "operator-token"]
     assert files_containing(data, canary.encode()) == []
-    dump = _dump_clickhouse(data)
+    dump = dump_clickhouse(data)
     assert msg_id.encode() in dump  # the dump does see the stored rows…
     assert canary.encode() not in dump  # …and the canary is in none of them.
 

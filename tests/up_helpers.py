@@ -6,6 +6,7 @@ import itertools
 import os
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import threading
@@ -113,13 +114,16 @@ class Up:
         token = (self.data_dir / "operator-token").read_text().strip()
         return {"Authorization": f"Bearer {token}"}
 
-    def messages(self, customer: str = "demo", **params: str) -> list[dict[str, object]]:
-        r = httpx.get(
+    def messages_response(self, customer: str = "demo", **params: str) -> httpx.Response:
+        return httpx.get(
             f"{self.api}/v1/messages",
             params={"customer": customer, **params},
             headers=self.headers,
             timeout=10,
         )
+
+    def messages(self, customer: str = "demo", **params: str) -> list[dict[str, object]]:
+        r = self.messages_response(customer, **params)
         r.raise_for_status()
         return r.json()["messages"]  # type: ignore[no-any-return]
 
@@ -168,14 +172,36 @@ class Up:
         return time.monotonic() - t0
 
 
+def free_port_pair(step: int) -> int:
+    """A free loopback port p with p + step free as well (step 0: any free port)."""
+    for _ in range(50):
+        port = free_port()
+        if not step:
+            return port
+        if port + step < 65536:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + step))
+                except OSError:
+                    continue
+                return port
+    raise AssertionError(f"no free port p with p + {step} free")
+
+
 @contextmanager
 def mailmeta_up(
     data_dir: Path,
     *extra: str,
     config: Path = EXAMPLE_CONFIG,
     env: dict[str, str] | None = None,
+    region_port_step: int | None = None,
 ) -> Iterator[Up]:
-    smtp_port, api_port = free_port(), free_port()
+    """``region_port_step``: the config has regions; each port p is chosen with p + step free
+    too (the next region's), and passed on as --region-port-step."""
+    step = region_port_step or 0
+    smtp_port, api_port = free_port_pair(step), free_port_pair(step)
+    if step:
+        extra = (*extra, "--region-port-step", str(step))
     argv = [
         *MAILMETA, "up",
         "--config", str(config),
@@ -185,7 +211,7 @@ def mailmeta_up(
         *extra,
     ]  # fmt: skip
     if "--kafka-bootstrap" not in extra and "--broker-port" not in extra:
-        argv += ["--broker-port", str(free_port())]
+        argv += ["--broker-port", str(free_port_pair(step))]
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -356,3 +382,24 @@ def assert_stored_once(up: Up, acked: list[str], timeout: float = 120.0) -> None
     while up.stats_total() < len(stored) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert up.stats_total() == len(stored)
+
+
+def dump_clickhouse(data_dir: Path) -> bytes:
+    """Every row of every non-system table, read by a separate process (one owner per chdb dir)."""
+    script = (
+        "import sys, clickhouse_connect\n"
+        "c = clickhouse_connect.get_client(dsn='chdb://' + sys.argv[1])\n"
+        "out = []\n"
+        'for db, t in c.query("SELECT database, name FROM system.tables WHERE database NOT IN '
+        "('system','INFORMATION_SCHEMA','information_schema') AND engine NOT LIKE '%View%'\").result_rows:\n"
+        "    out.append(c.raw_query(f'SELECT * FROM `{db}`.`{t}` FORMAT TSV'))\n"
+        "c.close()\n"
+        "sys.stdout.buffer.write(b'\\n'.join(out))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", script, str(data_dir / "clickhouse")],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    return res.stdout
