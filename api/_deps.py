@@ -9,6 +9,7 @@ from typing import Annotated, cast
 from fastapi import Depends, HTTPException, Query, Request
 
 from mailmeta.api._auth import Principal, require
+from mailmeta.api._errors import Misdirected
 from mailmeta.config import Customer, Customers
 from mailmeta.schema import to_utc
 from mailmeta.store import Store
@@ -31,10 +32,31 @@ CustomerQuery = Query(min_length=1, max_length=64)
 
 
 def known(customers: Customers, customer: str, message: str = "unknown customer") -> Customer:
+    """The customer, if this region's: 404 when unknown, 421 when pinned to another region
+    (every customer-scoped route asks this before it touches the store)."""
     found = customers.by_id.get(customer)
     if found is None:
         raise HTTPException(404, message)
+    served_here(customers, found)
     return found
+
+
+def served_here(customers: Customers, customer: Customer) -> None:
+    """421 naming the region (and its API) that serves ``customer`` when it is not this one."""
+    region = customers.elsewhere(customer)
+    if region is not None:
+        where = customers.regions.get(region)
+        raise Misdirected(
+            f"customer {customer.id!r} is served in {customers.where_to(region)}; "
+            "ask that region's API",
+            region,
+            where.api_url if where else None,
+        )
+
+
+def regional(customers: Customers) -> Customers:
+    """Only this region's customers (what listings show and what the store may hold)."""
+    return Customers(customers.here(), customers.source, customers.regions, customers.region)
 
 
 def time_range(since: datetime | None, until: datetime | None) -> tuple[datetime | None, ...]:

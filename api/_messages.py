@@ -20,7 +20,14 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import JSONResponse
 
 from mailmeta.api._auth import Principal, current_principal, require
-from mailmeta.api._deps import CustomerQuery, CustomersDep, StoreDep, known, time_range
+from mailmeta.api._deps import (
+    CustomerQuery,
+    CustomersDep,
+    StoreDep,
+    known,
+    served_here,
+    time_range,
+)
 from mailmeta.config import POLICY_FIELDS, Action, Customer, Customers
 from mailmeta.policy import UnsearchableField, search_forms
 from mailmeta.schema import STATUSES
@@ -74,14 +81,20 @@ def _customer_for(customers: Customers, principal: Principal, requested: str | N
 def me(
     principal: Annotated[Principal, Depends(current_principal)], customers: CustomersDep
 ) -> JSONResponse:
-    """Who this token is: its scopes and the customers it may see (with their policies)."""
-    visible = [c for c in customers if principal.customer in (None, c.id)]
+    """Who this token is: its scopes, the region this API serves and the customers it may
+    see there (with their policies). Other regions' customers are not listed: every question
+    about them here would be answered 421."""
+    own = customers.by_id.get(principal.customer or "")
+    if own is not None:
+        served_here(customers, own)  # a token of a customer pinned elsewhere: 421
+    visible = [c for c in customers.here() if principal.customer in (None, c.id)]
     return JSONResponse(
         {
             "name": principal.name,
             "token_id": principal.token_id,
             "scopes": sorted(principal.scopes),
             "customer": principal.customer,
+            "region": customers.region,
             "customers": [{"id": c.id, "redaction": redaction_info(c)} for c in visible],
         }
     )

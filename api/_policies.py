@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from mailmeta.api._deps import Admin, CustomersDep, StoreDep, known
+from mailmeta.api._deps import Admin, CustomersDep, StoreDep, known, regional
 from mailmeta.api._policy_ops import (
     PolicyInvalid,
     apply_to_stored,
@@ -63,8 +63,10 @@ def install_policies(app: FastAPI, settings: Settings, customers: Customers, sto
     """
     policy_log = PolicyLog(settings)
     app.state.policy_log = policy_log
+    # This region's policies topic and store hold only this region's customers.
+    mine = regional(customers)
     try:
-        for rec in policy_log.seed(customers, newest_stored(store, customers)):
+        for rec in policy_log.seed(mine, newest_stored(store, mine)):
             if rec.source == "config":  # a restored version is in the history already
                 remember(store, rec, "policy.seed", None)
     except Exception as exc:
@@ -103,7 +105,7 @@ def _customer(customers: Customers, customer: str) -> Customer:
 
 @router.get("")
 def list_policies(_p: Admin, customers: CustomersDep, pl: PolicyLogDep) -> JSONResponse:
-    recs = in_force(customers, pl)
+    recs = in_force(regional(customers), pl)  # other regions' policies are theirs to list
     return JSONResponse(
         {"policies": [{k: v for k, v in describe(customers, r).items() if k != "policy"}
                       for r in recs.values()]}

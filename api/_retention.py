@@ -10,6 +10,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from mailmeta.api._deps import Admin, CustomersDep, StoreDep, known
+from mailmeta.config import Customers
+from mailmeta.store import Store
 
 # Called with the shortest retention in force; returns warnings about Kafka topics that
 # keep data longer (set by SinkService, which knows the brokers).
@@ -23,9 +25,15 @@ class RetentionBody(BaseModel):
     days: int = Field(ge=1, le=3650)
 
 
+def _here(store: Store, customers: Customers) -> dict[str, int]:
+    """The store's retention of this region's customers (the others' data is not here)."""
+    mine = {c.id for c in customers.here()}
+    return {c: days for c, days in store.retention().items() if c in mine}
+
+
 @router.get("/v1/retention")
-def get_retention(principal: Admin, store: StoreDep) -> dict[str, Any]:
-    return {"retention_days": store.retention()}
+def get_retention(principal: Admin, store: StoreDep, customers: CustomersDep) -> dict[str, Any]:
+    return {"retention_days": _here(store, customers)}
 
 
 def _topic_warnings(request: Request, shortest: int) -> list[str]:
@@ -57,5 +65,5 @@ def put_retention(
         "retention_days": change.days,
         "previous_days": change.previous_days,
         **counts,
-        "warnings": _topic_warnings(request, min(store.retention().values())),
+        "warnings": _topic_warnings(request, min(_here(store, customers).values())),
     }

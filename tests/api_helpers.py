@@ -83,13 +83,20 @@ def event(customer: str, age: timedelta = timedelta(0), **fields: Any) -> Event:
 
 
 class ApiServer:
-    def __init__(self, tmp: Path, *, rate_per_s: float = 1000.0, burst: int = 1000) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        rate_per_s: float = 1000.0,
+        burst: int = 1000,
+        customers: Customers = CUSTOMERS,
+    ) -> None:
         self.store = ClickHouseStore(
-            f"chdb://{tmp / 'ch'}", {c.id: c.retention_days for c in CUSTOMERS}
+            f"chdb://{tmp / 'ch'}", {c.id: c.retention_days for c in customers}
         )
         self.chdb_dir = tmp / "ch"
         self.auth = TokenAuthority(self.store, rate_per_s=rate_per_s, burst=burst).load()
-        self.app = create_api(self.store, CUSTOMERS, DrainState(1), auth=self.auth)
+        self.app = create_api(self.store, customers, DrainState(1), auth=self.auth)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(

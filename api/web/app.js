@@ -207,7 +207,9 @@ async function start() {
     return;
   }
   $("signin").hidden = true; $("app").hidden = false; $("signout").hidden = false;
-  $("who").textContent = "Signed in as " + state.me.name + (state.me.customer ? " (customer " + state.me.customer + ")" : " (operator)");
+  // One region's API lists and answers for that region's customers only: say which region.
+  const region = state.me.region && state.me.region !== "default" ? ", region " + state.me.region : "";
+  $("who").textContent = "Signed in as " + state.me.name + (state.me.customer ? " (customer " + state.me.customer + region + ")" : " (operator" + region + ")");
   const sel = $("f-customer"); sel.replaceChildren();
   for (const c of state.me.customers) sel.appendChild(el("option", c.id));
   sel.disabled = state.me.customers.length < 2;
