@@ -80,7 +80,7 @@ def store_migrate() -> None:
     from mailmeta.store import ClickHouseStore, StoreError, safe_dsn  # deferred: chdb is heavy
 
     s = _settings()
-    retention = {c.id: c.retention_days for c in load_customers(s.config)}
+    retention = {c.id: c.retention_days for c in load_customers(s.config, s.region).here()}
     try:
         store = ClickHouseStore(s.resolved_dsn(), retention, cluster=s.clickhouse_cluster)
     except StoreError as exc:
@@ -108,7 +108,7 @@ def token_bootstrap(
     from mailmeta.store import ClickHouseStore
 
     s = _settings()
-    retention = {c.id: c.retention_days for c in load_customers(s.config)}
+    retention = {c.id: c.retention_days for c in load_customers(s.config, s.region).here()}
     store = ClickHouseStore(s.resolved_dsn(), retention, cluster=s.clickhouse_cluster)
     try:
         authority = TokenAuthority(store).load()

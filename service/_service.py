@@ -52,7 +52,8 @@ class SinkService:
             if self._given_store is not None:
                 self.store = self._given_store
             else:
-                retention = {c.id: c.retention_days for c in self.customers}
+                # This region's customers only: the store refuses anyone else's events.
+                retention = {c.id: c.retention_days for c in self.customers.here()}
                 self.store = ClickHouseStore(
                     self.settings.resolved_dsn(),
                     retention,

@@ -26,6 +26,8 @@ app.kubernetes.io/component: {{ .stage }}
   value: {{ .root.Values.kafka.bootstrap | quote }}
 - name: MAILMETA_DATA_DIR
   value: /var/lib/mailmeta
+- name: MAILMETA_REGION
+  value: {{ .root.Values.region | quote }}
 {{- if .root.Values.customers }}
 - name: MAILMETA_CONFIG
   value: /etc/mailmeta/customers.yaml
