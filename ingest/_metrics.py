@@ -15,7 +15,8 @@ MESSAGES = Counter(
 RECIPIENTS_REJECTED = Counter(
     "mailmeta_ingest_recipients_rejected",
     "RCPT commands refused, by reason",
-    # unknown_domain | malformed | too_many | relay_denied | tls_required | next_hop
+    # unknown_domain | malformed | too_many | relay_denied | tls_required | next_hop |
+    # other_region (the customer is pinned to another region: 450)
     ["reason"],
 )
 DSN = Counter(
@@ -51,6 +52,11 @@ SPOOL_DEPTH = Gauge(
 )
 SPOOL_BYTES = Gauge("mailmeta_ingest_spool_bytes", "Bytes of the durable spool on disk")
 SPOOL_REPLAYED = Counter("mailmeta_ingest_spool_replayed", "Spooled events replayed to the broker")
+SPOOL_HELD = Counter(
+    "mailmeta_ingest_spool_held",
+    "Spooled events not replayed: their customer was pinned to another region meanwhile "
+    "(kept in held.<region>.log for that region)",
+)
 RELAY_LATENCY = Histogram(
     "mailmeta_ingest_relay_seconds",
     "Time to hand a message to the next hop and get its verdict",

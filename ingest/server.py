@@ -6,18 +6,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mailmeta.config import Customers, Settings
+import orjson
+
+from mailmeta.config import DEFAULT_REGION, Customers, Settings
 from mailmeta.ingest import _metrics as metrics
 from mailmeta.ingest._auth import Authenticator, RelayAccess, parse_networks
 from mailmeta.ingest._handler import IngestHandler
 from mailmeta.ingest._producer import DEFAULT_DELIVERY_TIMEOUT, EventProducer
 from mailmeta.ingest._protocol import FrontEndSMTP, Shared
-from mailmeta.ingest._spool import Spool, replay_forever
+from mailmeta.ingest._spool import Record, Spool, encode_frame, replay_forever
 from mailmeta.ingest._tls import client_context, self_signed, server_context
 from mailmeta.kafka import producer_config as kafka_producer_config
 
@@ -68,8 +72,26 @@ def relay_tls_context(settings: Settings) -> ssl.SSLContext:
 
 
 def spool_dir(settings: Settings) -> Path:
-    # Each worker process its own directory: a spool has exactly one writer.
-    return settings.data_dir / "spool" / f"w{settings.ingest_worker_index}"
+    # Each worker process its own directory: a spool has exactly one writer. Each region its
+    # own too: regions side by side on one data dir must never replay each other's events.
+    spool = "spool" if settings.region == DEFAULT_REGION else f"spool.{settings.region}"
+    return settings.data_dir / spool / f"w{settings.ingest_worker_index}"
+
+
+def hold_elsewhere(directory: Path, region: str, records: Sequence[Record]) -> Path:
+    """Append ``records`` (fsync'd) to ``held.<region>.log`` in ``directory``: the spool's own
+    framing, so the file can be moved into that region's spool directory as a segment
+    (``seg-<number>.log``) for its front end to replay."""
+    path = directory / f"held.{region}.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        data = memoryview(b"".join(encode_frame(k, v) for k, v in records))
+        while data:
+            data = data[os.write(fd, data) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
 
 
 class IngestServer:
@@ -96,6 +118,10 @@ class IngestServer:
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.settings = settings
+        if customers.region != settings.region:
+            # The customers as seen from the region this server serves (its raw topic's):
+            # ConfigError (a ValueError) when the file does not declare that region.
+            customers = customers.serving(settings.region)
         self.customers = customers
         self.host = settings.smtp_host if host is None else host
         self._port = settings.smtp_port if port is None else port
@@ -195,11 +221,42 @@ class IngestServer:
         assert self.spool is not None
         await replay_forever(
             self.spool,
-            self.producer.deliver,
+            self._deliver_replayed,
             ready=lambda: self.producer.queued() == 0,
             skip=self.handler.late_acked,
             on_replayed=metrics.SPOOL_REPLAYED.inc,
         )
+
+    async def _deliver_replayed(self, records: Sequence[Record]) -> None:
+        """Replay spooled records, except those of customers pinned to another region since
+        they were spooled (the customers file changed): never onto this region's topic. They
+        are kept on disk (:func:`hold_elsewhere`), after this region's own are acknowledged
+        (a failure retries the batch, so the order keeps them from being held twice)."""
+        here: list[Record] = []
+        away: dict[str, list[Record]] = {}
+        for record in records:
+            region = self._region_of(record[1])
+            if region is None:
+                here.append(record)
+            else:
+                away.setdefault(region, []).append(record)
+        if here:
+            await self.producer.deliver(here)
+        assert self.spool is not None
+        for region, held in away.items():
+            path = await asyncio.to_thread(hold_elsewhere, self.spool.directory, region, held)
+            metrics.SPOOL_HELD.inc(len(held))
+            log.error("spool: %d event(s) of customers now served in region %r not replayed "
+                      "here; kept in %s for that region's spool", len(held), region, path)  # fmt: skip
+
+    def _region_of(self, value: bytes) -> str | None:
+        """The other region a spooled event's customer is pinned to, else None."""
+        try:
+            customer_id = orjson.loads(value).get("customer_id")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None  # not ours to judge: replayed as it was spooled
+        customer = self.customers.by_id.get(customer_id) if isinstance(customer_id, str) else None
+        return self.customers.elsewhere(customer) if customer is not None else None
 
     async def stop(
         self, grace: float = SHUTDOWN_GRACE, flush_timeout: float = FLUSH_TIMEOUT
