@@ -4,7 +4,9 @@ customer is ever on a topic or in a store of the default region, nor the other w
 
 from __future__ import annotations
 
+import os
 import smtplib
+import subprocess
 import uuid
 from email.message import EmailMessage
 from pathlib import Path
@@ -15,7 +17,7 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from tests.kafka_helpers import files_containing, wait_until
-from tests.up_helpers import Up, dump_clickhouse, mailmeta_up
+from tests.up_helpers import MAILMETA, Up, dump_clickhouse, mailmeta_up
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -140,6 +142,11 @@ def test_no_event_of_an_eu_customer_leaves_the_eu_region(broker: str, tmp_path: 
         wrong = up.messages_response("acme-eu")
         assert wrong.status_code == 421 and "eu.api.invalid" in wrong.text, wrong.text
         assert _messages(eu_api, eu_token, "demo").status_code == 421
+        # The operator CLI, pointed at one region, says where the other one is.
+        wrong_cli = _cli(data, up.api, "policy", "show", "acme-eu")
+        assert wrong_cli.returncode == 1 and "served in region 'eu'" in wrong_cli.stderr
+        right_cli = _cli(data / "regions" / "eu", eu_api, "policy", "show", "acme-eu")
+        assert right_cli.returncode == 0, right_cli.stderr
 
         home_topics = _every_record(_bootstrap(up, 0))
         eu_topics = _every_record(_bootstrap(up, 1))
@@ -161,6 +168,13 @@ def test_no_event_of_an_eu_customer_leaves_the_eu_region(broker: str, tmp_path: 
         assert files_containing(eu_dir / "kafka", eu.needles()[0])
     for needle in (b"bob@acme-eu.example", b"carl@acme-eu.example"):
         assert files_containing(data / "logs", needle) == [], needle
+
+
+def _cli(data_dir: Path, api: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MAILMETA_DATA_DIR": str(data_dir)}
+    return subprocess.run(
+        [*MAILMETA, *args, "--api", api], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def _bootstrap(up: Up, index: int) -> str:
