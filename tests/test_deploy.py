@@ -434,8 +434,17 @@ def test_helm_chart_has_the_cluster_shape() -> None:
     by_kind: dict[str, dict[str, dict[str, Any]]] = {}
     for d in docs:
         by_kind.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
-    deployments = by_kind["Deployment"]
+    # The front end is a StatefulSet: each pod's spool (mail answered 250) has its own volume.
+    deployments = {**by_kind["Deployment"], **by_kind["StatefulSet"]}
     assert {n.rsplit("-", 1)[1] for n in deployments} == MAILMETA_STAGES
+    (ingest,) = by_kind["StatefulSet"].values()
+    (claim,) = ingest["spec"]["volumeClaimTemplates"]
+    pod = ingest["spec"]["template"]["spec"]
+    assert claim["metadata"]["name"] == "state" not in {v["name"] for v in pod["volumes"]}
+    assert {"name": "state", "mountPath": "/var/lib/mailmeta"} in pod["containers"][0][
+        "volumeMounts"
+    ]
+    assert by_kind["Service"][ingest["spec"]["serviceName"]]["spec"]["clusterIP"] == "None"
     for name, dep in deployments.items():
         assert dep["spec"]["replicas"] >= 2, name
         (container,) = dep["spec"]["template"]["spec"]["containers"]

@@ -77,14 +77,17 @@ securityContext:
 {{- end }}
 {{- end -}}
 
+{{/* Pod volumes; args: root, persistentState (the state volume comes from a claim). */}}
 {{- define "mailmeta.volumes" -}}
+{{- if not .persistentState }}
 - name: state
   emptyDir: {}
+{{- end }}
 - name: tmp
   emptyDir: {}
-{{- if .Values.customers }}
+{{- if .root.Values.customers }}
 - name: customers
   configMap:
-    name: {{ include "mailmeta.fullname" . }}-customers
+    name: {{ include "mailmeta.fullname" .root }}-customers
 {{- end }}
 {{- end -}}
