@@ -194,7 +194,8 @@ class PolicyLog:
     def seed(
         self, customers: Customers, stored: Mapping[str, PolicyRecord] | None = None
     ) -> list[PolicyRecord]:
-        """Make the topic hold, per customer, the newest policy recorded anywhere durable.
+        """Make the topic hold, per customer of the region, the newest policy recorded anywhere
+        durable.
 
         Candidates: the topic's record, ``stored`` (the store's policy history, which outlives
         a broker that lost its topic) and the customers file. The newest version wins; a file
@@ -205,7 +206,9 @@ class PolicyLog:
         with self.lock:
             topic = self.read_all()
             due = []
-            for c in customers:
+            # Only this region's customers: the topic is the region's (policies.<region>),
+            # and another region's policies are that region's to publish.
+            for c in customers.here():
                 have = topic.get(c.id)
                 config = PolicyRecord(
                     c.id, c.policy_version, c.policy, "config", now_ms(), "config"

@@ -59,8 +59,13 @@ class SinkService:
                     retention,
                     cluster=self.settings.clickhouse_cluster,
                 )
+            # The customers as seen from this region: other regions' events are never stored.
             self.consumer = SinkConsumer(
-                self.settings, self.store, self.drain, group_id=self._group_id
+                self.settings,
+                self.store,
+                self.drain,
+                group_id=self._group_id,
+                customers=self.customers,
             )
             self.consumer.start()
             self._start_api(timeout)

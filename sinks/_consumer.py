@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from mailmeta.config import Settings
+from mailmeta.config import Customers, Settings
 from mailmeta.kafka import consumer_config, producer_config
 from mailmeta.schema import Event, SchemaError, control_of, decode_event
 from mailmeta.sinks._drain import DrainState
@@ -51,7 +53,8 @@ class _Batch:
     # Event records as they came: decoded all at once at flush (see _decode).
     records_in: list[Message] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
-    dead: list[tuple[Message, str]] = field(default_factory=list)
+    # (record, why, what to send instead of the record's value: None sends the record).
+    dead: list[tuple[Message, str, bytes | None]] = field(default_factory=list)
     markers: list[tuple[str, int, int]] = field(default_factory=list)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     started: float = 0.0
@@ -89,8 +92,19 @@ class SinkConsumer:
         group_id: str = GROUP_ID,
         max_rows: int = MAX_ROWS,
         max_wait: float = MAX_WAIT,
+        customers: Customers | None = None,
     ) -> None:
+        """``customers``: as seen from the region this sink serves; events of a customer
+        pinned to another region are dead-lettered, never stored (None: no such customers)."""
         self._settings = settings
+        self._region = customers.region if customers is not None else settings.region
+        # Customers pinned to another region, by id -> their region.
+        self._elsewhere: dict[str, str] = (
+            {}
+            if customers is None
+            else {c.id: r for c in customers if (r := customers.elsewhere(c)) is not None}
+        )
+        self._elsewhere_ids = pa.array(sorted(self._elsewhere), pa.string())
         self._store = store
         self._drain = drain
         self._group_id = group_id
@@ -276,12 +290,12 @@ class SinkConsumer:
         batch.add(msg)
         value = msg.value()
         if not value:
-            batch.dead.append((msg, "empty record"))
+            batch.dead.append((msg, "empty record", None))
             return
         try:
             control = control_of(value)
         except orjson.JSONDecodeError:
-            batch.dead.append((msg, "control record is not JSON"))
+            batch.dead.append((msg, "control record is not JSON", None))
             return
         if control is not None:
             marker = _drain_marker(control, msg.partition() or 0)
@@ -298,13 +312,35 @@ class SinkConsumer:
             try:
                 event = decode_event(msg.value() or b"")
             except SchemaError as exc:
-                batch.dead.append((msg, str(exc)))
+                batch.dead.append((msg, str(exc), None))
+                continue
+            region = self._elsewhere.get(event.customer_id)
+            if region is not None:
+                reason = (
+                    f"customer {event.customer_id!r} is served in region {region!r}, "
+                    f"not in {self._region!r}"
+                )
+                batch.dead.append((msg, reason, self._misdirected(msg, event, reason)))
                 continue
             reason = self._store.check_event(event)
             if reason is not None:
-                batch.dead.append((msg, reason))
+                batch.dead.append((msg, reason, None))
                 continue
             batch.events.append(event)
+
+    def _misdirected(self, msg: Message, event: Event, reason: str) -> bytes:
+        """The dead letter of another region's event: why and where, not its (redacted)
+        metadata, which has no place in this region's topics at all."""
+        return orjson.dumps(
+            {
+                "reason": reason,
+                "event_id": event.event_id,
+                "customer_id": event.customer_id,
+                "topic": msg.topic(),
+                "partition": msg.partition(),
+                "offset": msg.offset(),
+            }
+        )
 
     def _insert(self, batch: _Batch) -> int:
         """Insert the batch's events; returns how many (duplicates within it count)."""
@@ -332,9 +368,12 @@ class SinkConsumer:
             return
         if batch.records_in:
             # Decoding here overlaps the writer's insert of the batch before.
-            batch.prepared = self._store.prepare_json(
-                [msg.value() or b"" for msg in batch.records_in]
-            )
+            prepared = self._store.prepare_json([msg.value() or b"" for msg in batch.records_in])
+            if prepared is not None and self._elsewhere:
+                ids = prepared.table.column("customer_id")
+                if pc.any(pc.is_in(ids, value_set=self._elsewhere_ids)).as_py():
+                    prepared = None  # the per-event path dead-letters them by name
+            batch.prepared = prepared
         self._hand_off(batch)
 
     def _store_batch(self, batch: _Batch) -> None:
@@ -342,7 +381,7 @@ class SinkConsumer:
         if batch.dead:
             self._retry("dead letter", lambda: self._send_dead(batch.dead))
             self.stats.dead_lettered += len(batch.dead)
-            msg, reason = batch.dead[0]
+            msg, reason, _ = batch.dead[0]
             log.warning(
                 "sent %d record(s) to %s, first at %s: %s",
                 len(batch.dead),
@@ -383,7 +422,7 @@ class SinkConsumer:
                     raise _Aborted from exc
                 delay = min(delay * 2, _BACKOFF_MAX)
 
-    def _send_dead(self, dead: list[tuple[Message, str]]) -> None:
+    def _send_dead(self, dead: list[tuple[Message, str, bytes | None]]) -> None:
         producer = self._producer
         assert producer is not None
         failures: list[str] = []
@@ -392,14 +431,14 @@ class SinkConsumer:
             if err is not None:
                 failures.append(str(err))
 
-        for msg, reason in dead:
+        for msg, reason, instead in dead:
             # Keep the original headers (a list when consumed) and say why and whence.
             headers: list[tuple[str, Any]] = list(msg.headers() or [])  # type: ignore[arg-type]
             headers.append(("mailmeta-error", reason.encode()[:500]))
             headers.append(("mailmeta-source", _where(msg).encode()))
             producer.produce(
                 self._settings.deadletter_topic,
-                value=msg.value(),
+                value=msg.value() if instead is None else instead,
                 key=msg.key(),
                 headers=headers,
                 on_delivery=delivered,

@@ -24,7 +24,7 @@ REDACTED = Counter("mailmeta_redaction_events", "Events redacted and produced")
 DEAD_LETTERS = Counter(
     "mailmeta_redaction_dead_letters",
     "Records sent to the dead-letter topic, by reason (schema: not a valid event; "
-    "redaction: no policy in force could apply)",
+    "redaction: no policy in force could apply; region: a customer of another region)",
     ["reason"],
 )
 POLICY_VERSION = Gauge(

@@ -23,7 +23,7 @@ import orjson
 from confluent_kafka import Consumer, TopicPartition
 from faust.tables.globaltable import GlobalTable
 
-from mailmeta.config import Settings, load_customers
+from mailmeta.config import Customers, Settings, load_customers
 from mailmeta.kafka import AsyncProducer, consumer_config, faust_broker_options, producer_config
 from mailmeta.policy import (
     POLICY_PARTITION,
@@ -53,6 +53,18 @@ POLICY_CATCH_UP_S = 30.0
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
+class ElsewhereError(RedactionError):
+    """An event of a customer pinned to another region: never redacted or forwarded here."""
+
+
+def regional_redactor(customers: Customers) -> Redactor:
+    """A redactor of the region's own customers only: it holds no policy (nor key) of a
+    customer served elsewhere, so such an event cannot be redacted here even by mistake."""
+    return Redactor(
+        Customers(customers.here(), customers.source, customers.regions, customers.region)
+    )
+
+
 # Records transformed between yields to the event loop (~20-50 ms of work here).
 SLICE = 1000
 
@@ -66,9 +78,12 @@ class PolicyTable(GlobalTable):
     """A GlobalTable whose changelog is the policies topic (not ``<app>-<name>-changelog``)
     and which tells the redactor about each record it applies."""
 
-    def __init__(self, *args: Any, topic_name: str, redactor: Redactor, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, topic_name: str, redactor: Redactor, customers: Customers, **kwargs: Any
+    ) -> None:
         self._topic_name = topic_name
         self.redactor = redactor
+        self.customers = customers
         self.applied_offset = -1
         super().__init__(*args, **kwargs)
 
@@ -89,6 +104,17 @@ class PolicyTable(GlobalTable):
                 continue
             if rec is None:
                 continue
+            customer = self.customers.by_id.get(rec.customer_id)
+            region = self.customers.elsewhere(customer) if customer is not None else None
+            if region is not None:
+                # This region's topic holds only its customers' policies: a record of another
+                # region's customer is a mistake to report, never a policy to hold here.
+                log.warning(
+                    "ignoring policy record at offset %s: customer %r is served in region %r, "
+                    "not in this one (%r)",
+                    ev.message.offset, rec.customer_id, region, self.customers.region,
+                )  # fmt: skip
+                continue
             if self.redactor.update(rec.customer_id, rec.policy, rec.version):
                 log.info("policy v%s of %s in force", rec.version, rec.customer_id)
                 metrics.POLICY_VERSION.labels(rec.customer_id).set(rec.version)
@@ -106,8 +132,16 @@ def _policies_high_watermark(settings: Settings) -> int:
 class Transformer:
     """Turns a batch of raw records into the records to produce. No faust, no I/O."""
 
-    def __init__(self, redactor: Redactor, settings: Settings) -> None:
+    def __init__(
+        self, redactor: Redactor, settings: Settings, customers: Customers | None = None
+    ) -> None:
         self.redactor = redactor
+        # Every customer (the redactor may know only this region's): ids in dead letters.
+        self.customers = customers if customers is not None else redactor.customers
+        # Customers pinned to another region, by id -> their region (region pinning).
+        self.elsewhere = {
+            c.id: r for c in self.customers if (r := self.customers.elsewhere(c)) is not None
+        }
         self.redacted = settings.redacted_topic
         self.deadletter = settings.deadletter_topic
         self.raw = settings.raw_topic
@@ -121,6 +155,7 @@ class Transformer:
         append = out.append
         compiled = self.redactor.compiled
         loads, dumps, JSONDecodeError = orjson.loads, orjson.dumps, orjson.JSONDecodeError
+        elsewhere = self.elsewhere
         n_ok = 0
         for key, value, partition, offset in records:
             if value[:11] == b'{"_control"':
@@ -142,9 +177,17 @@ class Transformer:
                     raise SchemaError("event is not a JSON object")
                 if not plainly_valid(obj):
                     event_from_dict(obj)  # raises with the reason (and is the authority)
-                out_value = dumps(compiled(obj["customer_id"]).apply_dict(obj))
+                cid = obj["customer_id"]
+                if cid in elsewhere:
+                    raise ElsewhereError(
+                        f"customer {cid!r} is served in region {elsewhere[cid]!r}, "
+                        f"not in {self.customers.region!r}"
+                    )
+                out_value = dumps(compiled(cid).apply_dict(obj))
             except (SchemaError, RedactionError) as exc:
                 kind = "schema" if isinstance(exc, SchemaError) else "redaction"
+                if isinstance(exc, ElsewhereError):
+                    kind = "region"
                 metrics.DEAD_LETTERS.labels(kind).inc()
                 log.warning("dead letter at %s/%s: %s", partition, offset, exc)
                 append(self._dead_letter(obj, str(exc)[:500], partition, offset))
@@ -170,7 +213,7 @@ class Transformer:
             eid, cid = obj.get("event_id"), obj.get("customer_id")
             if isinstance(eid, str) and _UUID.fullmatch(eid):
                 event_id = eid
-            if isinstance(cid, str) and cid in self.redactor.customers.by_id:
+            if isinstance(cid, str) and cid in self.customers.by_id:
                 customer_id = cid
         body = orjson.dumps(
             {
@@ -188,8 +231,8 @@ class Transformer:
 
 def create_app(settings: Settings) -> faust.App:
     customers = load_customers(settings.config, settings.region)
-    redactor = Redactor(customers)
-    for c in customers:
+    redactor = regional_redactor(customers)
+    for c in customers.here():
         metrics.POLICY_VERSION.labels(c.id).set(c.policy_version)
     app = BatchApp(
         settings.group_id(APP_ID),
@@ -225,6 +268,7 @@ def create_app(settings: Settings) -> faust.App:
             name="policies",
             topic_name=settings.policies_topic,
             redactor=redactor,
+            customers=customers,
             key_type=bytes,
             value_type=bytes,
             partitions=1,
@@ -238,7 +282,7 @@ def create_app(settings: Settings) -> faust.App:
             recovery_buffer_size=1,
         )
     )
-    transformer = Transformer(redactor, settings)
+    transformer = Transformer(redactor, settings, customers)
     policies_ready = asyncio.Event()
 
     @app.task
