@@ -12,6 +12,7 @@ from mailmeta.api import _erase, _export, _messages, _retention, _stats, _tokens
 from mailmeta.api._auth import AccessLogMiddleware, TokenAuthority
 from mailmeta.api._errors import install_error_handlers
 from mailmeta.api._health import DrainStatus, Health, drain_router, health_router
+from mailmeta.api._in_force import PoliciesInForce
 from mailmeta.api._openapi import openapi_of
 from mailmeta.api._web import mount_web, web_router
 from mailmeta.config import Customers
@@ -35,6 +36,8 @@ def create_api(
     app.state.drain_state = drain_state
     app.state.health = health
     app.state.token_authority = auth
+    # The customers file's policies until install_policies gives it the policies topic.
+    app.state.policies = PoliciesInForce(store, None)
     app.add_middleware(AccessLogMiddleware)
     app.openapi = lambda: openapi_of(app)  # type: ignore[method-assign]
     install_error_handlers(app)

@@ -4,7 +4,8 @@ who-am-I.
 Every query is bound to one customer: a customer token's own (``customer`` may be omitted, a
 different one is 403), or the one an operator names. Filters on fields a policy HMACs take the
 clear value: the API hashes it with the customer's key and matches both forms, so rows stored
-under an older policy that kept the value still match.
+under an older policy that kept the value still match. Policies are the versions in force
+(``_in_force``), not the customers file's: an operator may have changed one since.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from mailmeta.api._deps import (
     CustomersDep,
     StoreDep,
     known,
+    regional,
     served_here,
     time_range,
 )
-from mailmeta.config import POLICY_FIELDS, Action, Customer, Customers
-from mailmeta.policy import UnsearchableField, search_forms
+from mailmeta.api._in_force import InForceDep, redaction_info
+from mailmeta.config import Action, Customer, Customers, Policy
+from mailmeta.policy import UnsearchableField, search_forms, stored_as
 from mailmeta.schema import STATUSES
 from mailmeta.store import MAX_LIMIT, Cursor, SearchFilter
 
@@ -55,22 +58,16 @@ def decode_cursor(text: str) -> Cursor:
         raise HTTPException(400, "invalid cursor") from None
 
 
-def _forms(customer: Customer, field: str, value: str | None) -> tuple[str, ...]:
+def _forms(
+    customer: Customer, versions: dict[int, Policy], field: str, value: str | None
+) -> tuple[str, ...]:
     try:
-        return search_forms(customer, field, value)
+        return search_forms(customer, field, value, versions.values())
     except UnsearchableField as exc:
         raise HTTPException(400, str(exc)) from None
     except (OSError, ValueError) as exc:
         log.error("customer %s: cannot read its hmac keys: %s", customer.id, exc)
         raise HTTPException(503, "the customer's hmac key cannot be read") from None
-
-
-def redaction_info(customer: Customer) -> dict[str, Any]:
-    """The customer's current policy: each field's action (fields not named are dropped)."""
-    return {
-        "policy_version": customer.policy_version,
-        "actions": {f: customer.policy.action_for(f).value for f in POLICY_FIELDS},
-    }
 
 
 def _customer_for(customers: Customers, principal: Principal, requested: str | None) -> Customer:
@@ -79,15 +76,19 @@ def _customer_for(customers: Customers, principal: Principal, requested: str | N
 
 @router.get("/v1/me")
 def me(
-    principal: Annotated[Principal, Depends(current_principal)], customers: CustomersDep
+    principal: Annotated[Principal, Depends(current_principal)],
+    customers: CustomersDep,
+    live: InForceDep,
 ) -> JSONResponse:
     """Who this token is: its scopes, the region this API serves and the customers it may
-    see there (with their policies). Other regions' customers are not listed: every question
-    about them here would be answered 421."""
+    see there (with the policy version in force of each). Other regions' customers are not
+    listed: every question about them here would be answered 421."""
     own = customers.by_id.get(principal.customer or "")
     if own is not None:
         served_here(customers, own)  # a token of a customer pinned elsewhere: 421
-    visible = [c for c in customers.here() if principal.customer in (None, c.id)]
+    here = regional(customers)
+    visible = [c for c in here if principal.customer in (None, c.id)]
+    policies = live.records(here)
     return JSONResponse(
         {
             "name": principal.name,
@@ -95,13 +96,18 @@ def me(
             "scopes": sorted(principal.scopes),
             "customer": principal.customer,
             "region": customers.region,
-            "customers": [{"id": c.id, "redaction": redaction_info(c)} for c in visible],
+            "customers": [
+                {"id": c.id, "redaction": redaction_info(p.policy, p.version)}
+                for c in visible
+                for p in [policies[c.id]]
+            ],
         }
     )
 
 
 def _search_filter(
     c: Customer,
+    versions: dict[int, Policy],
     lo: datetime | None,
     hi: datetime | None,
     status: list[str] | None,
@@ -111,17 +117,27 @@ def _search_filter(
     if bad:
         raise HTTPException(400, f"unknown status; expected one of {', '.join(sorted(STATUSES))}")
     subject = text["subject"]
-    if subject is not None and c.policy.action_for("subject") is not Action.keep:
+    # Rows stored under any version that kept subjects can match.
+    if subject is not None and Action.keep not in stored_as(versions.values(), "subject"):
         raise HTTPException(400, "this customer's policy does not keep subjects")
     return SearchFilter(
         since=lo,
         until=hi,
         statuses=tuple(status or ()),
-        senders=_forms(c, "mail_from", text["sender"]),
-        recipients=_forms(c, "rcpt_to", text["recipient"]),
-        message_ids=_forms(c, "message_id", text["message_id"]),
+        senders=_forms(c, versions, "mail_from", text["sender"]),
+        recipients=_forms(c, versions, "rcpt_to", text["recipient"]),
+        message_ids=_forms(c, versions, "message_id", text["message_id"]),
         subject=subject,
     )
+
+
+def _redaction_by_version(
+    versions: dict[int, Policy], rows: list[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """How each version the rows were stored under redacts (what the dashboard tags each
+    cell by: a row keeps the form its version gave it)."""
+    stamped = sorted(versions.keys() & {r.get("policy_version") for r in rows})
+    return {str(v): redaction_info(versions[v], v) for v in stamped}
 
 
 @router.get("/v1/messages")
@@ -129,6 +145,7 @@ def messages(
     principal: Reader,
     store: StoreDep,
     customers: CustomersDep,
+    live: InForceDep,
     customer: Annotated[str | None, CustomerQuery] = None,
     since: Annotated[datetime | None, Query(alias="from")] = None,
     until: Annotated[datetime | None, Query(alias="to")] = None,
@@ -141,15 +158,22 @@ def messages(
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
 ) -> JSONResponse:
     """The customer's events, newest first, filtered; ``next`` is the following page's
-    cursor (null on the last page). Each status change of a message is its own event."""
+    cursor (null on the last page). Each status change of a message is its own event;
+    ``redaction_by_version`` says how each policy version on the page redacted fields."""
     c = _customer_for(customers, principal, customer)
     lo, hi = time_range(since, until)
+    versions = live.versions(customers, c.id)
     text = {"sender": sender, "recipient": recipient, "message_id": message_id}
-    flt = _search_filter(c, lo, hi, status, {**text, "subject": subject})
+    flt = _search_filter(c, versions, lo, hi, status, {**text, "subject": subject})
     after = decode_cursor(cursor) if cursor else None
     rows, nxt = store.search_events(c.id, flt, limit, after)
     return JSONResponse(
-        {"customer": c.id, "messages": rows, "next": encode_cursor(nxt) if nxt else None}
+        {
+            "customer": c.id,
+            "messages": rows,
+            "next": encode_cursor(nxt) if nxt else None,
+            "redaction_by_version": _redaction_by_version(versions, rows),
+        }
     )
 
 
@@ -158,10 +182,13 @@ def message(
     principal: Reader,
     store: StoreDep,
     customers: CustomersDep,
+    live: InForceDep,
     event_id: str,
     customer: Annotated[str | None, CustomerQuery] = None,
 ) -> JSONResponse:
-    """One event, its message's status history (oldest first) and how it was redacted."""
+    """One event, its message's status history (oldest first), how it was redacted
+    (``stored_redaction``: its version's policy, null if unrecorded) and the policy in force
+    (``redaction``)."""
     c = _customer_for(customers, principal, customer)
     try:
         eid = str(uuid.UUID(event_id))
@@ -173,11 +200,16 @@ def message(
         raise HTTPException(404, "no such message")
     mid = row.get("message_id")
     history = store.message_history(c.id, mid) if mid and "***" not in mid else [row]
+    versions = live.versions(customers, c.id)
+    current = live.records(customers)[c.id]
     return JSONResponse(
         {
             "customer": c.id,
             "message": row,
             "history": history or [row],
-            "redaction": redaction_info(c),
+            "redaction": redaction_info(current.policy, current.version),
+            "stored_redaction": _redaction_by_version(versions, [row]).get(
+                str(row.get("policy_version"))
+            ),
         }
     )

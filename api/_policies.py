@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from mailmeta.api._deps import Admin, CustomersDep, StoreDep, known, regional
+from mailmeta.api._in_force import InForceDep, PoliciesInForce
 from mailmeta.api._policy_ops import (
     PolicyInvalid,
     apply_to_stored,
@@ -27,7 +28,7 @@ from mailmeta.api._policy_ops import (
     stored_policies,
 )
 from mailmeta.config import Customer, Customers, Policy, Settings
-from mailmeta.policy import PREVIEW_NOTE, PolicyLog, PolicyRecord, diff, effective
+from mailmeta.policy import PREVIEW_NOTE, PolicyLog, PolicyRecord, diff
 from mailmeta.schema import now_ms
 from mailmeta.store import Store
 
@@ -63,6 +64,7 @@ def install_policies(app: FastAPI, settings: Settings, customers: Customers, sto
     """
     policy_log = PolicyLog(settings)
     app.state.policy_log = policy_log
+    app.state.policies = PoliciesInForce(store, policy_log)
     # This region's policies topic and store hold only this region's customers.
     mine = regional(customers)
     try:
@@ -85,14 +87,6 @@ def get_policy_log(request: Request) -> PolicyLog:
 PolicyLogDep = Annotated[PolicyLog, Depends(get_policy_log)]
 
 
-def in_force(customers: Customers, pl: PolicyLog) -> dict[str, PolicyRecord]:
-    try:
-        return effective(customers, pl.read_all())
-    except Exception as exc:
-        log.error("reading the policies topic failed: %s", exc)
-        raise HTTPException(503, "policies topic unavailable") from None
-
-
 def describe(customers: Customers, rec: PolicyRecord) -> dict[str, Any]:
     # The file's version, so `mailmeta policy list` shows a stale customers file.
     cfg = customers.by_id[rec.customer_id].policy_version
@@ -104,8 +98,11 @@ def _customer(customers: Customers, customer: str) -> Customer:
 
 
 @router.get("")
-def list_policies(_p: Admin, customers: CustomersDep, pl: PolicyLogDep) -> JSONResponse:
-    recs = in_force(regional(customers), pl)  # other regions' policies are theirs to list
+def list_policies(
+    _p: Admin, customers: CustomersDep, _pl: PolicyLogDep, live: InForceDep
+) -> JSONResponse:
+    # Other regions' policies are theirs to list.
+    recs = live.records(regional(customers), strict=True)
     return JSONResponse(
         {"policies": [{k: v for k, v in describe(customers, r).items() if k != "policy"}
                       for r in recs.values()]}
@@ -114,10 +111,15 @@ def list_policies(_p: Admin, customers: CustomersDep, pl: PolicyLogDep) -> JSONR
 
 @router.get("/{customer}")
 def show(
-    customer: str, _p: Admin, store: StoreDep, customers: CustomersDep, pl: PolicyLogDep
+    customer: str,
+    _p: Admin,
+    store: StoreDep,
+    customers: CustomersDep,
+    _pl: PolicyLogDep,
+    live: InForceDep,
 ) -> JSONResponse:
     _customer(customers, customer)
-    rec = in_force(customers, pl)[customer]
+    rec = live.records(customers, strict=True)[customer]
     history = store.policy_versions(customer)
     return JSONResponse(
         {
@@ -141,10 +143,11 @@ def preview(
     _p: Admin,
     store: StoreDep,
     customers: CustomersDep,
-    pl: PolicyLogDep,
+    _pl: PolicyLogDep,
+    live: InForceDep,
 ) -> JSONResponse:
     c = _customer(customers, customer)
-    current = in_force(customers, pl)[customer]
+    current = live.records(customers, strict=True)[customer]
     proposed = parse_policy(body.policy, c) if body.policy is not None else current.policy
     versions = stored_policies(store, customers, customer, current)
     rows = store.query_messages(customer, limit=body.sample)
@@ -161,11 +164,17 @@ def preview(
 
 
 def _publish_next(
-    pl: PolicyLog, customers: Customers, customer: str, body: SetBody, policy: Policy, actor: str
+    pl: PolicyLog,
+    live: PoliciesInForce,
+    customers: Customers,
+    customer: str,
+    body: SetBody,
+    policy: Policy,
+    actor: str,
 ) -> tuple[PolicyRecord, PolicyRecord]:
     """Publishes version N+1; returns (old, new). 409 when ``expected_version`` is stale."""
     with pl.lock:  # versions of one API never collide
-        old = in_force(customers, pl)[customer]
+        old = live.records(customers, strict=True)[customer]
         if body.expected_version is not None and body.expected_version != old.version:
             raise HTTPException(
                 409, f"version in force is {old.version}, not {body.expected_version}"
@@ -176,6 +185,7 @@ def _publish_next(
         except Exception as exc:
             log.error("publishing policy v%s of %s failed: %s", rec.version, customer, exc)
             raise HTTPException(503, "policies topic unavailable; nothing changed") from None
+        live.published(rec)
     return old, rec
 
 
@@ -187,10 +197,11 @@ def set_policy(
     store: StoreDep,
     customers: CustomersDep,
     pl: PolicyLogDep,
+    live: InForceDep,
 ) -> JSONResponse:
     c = _customer(customers, customer)
     policy = parse_policy(body.policy, c)
-    old, rec = _publish_next(pl, customers, customer, body, policy, principal.name)
+    old, rec = _publish_next(pl, live, customers, customer, body, policy, principal.name)
     remember(store, rec, "policy.set", old)
     result: dict[str, Any] = {
         "customer_id": customer,

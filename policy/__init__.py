@@ -2,7 +2,7 @@
 records, and the retroactive rewrite of stored rows. Shared by streams/ (which applies them)
 and api/ (where operators read and change them)."""
 
-from mailmeta.policy._forms import UnsearchableField, search_forms, stored_forms
+from mailmeta.policy._forms import UnsearchableField, search_forms, stored_as, stored_forms
 from mailmeta.policy._log import (
     POLICY_PARTITION,
     PolicyLog,
@@ -43,6 +43,7 @@ __all__ = [
     "plan",
     "rewriter",
     "search_forms",
+    "stored_as",
     "stored_forms",
     "truncate_ip",
 ]

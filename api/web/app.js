@@ -65,8 +65,11 @@ function filters() {
   };
 }
 
-function cell(row, field) {
-  const action = policy().actions[field] || "drop";
+// A row keeps the form its policy version gave it: tag it by that version's actions (what
+// the API sent with the page), the policy in force only when that version is unrecorded.
+function cell(row, field, byVersion) {
+  const stored = (byVersion || {})[row.policy_version];
+  const action = (stored ? stored.actions : policy().actions)[field] || "drop";
   let v = row[field];
   if (Array.isArray(v)) v = v.join(", ");
   const td = el("td", v == null ? "—" : v);
@@ -87,8 +90,9 @@ async function loadMessages(cursor) {
     tr.dataset.eventId = m.event_id;
     tr.appendChild(el("td", m.received_at.replace("T", " ").replace("Z", "")));
     const st = el("td"); st.appendChild(el("span", m.status, "status s-" + m.status)); tr.appendChild(st);
-    tr.appendChild(cell(m, "mail_from")); tr.appendChild(cell(m, "rcpt_to"));
-    tr.appendChild(cell(m, "subject")); tr.appendChild(cell(m, "message_id"));
+    const v = page.redaction_by_version;
+    tr.appendChild(cell(m, "mail_from", v)); tr.appendChild(cell(m, "rcpt_to", v));
+    tr.appendChild(cell(m, "subject", v)); tr.appendChild(cell(m, "message_id", v));
     tr.addEventListener("click", () => showDetail(m.event_id).catch(showError));
     tbody.appendChild(tr);
   }
@@ -178,7 +182,7 @@ async function showDetail(eventId) {
     const tr = el("tr"); tr.dataset.field = f;
     tr.appendChild(el("th", f));
     if (["event_id", "received_at", "status"].includes(f)) tr.appendChild(el("td", m[f]));
-    else tr.appendChild(cell(m, f));
+    else tr.appendChild(cell(m, f, d.stored_redaction ? { [m.policy_version]: d.stored_redaction } : null));
     tb.appendChild(tr);
   }
   const ol = $("history"); ol.replaceChildren();

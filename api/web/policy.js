@@ -157,7 +157,9 @@ async function applyPolicy() {
   }
   const applied = r.body.applied_to_stored;
   const result = "Version " + r.body.version + " is in force" + (applied ? "; " + applied.rows_rewritten + " stored rows rewritten." : ".");
-  // Stored rows may have been rewritten: the message table shows them as they now are.
+  // The policy in force changed: /v1/me describes it now. Stored rows may have been
+  // rewritten: the message table shows them as they now are.
+  state.me = await api("/v1/me");
   await Promise.all([loadPolicy(pol.customer), refresh()]);
   $("p-result").textContent = result;
 }
