@@ -56,8 +56,11 @@ class PreviewBody(BaseModel):
     sample: int = Field(default=10, ge=1, le=MAX_SAMPLE)
 
 
-def install_policies(app: FastAPI, settings: Settings, customers: Customers, store: Store) -> None:
-    """Wire the policy API to the policies topic and seed it from the config.
+def install_policies(
+    app: FastAPI, settings: Settings, customers: Customers, store: Store
+) -> PolicyLog:
+    """Wire the policy API to the policies topic and seed it from the config; the caller
+    closes the returned log when the app stops.
 
     A broker that cannot be reached here does not stop the sink: workers fall back to the
     config's policies, and the API answers 503 until the topic can be read.
@@ -75,6 +78,7 @@ def install_policies(app: FastAPI, settings: Settings, customers: Customers, sto
         log.warning("could not seed the policies topic %s: %s", settings.policies_topic, exc)
     app.add_exception_handler(PolicyInvalid, on_invalid)
     app.include_router(router)
+    return policy_log
 
 
 def get_policy_log(request: Request) -> PolicyLog:

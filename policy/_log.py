@@ -191,6 +191,13 @@ class PolicyLog:
         if errors:
             raise KafkaException(errors[0])
 
+    def close(self) -> None:
+        """Stop the producer's threads (bounded): they would outlive the app otherwise."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.flush(self.timeout)
+            producer.close()
+
     def seed(
         self, customers: Customers, stored: Mapping[str, PolicyRecord] | None = None
     ) -> list[PolicyRecord]:

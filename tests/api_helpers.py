@@ -20,10 +20,10 @@ import httpx
 import pytest
 import uvicorn
 
-from mailmeta.api import SCOPES, TokenAuthority, create_api
-from mailmeta.config import Customer, Customers
+from mailmeta.api import SCOPES, TokenAuthority, create_api, install_policies
+from mailmeta.config import Customer, Customers, Settings
 from mailmeta.local.brokers import free_port
-from mailmeta.policy import Redactor
+from mailmeta.policy import PolicyLog, Redactor
 from mailmeta.schema import Event, format_time, new_event_id
 from mailmeta.sinks import DrainState
 from mailmeta.store import ClickHouseStore
@@ -105,6 +105,11 @@ class ApiServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         _, self.operator = self.auth.create("operator", None, SCOPES)
+        self.policy_log: PolicyLog | None = None
+
+    def install_policies(self, settings: Settings, customers: Customers) -> None:
+        """The policy routes on ``settings``' broker, as the service wires them."""
+        self.policy_log = install_policies(self.app, settings, customers, self.store)
 
     def start(self) -> ApiServer:
         self.thread.start()
@@ -119,6 +124,8 @@ class ApiServer:
         self.server.should_exit = True
         self.thread.join(10)
         assert not self.thread.is_alive(), "API server thread did not stop"
+        if self.policy_log is not None:
+            self.policy_log.close()
         self.auth.close()
         self.store.close()
 

@@ -48,7 +48,10 @@ def produce(bootstrap: str, topic: str, values: list[bytes], partition: int | No
             p.produce(topic, v, key=uuid.uuid4().bytes)
         else:
             p.produce(topic, v, partition=partition)
-    assert p.flush(15) == 0, "broker did not acknowledge every record"
+    try:
+        assert p.flush(15) == 0, "broker did not acknowledge every record"
+    finally:
+        p.close()  # else its threads outlive the test, reconnecting to a stopped broker
 
 
 def consume(

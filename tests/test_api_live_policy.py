@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 
-from mailmeta.api import install_policies
 from mailmeta.api._in_force import TTL_S
 from mailmeta.config import Customer, Customers, Policy, Settings
 from mailmeta.policy import PolicyLog, PolicyRecord, Redactor, hmac_tagged
@@ -52,7 +51,7 @@ CUSTOMERS = Customers(
 @pytest.fixture
 def api(settings: Settings, tmp_path: Path) -> Iterator[ApiServer]:
     server = ApiServer(tmp_path, customers=CUSTOMERS)
-    install_policies(server.app, settings, CUSTOMERS, server.store)
+    server.install_policies(settings, CUSTOMERS)
     server.start()
     try:
         yield server

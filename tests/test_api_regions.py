@@ -24,7 +24,6 @@ import httpx
 import pytest
 import yaml
 
-from mailmeta.api import install_policies
 from mailmeta.config import Customers, Settings, load_customers
 from mailmeta.kafka import ensure_topics
 from mailmeta.local.apache_kafka import KafkaNode
@@ -160,7 +159,7 @@ def cell(region: str, broker: LocalBroker | KafkaNode, tmp_path: Path) -> Iterat
     )
     ensure_topics(settings, customers.shortest_retention_days)
     api = ApiServer(tmp_path, customers=customers)
-    install_policies(api.app, settings, customers, api.store)
+    api.install_policies(settings, customers)
     cell = Region(api, settings, region)
     own = [_event(customers, cell.own, cell.secret[cell.own]) for _ in range(2)]
     # The other customer's row, redacted by its own region's redactor.

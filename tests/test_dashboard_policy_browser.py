@@ -14,7 +14,6 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.sync_api import Page
 
-from mailmeta.api import install_policies
 from mailmeta.config import Settings
 from tests.api_helpers import ARTIFACTS, CHROMIUM, CUSTOMERS, FLAGS, ApiServer, event, need_chromium
 
@@ -26,7 +25,7 @@ def policy_api(settings: Settings, tmp_path: Path) -> Iterator[ApiServer]:
     """The API with the policy routes on a real broker's policies topic (seeded from the
     customers: acme's version 3), and a few stored messages to preview."""
     server = ApiServer(tmp_path)
-    install_policies(server.app, settings, CUSTOMERS, server.store)
+    server.install_policies(settings, CUSTOMERS)
     server.store.insert_events(
         [event("acme", age=timedelta(minutes=i), subject=f"Invoice {i}") for i in range(3)]
     )
