@@ -37,3 +37,18 @@ def test_operator_commands_name_the_unreachable_api() -> None:
     res = runner.invoke(app, ["retention", "show", "--api", "http://127.0.0.1:9"])
     assert res.exit_code == 1
     assert "cannot reach the mailmeta API at http://127.0.0.1:9" in res.output
+
+
+def test_config_validate_says_which_region_serves_whom(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "regions: {eu: {}}\ncustomers:\n"
+        "  - {id: a, domains: [a.example], retention_days: 30}\n"
+        "  - {id: b, domains: [b.example], retention_days: 30, region: eu}\n"
+    )
+    res = runner.invoke(app, ["config", "validate", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "region default: a\n  region eu: b\n" in res.output
+    cfg.write_text(cfg.read_text().replace("region: eu", "region: ue"))
+    res = runner.invoke(app, ["config", "validate", str(cfg)])
+    assert res.exit_code == 2 and "field 'region': 'ue' is not declared" in res.output
