@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     policies_topic: str = "mailmeta.policies"
     # Prometheus metrics of a redaction worker (0 = off).
     streams_metrics_port: int = Field(default=0, ge=0, le=65535)
+    # Prometheus metrics of the sink (0 = off), on api_host: lag, insert latency, errors.
+    sink_metrics_port: int = Field(default=0, ge=0, le=65535)
     partitions: int = Field(default=3, ge=1)
     # Unredacted metadata must not outlive what customers were promised: keep it hours.
     raw_retention_hours: int = Field(default=6, ge=1)

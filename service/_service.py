@@ -16,7 +16,7 @@ import uvicorn
 from mailmeta.api import TokenAuthority, create_api, ensure_operator_token, install_policies
 from mailmeta.config import Customers, Settings
 from mailmeta.kafka import check_topic_retention
-from mailmeta.sinks import GROUP_ID, DrainState, SinkConsumer
+from mailmeta.sinks import GROUP_ID, DrainState, LagMonitor, SinkConsumer, serve_metrics
 from mailmeta.store import ClickHouseStore, Store
 
 log = logging.getLogger("mailmeta.sinks")
@@ -30,7 +30,10 @@ class SinkService:
         *,
         store: Store | None = None,
         group_id: str | None = None,
+        lag_check_s: float = 5.0,
     ) -> None:
+        """``lag_check_s``: how often lag and the oldest unstored age are measured (only
+        with settings.sink_metrics_port set)."""
         self.settings = settings
         self.customers = customers
         self._given_store = store
@@ -41,6 +44,9 @@ class SinkService:
         self._server: uvicorn.Server | None = None
         self._server_thread: threading.Thread | None = None
         self.auth: TokenAuthority | None = None
+        self._lag_check_s = lag_check_s
+        self._lag: LagMonitor | None = None
+        self._metrics_server: Any = None
 
     @property
     def url(self) -> str:
@@ -68,11 +74,24 @@ class SinkService:
                 customers=self.customers,
             )
             self.consumer.start()
+            if self.settings.sink_metrics_port:
+                self._start_metrics()
             self._start_api(timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.settings.api_host}:{self.settings.sink_metrics_port}/metrics"
+
+    def _start_metrics(self) -> None:
+        # Its own port, like the other stages' (the API's port needs tokens).
+        self._metrics_server, _ = serve_metrics(
+            self.settings.sink_metrics_port, self.settings.api_host
+        )
+        self._lag = LagMonitor(self.settings, self._group_id, self._lag_check_s).start()
 
     def _health(self) -> dict[str, Any]:
         consumer = self.consumer
@@ -151,6 +170,13 @@ class SinkService:
                 self._server_thread.join(1.0)
                 clean = False
             self._server = self._server_thread = None
+        if self._lag is not None:
+            self._lag.stop()
+            self._lag = None
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
         if self.auth is not None:
             self.auth.close()  # flushes the access log while the store is still open
             self.auth = None

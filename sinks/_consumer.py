@@ -29,6 +29,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from mailmeta.config import Customers, Settings
 from mailmeta.kafka import consumer_config, producer_config
 from mailmeta.schema import Event, SchemaError, control_of, decode_event
+from mailmeta.sinks import _metrics as metrics
 from mailmeta.sinks._drain import DrainState
 from mailmeta.store import Store
 
@@ -55,10 +56,12 @@ class _Batch:
     events: list[Event] = field(default_factory=list)
     # (record, why, what to send instead of the record's value: None sends the record).
     dead: list[tuple[Message, str, bytes | None]] = field(default_factory=list)
+    dead_kinds: dict[str, int] = field(default_factory=dict)  # metric reason -> records
     markers: list[tuple[str, int, int]] = field(default_factory=list)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     started: float = 0.0
     records: int = 0
+    oldest_ms: int = 0  # Kafka timestamp of its oldest record (0: none known)
     # The store's columnwise decoding of records_in, done on the consumer thread (see _flush);
     # None when it declined the batch or the store has no such path.
     prepared: Any = None
@@ -68,6 +71,14 @@ class _Batch:
             self.started = time.monotonic()
         self.records += 1
         self.offsets[(msg.topic() or "", msg.partition() or 0)] = (msg.offset() or 0) + 1
+        ts = msg.timestamp()[1]
+        if ts > 0 and (not self.oldest_ms or ts < self.oldest_ms):
+            self.oldest_ms = ts
+
+    def kill(self, msg: Message, why: str, kind: str, instead: bytes | None = None) -> None:
+        """Dead-letter ``msg`` (``kind``: the metric's reason label)."""
+        self.dead.append((msg, why, instead))
+        self.dead_kinds[kind] = self.dead_kinds.get(kind, 0) + 1
 
 
 @dataclass
@@ -188,8 +199,8 @@ class SinkConsumer:
                     batch.records >= self._max_rows
                     or time.monotonic() >= batch.started + self._max_wait
                 ):
-                    self._flush()
-            self._flush()
+                    self._flush("full" if batch.records >= self._max_rows else "waited")
+            self._flush("shutdown")
             self._finish_writer()
             self.stats.state = "stopped"
         except _Aborted:
@@ -290,12 +301,12 @@ class SinkConsumer:
         batch.add(msg)
         value = msg.value()
         if not value:
-            batch.dead.append((msg, "empty record", None))
+            batch.kill(msg, "empty record", "schema")
             return
         try:
             control = control_of(value)
         except orjson.JSONDecodeError:
-            batch.dead.append((msg, "control record is not JSON", None))
+            batch.kill(msg, "control record is not JSON", "schema")
             return
         if control is not None:
             marker = _drain_marker(control, msg.partition() or 0)
@@ -312,7 +323,7 @@ class SinkConsumer:
             try:
                 event = decode_event(msg.value() or b"")
             except SchemaError as exc:
-                batch.dead.append((msg, str(exc), None))
+                batch.kill(msg, str(exc), "schema")
                 continue
             region = self._elsewhere.get(event.customer_id)
             if region is not None:
@@ -320,11 +331,11 @@ class SinkConsumer:
                     f"customer {event.customer_id!r} is served in region {region!r}, "
                     f"not in {self._region!r}"
                 )
-                batch.dead.append((msg, reason, self._misdirected(msg, event, reason)))
+                batch.kill(msg, reason, "region", self._misdirected(msg, event, reason))
                 continue
             reason = self._store.check_event(event)
             if reason is not None:
-                batch.dead.append((msg, reason, None))
+                batch.kill(msg, reason, "unstorable")
                 continue
             batch.events.append(event)
 
@@ -361,11 +372,13 @@ class SinkConsumer:
 
     # --- flushing ----------------------------------------------------------------------------
 
-    def _flush(self) -> None:
+    def _flush(self, trigger: str) -> None:
         """Hand the batch in hand to the writer (waits while it still writes the one before)."""
         batch, self._batch = self._batch, _Batch()
         if not batch.records:
             return
+        metrics.FLUSHES.labels(trigger=trigger).inc()
+        metrics.BATCH_ROWS.observe(batch.records)
         if batch.records_in:
             # Decoding here overlaps the writer's insert of the batch before.
             prepared = self._store.prepare_json([msg.value() or b"" for msg in batch.records_in])
@@ -377,10 +390,17 @@ class SinkConsumer:
         self._hand_off(batch)
 
     def _store_batch(self, batch: _Batch) -> None:
-        self.stats.rows_inserted += self._insert(batch)
+        t0 = time.monotonic()
+        stored = self._insert(batch)
+        if batch.records_in:
+            metrics.INSERT_SECONDS.observe(time.monotonic() - t0)
+        self.stats.rows_inserted += stored
+        metrics.EVENTS_STORED.inc(stored)
         if batch.dead:
             self._retry("dead letter", lambda: self._send_dead(batch.dead))
             self.stats.dead_lettered += len(batch.dead)
+            for kind, n in batch.dead_kinds.items():
+                metrics.DEAD_LETTERS.labels(reason=kind).inc(n)
             msg, reason, _ = batch.dead[0]
             log.warning(
                 "sent %d record(s) to %s, first at %s: %s",
@@ -389,6 +409,8 @@ class SinkConsumer:
                 _where(msg),
                 reason,
             )
+        if batch.oldest_ms:
+            metrics.DELAY_SECONDS.observe(max(0.0, time.time() - batch.oldest_ms / 1000))
         self._stored.put(batch)
         if self.stats.state == "retrying":
             self.stats.state = "running"
@@ -413,6 +435,8 @@ class SinkConsumer:
                 return fn()
             except Exception as exc:
                 attempt += 1
+                if what == "insert":
+                    metrics.STORE_ERRORS.inc()
                 self.stats.state = "retrying"
                 self.stats.last_error = f"{what}: {exc}"
                 log.warning(
@@ -467,7 +491,7 @@ class SinkConsumer:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Store and commit what we hold while the partitions are still ours.
         if self._batch.records:
-            self._flush()
+            self._flush("rebalance")
         self._wait_written()
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

@@ -577,6 +577,11 @@ def test_dashboard_and_alerts_name_only_metrics_mailmeta_exports() -> None:
         "mailmeta_ingest_messages_total",
         "mailmeta_ingest_spool_records",
         "mailmeta_redaction_dead_letters_total",
+        # The sink: lag, unstored age, insert latency and errors.
+        "mailmeta_sink_consumer_lag",
+        "mailmeta_sink_oldest_unstored_age_seconds",
+        "mailmeta_sink_insert_seconds_bucket",
+        "mailmeta_sink_store_errors_total",
     ):
         assert needed in used
 
@@ -585,3 +590,38 @@ def test_promtool_checks_the_alert_rules() -> None:
     res = run(tool("promtool"), "check", "rules", DEPLOY / "prometheus" / "alerts.yaml")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "SUCCESS" in res.stdout
+
+
+def test_prometheus_scrapes_the_ports_the_stages_serve() -> None:
+    """promtool accepts the scrape config (and its rule file), and it scrapes every stage's
+    replicas in compose on the metrics port that stage's settings give it."""
+    config = DEPLOY / "prometheus" / "prometheus.yml"
+    res = run(tool("promtool"), "check", "config", config)
+    assert res.returncode == 0, res.stdout + res.stderr
+    services = compose()["services"]
+    ports = {
+        "ingest": "MAILMETA_INGEST_METRICS_PORT",
+        "streams": "MAILMETA_STREAMS_METRICS_PORT",
+        "sinks": "MAILMETA_SINK_METRICS_PORT",
+        "api": "MAILMETA_SINK_METRICS_PORT",
+    }
+    targets = {
+        t
+        for job in yaml.safe_load(config.read_text())["scrape_configs"]
+        for sc in job["static_configs"]
+        for t in sc["targets"]
+    }
+    for stage, var in ports.items():
+        port = services[stage]["environment"][var]
+        replicas = services[stage]["deploy"]["replicas"]
+        for i in range(1, replicas + 1):
+            assert f"mailmeta-{stage}-{i}:{port}" in targets, (stage, i)
+    # The chart annotates each stage's pods with the port its container serves /metrics on.
+    for doc in helm_render(HELM_SETS[0]):
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            pod = doc["spec"]["template"]
+            (container,) = pod["spec"]["containers"]
+            metrics = {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"]
+            assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(metrics)
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            assert str(metrics) in env.values(), doc["metadata"]["name"]

@@ -1,0 +1,189 @@
+"""Prometheus metrics of the sink (served when MAILMETA_SINK_METRICS_PORT is set).
+
+The counters and histograms move as the consumer works. Lag and the age of the oldest
+unstored event come from ``LagMonitor``: the group's committed offsets against the topic's
+end offsets, read by a client of its own that never joins the group, so they are reported
+while the consumer is stuck (ClickHouse away), between rebalances, or stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from mailmeta.config import Settings
+from mailmeta.kafka import consumer_config
+
+log = logging.getLogger("mailmeta.sinks")
+
+EVENTS_STORED = Counter("mailmeta_sink_events", "Events inserted into the store")
+DEAD_LETTERS = Counter(
+    "mailmeta_sink_dead_letters",
+    "Records sent to the dead-letter topic, by reason (schema: empty, not JSON or not a "
+    "valid event; region: a customer of another region; unstorable: the store refuses it, "
+    "e.g. an unknown customer)",
+    ["reason"],
+)
+INSERT_SECONDS = Histogram(
+    "mailmeta_sink_insert_seconds",
+    "Time to insert one batch into the store, retries included",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+BATCH_ROWS = Histogram(
+    "mailmeta_sink_batch_rows",
+    "Records per batch handed to the store",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 25_000),
+)
+FLUSHES = Counter(
+    "mailmeta_sink_flushes",
+    "Batches handed to the writer, by what ended them (full: MAX_ROWS; waited: "
+    "MAILMETA_SINK_MAX_WAIT_MS passed; rebalance; shutdown)",
+    ["trigger"],
+)
+DELAY_SECONDS = Histogram(
+    "mailmeta_sink_delay_seconds",
+    "From the oldest record of a batch being written to the redacted topic (its Kafka "
+    "timestamp) until the batch is stored: the sink's share of end-to-end latency",
+    buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+STORE_ERRORS = Counter(
+    "mailmeta_sink_store_errors", "Failed attempts to insert a batch (each is retried)"
+)
+LAG = Gauge(
+    "mailmeta_sink_consumer_lag",
+    "Records of the redacted topic not yet stored and committed by the sink's group, per "
+    "partition (end offset - committed offset)",
+    ["partition"],
+)
+OLDEST_UNSTORED_AGE = Gauge(
+    "mailmeta_sink_oldest_unstored_age_seconds",
+    "Age of the oldest record of the redacted topic the sink's group has not stored (its "
+    "Kafka timestamp); 0 when none waits",
+)
+CHECK_EVERY_S = 5.0
+_READ_TIMEOUT_S = 3.0
+
+# Answers while a group's coordinator is elected or loads.
+_COORDINATOR_MOVING = frozenset(
+    {
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    }
+)
+
+
+def serve(port: int, host: str) -> tuple[Any, threading.Thread]:
+    """Expose /metrics on ``host:port``; returns the server (``shutdown()`` stops it)."""
+    return start_http_server(port, addr=host)
+
+
+class LagMonitor:
+    """Measures the group's lag and the age of its oldest unstored record every
+    ``interval`` s in a thread; ``check()`` does one measurement."""
+
+    def __init__(self, settings: Settings, group_id: str, interval: float = CHECK_EVERY_S):
+        self.topic = settings.redacted_topic
+        self.interval = interval
+        # Small fetches: only one record per lagging partition is read, for its timestamp.
+        self._consumer = Consumer(
+            consumer_config(
+                settings,
+                group_id,
+                logger=logging.getLogger("mailmeta.sinks.kafka"),
+                **{"fetch.message.max.bytes": 65536, "queued.max.messages.kbytes": 1024},
+            )
+        )
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_error = ""
+
+    def start(self) -> LagMonitor:
+        self._thread = threading.Thread(target=self._run, name="mailmeta-sink-lag", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return  # still in a bounded broker call: it closes the client itself
+        self._consumer.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.check()
+                self._last_error = ""
+            except (KafkaException, RuntimeError) as exc:  # a broker hiccup: try again
+                text = str(exc)
+                if text != self._last_error:
+                    log.warning("could not measure the sink's lag: %s", text)
+                    self._last_error = text
+            self._stop.wait(self.interval)
+
+    def check(self) -> tuple[dict[int, int], float]:
+        """(lag per partition, age of the oldest unstored record in s); sets the gauges."""
+        consumer = self._consumer
+        meta = consumer.list_topics(self.topic, timeout=_READ_TIMEOUT_S).topics[self.topic]
+        if meta.error is not None:
+            raise RuntimeError(f"redacted topic {self.topic}: {meta.error}")
+        parts = [TopicPartition(self.topic, p) for p in sorted(meta.partitions)]
+        lag: dict[int, int] = {}
+        start: dict[int, int] = {}
+        for tp in self._committed(parts):
+            low, high = consumer.get_watermark_offsets(tp, timeout=_READ_TIMEOUT_S, cached=False)
+            at = max(low, tp.offset) if tp.offset != OFFSET_INVALID else low
+            lag[tp.partition] = max(0, high - at)
+            if at < high:
+                start[tp.partition] = at
+        age = self._oldest_age(start)
+        for p, n in lag.items():
+            LAG.labels(partition=str(p)).set(n)
+        OLDEST_UNSTORED_AGE.set(age)
+        return lag, age
+
+    def _committed(self, parts: list[TopicPartition]) -> list[TopicPartition]:
+        deadline = time.monotonic() + _READ_TIMEOUT_S
+        while True:
+            try:
+                return list(self._consumer.committed(parts, timeout=_READ_TIMEOUT_S))
+            except KafkaException as exc:
+                err = exc.args[0]
+                if time.monotonic() > deadline or not (
+                    err.retriable() or err.code() in _COORDINATOR_MOVING
+                ):
+                    raise
+                self._stop.wait(0.2)
+
+    def _oldest_age(self, start: dict[int, int]) -> float:
+        """Reads the record at each lagging partition's committed offset for its timestamp."""
+        if not start:
+            return 0.0
+        consumer = self._consumer
+        assigned = [TopicPartition(self.topic, p, o) for p, o in start.items()]
+        consumer.assign(assigned)
+        oldest: dict[int, int] = {}
+        try:
+            deadline = time.monotonic() + _READ_TIMEOUT_S
+            while len(oldest) < len(start) and time.monotonic() < deadline:
+                msg = consumer.poll(0.2)
+                if msg is None or msg.error() is not None:
+                    continue
+                p = msg.partition() or 0
+                if p not in oldest and (msg.offset() or 0) >= start[p]:
+                    oldest[p] = msg.timestamp()[1]
+                    consumer.pause([TopicPartition(self.topic, p)])
+        finally:
+            # A pause outlives the assignment in librdkafka: undo it for the next check.
+            consumer.resume(assigned)
+            consumer.unassign()
+        if not oldest:
+            raise RuntimeError(f"could not read the oldest unstored records of {self.topic}")
+        return max(0.0, time.time() - min(oldest.values()) / 1000)
