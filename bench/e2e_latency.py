@@ -1,7 +1,7 @@
 """End-to-end latency of `mailmeta up`: SMTP ``250`` -> the row is visible through the API.
 
     .venv/bin/python bench/e2e_latency.py [--broker kafka,tansu] [--rate 1000] [--seconds 30]
-        [--connections 20] [--sample 20] [--poll 0.05] [--size 1024]
+        [--connections 20] [--sample 20] [--poll 0.05] [--size 1024] [--sink-wait-ms 500,50]
 
 For each broker in turn (one run, same load), a fresh ``mailmeta up --broker B`` (default
 settings, the bundled demo customer) gets a steady offered rate of mail for ``--seconds``:
@@ -18,6 +18,12 @@ adds little load. Latency = first response listing the row - the 250 (both CLOCK
 this machine): an upper bound, by up to one poll interval plus one API request. A warm-up
 (``--warmup`` s at the same rate) runs first and is not counted. At the end every acknowledged
 message must be stored exactly once (counted through the API's cursor pages).
+
+``--sink-wait-ms A,B`` runs each broker once per value of ``MAILMETA_SINK_MAX_WAIT_MS`` (the
+sink's batch wait; default: the setting's default), in turn, same load: old and new side by
+side in one run. The sink's own metrics (``MAILMETA_SINK_METRICS_PORT``, scraped before and
+after the measured load) give its inserts per second, rows per insert, insert time and its
+share of the latency (redacted topic -> stored).
 
 Exits non-zero, saying why, if `mailmeta up` does not start, a wait runs out (all bounded) or a
 message is missing; `mailmeta up` is stopped by its PID (SIGTERM: it drains and stops its parts
@@ -46,6 +52,7 @@ from typing import Any
 
 import httpx
 from _brokers import loadavg, parse_kinds
+from prometheus_client.parser import text_string_to_metric_families
 
 from mailmeta.local.brokers import die_with_parent, free_port
 
@@ -63,11 +70,17 @@ class BenchError(RuntimeError):
 class Up:
     """``mailmeta up`` in a temporary data dir on free ports, stopped by PID."""
 
-    def __init__(self, broker: str, data_dir: Path) -> None:
+    def __init__(self, broker: str, data_dir: Path, sink_wait_ms: int | None = None) -> None:
         self.broker = broker
         self.data_dir = data_dir
         self.smtp_port, self.api_port = free_port(), free_port()
         self.api = f"http://127.0.0.1:{self.api_port}"
+        metrics_port = free_port()
+        self.metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        # `mailmeta up` passes its environment on to its parts: the sink reads these.
+        self.env = dict(os.environ, MAILMETA_SINK_METRICS_PORT=str(metrics_port))
+        if sink_wait_ms is not None:
+            self.env["MAILMETA_SINK_MAX_WAIT_MS"] = str(sink_wait_ms)
         self.lines: list[str] = []
         self.parts: dict[str, int] = {}
         self._ready = threading.Event()
@@ -83,6 +96,7 @@ class Up:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env=self.env,
             preexec_fn=die_with_parent,  # if this script dies, `mailmeta up` stops too
         )
         threading.Thread(target=self._pump, daemon=True).start()
@@ -119,6 +133,32 @@ class Up:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def sink_metrics(url: str) -> dict[str, float]:
+    """The sink's counters and histogram sums/counts, summed over labels."""
+    out: dict[str, float] = {}
+    text = httpx.get(url, timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("mailmeta_sink_") and not sample.name.endswith("_created"):
+                key = sample.name
+                if sample.name.endswith("_bucket"):
+                    key += f"le={sample.labels['le']}"
+                out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
+def hist_quantile(d: dict[str, float], name: str, q: float) -> float:
+    """Upper bound of the bucket holding quantile ``q`` of a histogram's delta ``d``."""
+    buckets = sorted(
+        (float(k.split("le=")[1]), v) for k, v in d.items() if k.startswith(name + "_bucketle=")
+    )
+    total = buckets[-1][1] if buckets else 0.0
+    for le, n in buckets:
+        if total and n >= q * total:
+            return le
+    return float("nan")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -395,8 +435,12 @@ def phase(up: Up, args: argparse.Namespace, run: str, seconds: float) -> Phase:
     return Phase(load, latency, len(load.probes) - len(latency), poll_s)
 
 
-def bench_one(broker: str, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
-    up = Up(broker, tmp / broker)
+def bench_one(
+    broker: str, args: argparse.Namespace, tmp: Path, sink_wait_ms: int | None = None
+) -> dict[str, float]:
+    name = broker if sink_wait_ms is None else f"{broker}, sink wait {sink_wait_ms} ms"
+    up = Up(broker, tmp / f"{broker}-{sink_wait_ms}", sink_wait_ms)
+    broker = name  # the label of every line below
     t0 = time.monotonic()
     try:
         up.start(args.start_timeout)
@@ -414,9 +458,12 @@ def bench_one(broker: str, args: argparse.Namespace, tmp: Path) -> dict[str, flo
         assert up.proc is not None
         up.parts["supervisor"] = up.proc.pid
         cpu0 = {name: cpu_seconds(pid) for name, pid in up.parts.items()}
+        sink0 = sink_metrics(up.metrics)
         t_load, client0 = time.monotonic(), time.process_time()
         p = phase(up, args, run, args.seconds)
         busy = time.monotonic() - t_load
+        sink1 = sink_metrics(up.metrics)
+        sd = {k: v - sink0.get(k, 0.0) for k, v in sink1.items()}
         client = 100 * (time.process_time() - client0) / busy
         cpu = {n: 100 * (cpu_seconds(pid) - cpu0[n]) / busy for n, pid in up.parts.items()}
         load = p.load
@@ -443,6 +490,16 @@ def bench_one(broker: str, args: argparse.Namespace, tmp: Path) -> dict[str, flo
               f"{'met' if figures['p99'] < 1 else 'NOT met'})")  # fmt: skip
         print(f"[{broker}]   poll every {args.poll * 1000:.0f} ms; API request p50 "
               f"{ms(statistics.median(p.poll_s))}")  # fmt: skip
+        inserts = sd.get("mailmeta_sink_insert_seconds_count", 0.0)
+        figures["inserts_per_s"] = inserts / busy
+        print(f"[{broker}] sink: {inserts / busy:.1f} inserts/s, "
+              f"{sd.get('mailmeta_sink_batch_rows_sum', 0) / max(1.0, inserts):,.0f} rows per "
+              f"insert, insert mean {ms(sd.get('mailmeta_sink_insert_seconds_sum', 0) / max(1.0, inserts))}"
+              f" (p99 <= {ms(hist_quantile(sd, 'mailmeta_sink_insert_seconds', 0.99))}); "
+              f"redacted topic -> stored, oldest of each batch: mean "
+              f"{ms(sd.get('mailmeta_sink_delay_seconds_sum', 0) / max(1.0, sd.get('mailmeta_sink_delay_seconds_count', 0)))}"
+              f", p99 <= {ms(hist_quantile(sd, 'mailmeta_sink_delay_seconds', 0.99))}")  # fmt: skip
+        figures["load1"] = os.getloadavg()[0]
         print(f"[{broker}] CPU during the load, % of one core: "
               + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
               + f"; the load client {client:.0f}; {loadavg()}")  # fmt: skip
@@ -473,7 +530,18 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=1024, help="message bytes")
     ap.add_argument("--timeout", type=float, default=60, help="bound on each wait after the load")
     ap.add_argument("--start-timeout", type=float, default=240)
+    ap.add_argument(
+        "--sink-wait-ms",
+        default="",
+        help="comma-separated MAILMETA_SINK_MAX_WAIT_MS values, each a run per broker",
+    )
     args = ap.parse_args()
+    try:
+        waits: list[int | None] = [int(w) for w in args.sink_wait_ms.split(",") if w] or [None]
+    except ValueError:
+        ap.error("--sink-wait-ms: comma-separated whole milliseconds, e.g. 500,50")
+    if any(w is not None and w < 1 for w in waits):
+        ap.error("--sink-wait-ms: each at least 1")
     try:
         kinds = parse_kinds(args.broker, ("kafka", "tansu"))
     except ValueError as exc:
@@ -487,14 +555,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mm-e2e-") as tmp:
         try:
             for kind in kinds:
-                results[kind] = bench_one(kind, args, Path(tmp))
+                for wait in waits:
+                    label = kind if wait is None else f"{kind} wait {wait} ms"
+                    results[label] = bench_one(kind, args, Path(tmp), wait)
         except BenchError as exc:
             print(f"e2e_latency: {exc}", file=sys.stderr)
             return 1
     print(f"summary (250 -> visible; offered {args.rate:,.0f} msg/s):")
     for kind, f in results.items():
-        print(f"  {kind:<6} achieved {f['achieved']:6,.0f} msg/s   p50 {ms(f['p50']):>8}   "
-              f"p95 {ms(f['p95']):>8}   p99 {ms(f['p99']):>8}   max {ms(f['max']):>8}")  # fmt: skip
+        print(f"  {kind:<20} achieved {f['achieved']:6,.0f} msg/s   p50 {ms(f['p50']):>8}   "
+              f"p95 {ms(f['p95']):>8}   p99 {ms(f['p99']):>8}   max {ms(f['max']):>8}   "
+              f"sink {f['inserts_per_s']:5.1f} inserts/s   load1 {f['load1']:.2f}")  # fmt: skip
     print(f"machine: {loadavg()}")
     return 0
 

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     streams_metrics_port: int = Field(default=0, ge=0, le=65535)
     # Prometheus metrics of the sink (0 = off), on api_host: lag, insert latency, errors.
     sink_metrics_port: int = Field(default=0, ge=0, le=65535)
+    # The longest a redacted event waits in the sink for company before its batch is
+    # inserted: lower trades more, smaller inserts for latency (bench/e2e_latency.py).
+    sink_max_wait_ms: int = Field(default=500, ge=1, le=60_000)
     partitions: int = Field(default=3, ge=1)
     # Unredacted metadata must not outlive what customers were promised: keep it hours.
     raw_retention_hours: int = Field(default=6, ge=1)

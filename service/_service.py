@@ -72,6 +72,7 @@ class SinkService:
                 self.drain,
                 group_id=self._group_id,
                 customers=self.customers,
+                max_wait=self.settings.sink_max_wait_ms / 1000,
             )
             self.consumer.start()
             if self.settings.sink_metrics_port:

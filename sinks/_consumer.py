@@ -37,7 +37,8 @@ log = logging.getLogger("mailmeta.sinks.consumer")
 
 GROUP_ID = "mailmeta-sink"
 MAX_ROWS = 25_000  # larger parts: ~25% less ClickHouse CPU per row than 10k (bench)
-MAX_WAIT = 0.5  # seconds a lone event waits for company before it is inserted
+# Seconds a lone event waits for company before its batch is inserted (settings.sink_max_wait_ms).
+MAX_WAIT = 0.5
 IDLE_POLL = 0.5  # blocking poll while idle: ~0 CPU, and stop() is noticed within this
 _BACKOFF_MAX = 5.0
 _COMMIT_ATTEMPTS = 3
