@@ -343,7 +343,7 @@ def _tagged(line: str, region: str) -> str:
 def local_kafka(base_dir: Path, port: int) -> KafkaNode:
     """The local single-node Kafka: its controller port is kept with its data across runs."""
     port_file = base_dir / "controller.port"
-    controller = int(port_file.read_text()) if port_file.exists() else free_ports(1)[0]
+    controller = int(port_file.read_text()) if port_file.exists() else _other_free_port(port)
     try:
         node = KafkaNode(base_dir, port=port, controller_port=controller)
     except KafkaNotFound as exc:
@@ -354,6 +354,12 @@ def local_kafka(base_dir: Path, port: int) -> KafkaNode:
     base_dir.mkdir(parents=True, exist_ok=True)
     port_file.write_text(str(controller))
     return node
+
+
+def _other_free_port(taken: int) -> int:
+    """A free port that is not ``taken`` (the broker's own, chosen but not bound yet: the
+    kernel may hand it out again)."""
+    return next(p for p in free_ports(2) if p != taken)
 
 
 def _alive(broker: LocalBroker | KafkaNode) -> bool:

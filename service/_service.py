@@ -16,6 +16,7 @@ import uvicorn
 from mailmeta.api import TokenAuthority, create_api, ensure_operator_token, install_policies
 from mailmeta.config import Customers, Settings
 from mailmeta.kafka import check_topic_retention
+from mailmeta.policy import PolicyLog
 from mailmeta.sinks import GROUP_ID, DrainState, LagMonitor, SinkConsumer, serve_metrics
 from mailmeta.store import ClickHouseStore, Store
 
@@ -44,6 +45,7 @@ class SinkService:
         self._server: uvicorn.Server | None = None
         self._server_thread: threading.Thread | None = None
         self.auth: TokenAuthority | None = None
+        self._policy_log: PolicyLog | None = None
         self._lag_check_s = lag_check_s
         self._lag: LagMonitor | None = None
         self._metrics_server: Any = None
@@ -131,7 +133,7 @@ class SinkService:
             settings, shortest, timeout=5.0
         )
         # Redaction policies (/v1/policies): seeds the policies topic from the config.
-        install_policies(app, settings, self.customers, self.store)
+        self._policy_log = install_policies(app, settings, self.customers, self.store)
         config = uvicorn.Config(
             app,
             host=self.settings.api_host,
@@ -181,6 +183,9 @@ class SinkService:
         if self.auth is not None:
             self.auth.close()  # flushes the access log while the store is still open
             self.auth = None
+        if self._policy_log is not None:
+            self._policy_log.close()
+            self._policy_log = None
         if self.store is not None and self._given_store is None:
             self.store.close()
         self.store = None
