@@ -11,10 +11,7 @@ import os
 import shutil
 import threading
 import time
-import uuid
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -23,10 +20,10 @@ import uvicorn
 from mailmeta.api import SCOPES, TokenAuthority, create_api, install_policies
 from mailmeta.config import Customer, Customers, Settings
 from mailmeta.local.brokers import free_port
-from mailmeta.policy import PolicyLog, Redactor
-from mailmeta.schema import Event, format_time, new_event_id
+from mailmeta.policy import PolicyLog
 from mailmeta.sinks import DrainState
 from mailmeta.store import ClickHouseStore
+from tests.event_helpers import Redacted
 
 ACME_KEY = "acme-test-hmac-key-0123456789abcdef"
 CUSTOMERS = Customers(
@@ -58,28 +55,7 @@ CUSTOMERS = Customers(
 
 
 # Rows are written the way production writes them: a raw event through the real redactor.
-REDACTOR = Redactor(CUSTOMERS)
-
-
-def event(customer: str, age: timedelta = timedelta(0), **fields: Any) -> Event:
-    """A raw event (clear values; ``fields`` override them) redacted by the customer's policy,
-    exactly what the sink receives from the redaction worker."""
-    values: dict[str, Any] = {
-        "event_id": new_event_id(),
-        "received_at": format_time(datetime.now(UTC) - age),
-        "customer_id": customer,
-        "status": "delivered",
-        "message_id": f"<{uuid.uuid4().hex}@mx.example>",
-        "subject": "Quarterly report",
-        "size_bytes": 1000,
-        "smtp_reply": "250 2.0.0 Ok",
-        "sender_ip": "198.51.100.7",
-        "helo": "mx.sender.example",
-        "mail_from": "alice@sender.example" if customer == "acme" else "carol@sender.example",
-        "rcpt_to": ["bob@acme.example"] if customer == "acme" else ["dave@globex.example"],
-    }
-    values.update(fields)
-    return REDACTOR.redact(Event(**values))
+event = Redacted(CUSTOMERS)
 
 
 class ApiServer:

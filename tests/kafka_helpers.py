@@ -18,7 +18,9 @@ from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, Message, Producer
 
-from mailmeta.config import Settings
+from mailmeta.config import Customers, Settings
+from mailmeta.kafka import ensure_topics
+from mailmeta.local.brokers import free_port
 
 T = TypeVar("T")
 
@@ -80,6 +82,27 @@ def consume(
     finally:
         c.close()
     return out
+
+
+def sink_settings(
+    bootstrap: str, tmp: Path, customers: Customers, name: str, partitions: int = 3
+) -> Settings:
+    """Settings for a sink given ``customers`` in memory: its own topics (created) on the
+    broker, data dir under ``tmp``, API port and operator token file."""
+    prefix = f"{name}-{uuid.uuid4().hex[:8]}"
+    s = Settings(
+        config=Path("/nonexistent"),  # customers are given in memory
+        data_dir=tmp / "data",
+        kafka_bootstrap=bootstrap,
+        raw_topic=f"{prefix}.raw",
+        redacted_topic=f"{prefix}.redacted",
+        deadletter_topic=f"{prefix}.deadletter",
+        partitions=partitions,
+        api_port=free_port(),
+        operator_token_file=tmp / "data" / "operator-token",
+    )
+    ensure_topics(s, customers.shortest_retention_days)
+    return s
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -24,8 +24,9 @@ import pytest
 from mailmeta.api._in_force import TTL_S
 from mailmeta.config import Customer, Customers, Policy, Settings
 from mailmeta.policy import PolicyLog, PolicyRecord, Redactor, hmac_tagged
-from mailmeta.schema import Event, format_time, new_event_id
+from mailmeta.schema import format_time
 from tests.api_helpers import ApiServer
+from tests.event_helpers import Redacted
 from tests.kafka_helpers import wait_until
 
 pytestmark = [pytest.mark.kafka]
@@ -59,23 +60,15 @@ def api(settings: Settings, tmp_path: Path) -> Iterator[ApiServer]:
         server.stop()
 
 
-def _store(api: ApiServer, redactor: Redactor, subject: str, n: int = 2) -> None:
+def _store(api: ApiServer, rows: Redacted, subject: str, n: int = 2) -> None:
     """``n`` raw events redacted by the redactor's version in force, stored as the sink does."""
     events = [
-        redactor.redact(
-            Event(
-                event_id=new_event_id(),
-                received_at=format_time(datetime.now(UTC)),
-                customer_id="initech",
-                status="delivered",
-                message_id=f"<{subject.replace(' ', '-')}-{i}@mx.example>",
-                subject=subject,
-                size_bytes=1000,
-                smtp_reply="250 2.0.0 Ok",
-                sender_ip="198.51.100.7",
-                mail_from=SENDER,
-                rcpt_to=[RCPT],
-            )
+        rows(
+            "initech",
+            message_id=f"<{subject.replace(' ', '-')}-{i}@mx.example>",
+            subject=subject,
+            mail_from=SENDER,
+            rcpt_to=[RCPT],
         )
         for i in range(n)
     ]
@@ -95,8 +88,8 @@ def _worker_takes(settings: Settings, redactor: Redactor, version: int) -> None:
 
 
 def test_me_and_search_follow_the_policy_in_force(api: ApiServer, settings: Settings) -> None:
-    redactor = Redactor(CUSTOMERS)
-    _store(api, redactor, "Before change")
+    rows = Redacted(CUSTOMERS)
+    _store(api, rows, "Before change")
     reader = api.token("initech", "messages:read", name="initech-reader")
     with api.client(reader) as c:
         version, actions = _actions(c.get("/v1/me").json())
@@ -108,8 +101,8 @@ def test_me_and_search_follow_the_policy_in_force(api: ApiServer, settings: Sett
         r = op.put("/v1/policies/initech", json={"policy": NEW_POLICY, "expected_version": 1})
     assert r.status_code == 200, r.text
     assert r.json()["version"] == 2
-    _worker_takes(settings, redactor, 2)
-    _store(api, redactor, "After change")
+    _worker_takes(settings, rows.redactor, 2)
+    _store(api, rows, "After change")
 
     with api.client(reader) as c:
         version, actions = _actions(c.get("/v1/me").json())

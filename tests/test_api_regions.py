@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +27,10 @@ from mailmeta.config import Customers, Settings, load_customers
 from mailmeta.kafka import ensure_topics
 from mailmeta.local.apache_kafka import KafkaNode
 from mailmeta.local.brokers import LocalBroker
-from mailmeta.policy import PolicyLog, Redactor
-from mailmeta.schema import Event, format_time, new_event_id
+from mailmeta.policy import PolicyLog
+from mailmeta.schema import Event
 from tests.api_helpers import ApiServer
+from tests.event_helpers import Redacted
 
 EU_API = "https://eu.api.example"
 FILE = {
@@ -99,20 +99,7 @@ READER_ROUTES = ["/v1/me", "/v1/messages", "/v1/messages/{event_id}", "/v1/stats
 
 def _event(customers: Customers, customer: str, secret: str) -> Event:
     """A raw event redacted by the real redactor of the customer's own region."""
-    values: dict[str, Any] = {
-        "event_id": new_event_id(),
-        "received_at": format_time(datetime.now(UTC)),
-        "customer_id": customer,
-        "status": "delivered",
-        "message_id": f"<{secret}@mx.example>",
-        "subject": secret,
-        "size_bytes": 1000,
-        "smtp_reply": "250 2.0.0 Ok",
-        "sender_ip": "198.51.100.7",
-        "mail_from": "alice@sender.example",
-        "rcpt_to": [f"bob@{customer}.example"],
-    }
-    return Redactor(customers).redact(Event(**values))
+    return Redacted(customers)(customer, message_id=f"<{secret}@mx.example>", subject=secret)
 
 
 def _per_table(api: ApiServer, customer: str) -> dict[str, int]:

@@ -6,12 +6,11 @@ uses its own customer or message ids, so tests do not see each other's rows.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 import clickhouse_connect
@@ -19,13 +18,13 @@ import httpx
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
-from mailmeta.config import Customer, Customers, Settings
-from mailmeta.kafka import ensure_topics
+from mailmeta.config import Customer, Customers
 from mailmeta.local.apache_kafka import KafkaNode
-from mailmeta.local.brokers import LocalBroker, free_port
-from mailmeta.policy import Redactor
-from mailmeta.schema import Event, encode_drain_marker, encode_event, format_time, new_event_id
+from mailmeta.local.brokers import LocalBroker
+from mailmeta.schema import Event, encode_drain_marker, encode_event
 from mailmeta.service import SinkService
+from tests.event_helpers import Redacted, raw_event
+from tests.kafka_helpers import sink_settings
 from tests.kafka_helpers import wait_until as wait_for  # other sink tests import it from here
 
 PARTITIONS = 3
@@ -60,33 +59,8 @@ CUSTOMERS = Customers(
 )
 
 
-REDACTOR = Redactor(CUSTOMERS)
-
-
-def redacted(customer: str, age: timedelta = timedelta(0), **fields: Any) -> Event:
-    """A raw event through the real redactor (what the sink receives); ``fields`` then
-    override the result, for records that are deliberately not what a redactor writes."""
-    raw = Event(
-        event_id=new_event_id(),
-        received_at=format_time(datetime.now(UTC) - age),
-        customer_id=customer if customer in CUSTOMERS.by_id else "order",
-        status="delivered",
-        sender_ip="198.51.100.23",
-        helo="mx.sender.example",
-        mail_from="alice@sender.example",
-        rcpt_to=[f"bob@{customer}.example"],
-        message_id=f"<{uuid.uuid4().hex}@mx.example>",
-        subject="Quarterly report",
-        date="2026-01-02T03:04:05.000Z",
-        size_bytes=2048,
-        smtp_reply="250 2.0.0 Ok",
-        processing_ms=3.25,
-        tls_version="TLSv1.3",
-    )
-    out = REDACTOR.redact(raw)
-    if customer not in CUSTOMERS.by_id:  # a customer no redactor knows: not for storing
-        fields = {"customer_id": customer, **fields}
-    return dataclasses.replace(out, **fields)
+# What the sink receives: raw events through the real redactor.
+redacted = Redacted(CUSTOMERS)
 
 
 @pytest.fixture(scope="module")
@@ -94,20 +68,8 @@ def sink(
     module_broker: LocalBroker | KafkaNode, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SinkService]:
     tmp = tmp_path_factory.mktemp("sink")
-    prefix = f"sink-{uuid.uuid4().hex[:8]}"
-    settings = Settings(
-        config=Path("/nonexistent"),  # customers are given in memory
-        data_dir=tmp / "data",
-        kafka_bootstrap=module_broker.bootstrap,
-        raw_topic=f"{prefix}.raw",
-        redacted_topic=f"{prefix}.redacted",
-        deadletter_topic=f"{prefix}.deadletter",
-        partitions=PARTITIONS,
-        api_port=free_port(),
-        operator_token_file=tmp / "data" / "operator-token",
-    )
-    ensure_topics(settings, CUSTOMERS.shortest_retention_days)
-    service = SinkService(settings, CUSTOMERS, group_id=f"{prefix}-sink").start()
+    settings = sink_settings(module_broker.bootstrap, tmp, CUSTOMERS, "sink", partitions=PARTITIONS)
+    service = SinkService(settings, CUSTOMERS, group_id=f"{settings.raw_topic}-sink").start()
     try:
         yield service
     finally:
@@ -284,9 +246,10 @@ def test_invalid_records_go_to_deadletter(
     bad = [
         b"not json at all",
         b'{"event_id": "x", "surprise": 1}',  # not schema v1
-        encode_event(redacted("no-such-customer")),  # no retention to store it with
-        encode_event(redacted("dead", policy_version=None)),  # never went through redaction
-        encode_event(redacted("dead", event_id="123")),
+        # Records no redactor writes: the sink must refuse them, not store them.
+        encode_event(replace(redacted("dead"), customer_id="no-such-customer")),  # no retention
+        encode_event(raw_event("dead")),  # never went through redaction
+        encode_event(replace(redacted("dead"), event_id="123")),
     ]
     good = redacted("dead")
     produce(producer, sink.settings.redacted_topic, bad, partition=1)

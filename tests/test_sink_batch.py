@@ -2,44 +2,55 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import pytest
 
-from mailmeta.schema import Event, decode_event, encode_event, format_time, new_event_id
+from mailmeta.config import Customer, Customers
+from mailmeta.schema import Event, decode_event, encode_event, new_event_id
 from mailmeta.store import arrow_from_json, to_arrow
+from tests.event_helpers import Redacted, raw_event
 
-RETENTION = {"acme": 60, "beta": 90}
+POLICY = {
+    "sender_ip": "truncate_ip",
+    "mail_from": "hmac",
+    "rcpt_to": "mask",
+    "message_id": "keep",
+    "subject": "keep",
+    "date": "keep",
+    "size_bytes": "keep",
+    "smtp_reply": "keep",
+    "processing_ms": "keep",
+    "tls_version": "keep",
+}
+CUSTOMERS = Customers(
+    [
+        Customer(
+            id=cid,
+            domains=[f"{cid}.example"],
+            retention_days=days,
+            hmac_key=f"{cid}-batch-test-hmac-key-0123456789",
+            policy=POLICY,
+            policy_version=4,
+        )
+        for cid, days in [("acme", 60), ("beta", 90)]
+    ]
+)
+RETENTION = {c.id: c.retention_days for c in CUSTOMERS}
+rows = Redacted(CUSTOMERS, default="acme")
 
 
-def event(**fields: Any) -> Event:
-    values: dict[str, Any] = {
-        "event_id": new_event_id(),
-        "received_at": format_time(datetime.now(UTC)),
-        "customer_id": "acme",
-        "status": "delivered",
-        "sender_ip": "198.51.100.0/24",
-        "mail_from": "k1:abc",
-        "rcpt_to": ["a***@example.com"],
-        "message_id": "<x@mx.example>",
-        "subject": "Grüße ✓ 😀",
-        "date": "Tue, 1 Jul 2003 10:52:37 +0200",
-        "size_bytes": 2048,
-        "smtp_reply": "250 Ok",
-        "processing_ms": 3,
-        "tls_version": "TLSv1.3",
-        "policy_version": 4,
-    }
-    values.update(fields)
-    return Event(**values)
+def event(customer: str = "acme", **fields: Any) -> Event:
+    """A stored row whose JSON the tests below patch: a subject beyond ASCII, a whole
+    number of milliseconds."""
+    return rows(customer, **{"subject": "Grüße ✓ 😀", "processing_ms": 3, **fields})
 
 
 def test_same_table_as_per_event_decode() -> None:
     events = [
         event(),
-        event(customer_id="beta", rcpt_to=None, size_bytes=None, processing_ms=None),
+        event("beta", rcpt_to=None, size_bytes=None, processing_ms=None),
         event(event_id=new_event_id().upper(), size_bytes=(1 << 64) - 1, subject=None),
     ]
     values = [encode_event(e) for e in events]
@@ -82,6 +93,7 @@ def test_declines_a_batch_with_any_record_it_cannot_vouch_for(bad: bytes) -> Non
 
 
 def test_declines_duplicates_so_the_newest_policy_copy_wins() -> None:
-    ev = event()
-    newer = event(event_id=ev.event_id, policy_version=5)
+    raw = raw_event("acme")
+    ev = rows.of(raw)
+    newer = rows.changed("acme", {**POLICY, "subject": "drop"}, 5).of(raw)
     assert arrow_from_json([encode_event(ev), encode_event(newer)], RETENTION) is None

@@ -9,19 +9,19 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import clickhouse_connect
 import pytest
 
 from mailmeta.config import Customer, Customers, Settings
-from mailmeta.kafka import ensure_topics
 from mailmeta.local.apache_kafka import KafkaNode
-from mailmeta.local.brokers import LocalBroker, free_port
-from mailmeta.policy import Redactor, stored_forms
-from mailmeta.schema import Event, encode_event, format_time, new_event_id
+from mailmeta.local.brokers import LocalBroker
+from mailmeta.schema import Event, encode_event, format_time
 from mailmeta.service import SinkService
 from mailmeta.store import ClickHouseStore
-from tests.kafka_helpers import produce
+from tests.event_helpers import Redacted
+from tests.kafka_helpers import produce, sink_settings
 from tests.test_sink import wait_for
 
 KEY = "erasure-test-key-0123456789"
@@ -40,38 +40,17 @@ CUSTOMERS = Customers(
         for cid in ("erase", "wipe")
     ]
 )
-REDACTOR = Redactor(CUSTOMERS)
+rows = Redacted(CUSTOMERS)
 
 
-def mail(customer: str, mail_from: str, rcpt: str = "bob@erase.example", **fields: str) -> Event:
-    raw = Event(
-        event_id=new_event_id(),
-        received_at=format_time(datetime.now(UTC) - timedelta(minutes=5)),
-        customer_id=customer,
-        status="delivered",
-        mail_from=mail_from,
-        rcpt_to=[rcpt],
-        message_id=fields.get("message_id", f"<{uuid.uuid4().hex}@mx.example>"),
-        subject=fields.get("subject", "hello"),
-    )
-    return REDACTOR.redact(raw)
+def mail(customer: str, mail_from: str, rcpt: str = "bob@erase.example", **fields: Any) -> Event:
+    fields.setdefault("received_at", format_time(datetime.now(UTC) - timedelta(minutes=5)))
+    return rows(customer, mail_from=mail_from, rcpt_to=[rcpt], **fields)
 
 
 @pytest.fixture
 def settings(broker: LocalBroker | KafkaNode, tmp_path: Path) -> Settings:
-    prefix = f"erase-{uuid.uuid4().hex[:8]}"
-    s = Settings(
-        config=Path("/nonexistent"),
-        data_dir=tmp_path / "data",
-        kafka_bootstrap=broker.bootstrap,
-        raw_topic=f"{prefix}.raw",
-        redacted_topic=f"{prefix}.redacted",
-        deadletter_topic=f"{prefix}.deadletter",
-        partitions=1,
-        api_port=free_port(),
-    )
-    ensure_topics(s, CUSTOMERS.shortest_retention_days)
-    return s
+    return sink_settings(broker.bootstrap, tmp_path, CUSTOMERS, "erase", partitions=1)
 
 
 def ids(store: ClickHouseStore, customer: str) -> set[str]:
@@ -90,17 +69,16 @@ def test_erased_events_do_not_come_back_when_a_new_group_rereads_the_topic(
     first = [*alice, to_alice, by_mid, frank, *kept, *wiped]
     produce(settings.kafka_bootstrap, settings.redacted_topic, [encode_event(e) for e in first])
 
-    keys = CUSTOMERS.by_id["erase"].keys()
     with SinkService(settings, CUSTOMERS, group_id=f"a-{uuid.uuid4().hex}") as sink:
         store = sink.store
         assert store is not None
         wait_for(lambda: len(ids(store, "erase")) == 10 and len(ids(store, "wipe")) == 3)
         # What the API's erase passes: every stored form of the clear values.
-        addr = store.erase("erase", addresses=stored_forms(["alice@sender.example"], keys))
+        addr = store.erase("erase", addresses=rows.forms("erase", "alice@sender.example"))
         assert addr.rows == 4
-        mid = store.erase("erase", message_ids=stored_forms(["<erase-me@mx.example>"], keys))
+        mid = store.erase("erase", message_ids=rows.forms("erase", "<erase-me@mx.example>"))
         assert mid.rows == 1
-        assert store.erase("erase", addresses=stored_forms(["frank@sender.example"], keys)).rows
+        assert store.erase("erase", addresses=rows.forms("erase", "frank@sender.example")).rows
         assert store.erase("wipe", everything=True).rows == 3
         assert ids(store, "erase") == {e.event_id for e in kept}
 
@@ -113,7 +91,7 @@ def test_erased_events_do_not_come_back_when_a_new_group_rereads_the_topic(
     finally:
         client.close()
     [(_, _, alice_forms), (_, _, mid_forms), (_, _, frank_forms), wipe_entry] = logged
-    hashes = set(stored_forms(["frank@sender.example"], keys)) - {"frank@sender.example"}
+    hashes = set(rows.forms("erase", "frank@sender.example")) - {"frank@sender.example"}
     assert frank.mail_from in frank_forms and set(frank_forms) == hashes  # no clear form
     # alice's clear form was held (as a recipient: the policy keeps rcpt_to).
     assert alice[0].mail_from in alice_forms and "alice@sender.example" in alice_forms
@@ -121,14 +99,9 @@ def test_erased_events_do_not_come_back_when_a_new_group_rereads_the_topic(
     assert wipe_entry == ("wipe", "all", [])
 
     # Mail after the erasure is new mail: it is stored.
-    later = Event(
-        **{
-            **mail("wipe", "eve@sender.example").to_dict(),
-            "received_at": format_time(datetime.now(UTC) + timedelta(seconds=1)),
-        }
-    )
-    again = mail("erase", "alice@sender.example")
-    again = Event(**{**again.to_dict(), "received_at": later.received_at})
+    now = format_time(datetime.now(UTC) + timedelta(seconds=1))
+    later = mail("wipe", "eve@sender.example", received_at=now)
+    again = mail("erase", "alice@sender.example", received_at=now)
     produce(
         settings.kafka_bootstrap,
         settings.redacted_topic,

@@ -13,34 +13,36 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from mailmeta.config import Customer, Customers, Settings
-from mailmeta.kafka import ensure_topics
 from mailmeta.local.apache_kafka import KafkaNode
-from mailmeta.local.brokers import LocalBroker, free_port
+from mailmeta.local.brokers import LocalBroker
 from mailmeta.schema import encode_event
 from mailmeta.service import SinkService
 from mailmeta.store import ClickHouseStore, StoreError
-from tests.kafka_helpers import produce, wait_until
-from tests.test_sink import redacted
+from tests.event_helpers import Redacted
+from tests.kafka_helpers import produce, sink_settings, wait_until
 
-CUSTOMERS = Customers([Customer(id="idem", domains=["idem.example"], retention_days=60)])
+CUSTOMERS = Customers(
+    [
+        Customer(
+            id="idem",
+            domains=["idem.example"],
+            retention_days=60,
+            hmac_key="idempotent-test-hmac-key-0123456789",
+            policy={
+                "mail_from": "hmac",
+                "rcpt_to": "mask",
+                "message_id": "keep",
+                "subject": "keep",
+            },
+        )
+    ]
+)
+redacted = Redacted(CUSTOMERS)
 
 
 @pytest.fixture
 def settings(broker: LocalBroker | KafkaNode, tmp_path: Path) -> Settings:
-    prefix = f"idem-{uuid.uuid4().hex[:8]}"
-    s = Settings(
-        config=Path("/nonexistent"),
-        data_dir=tmp_path / "data",
-        kafka_bootstrap=broker.bootstrap,
-        raw_topic=f"{prefix}.raw",
-        redacted_topic=f"{prefix}.redacted",
-        deadletter_topic=f"{prefix}.deadletter",
-        partitions=2,
-        api_port=free_port(),
-        operator_token_file=tmp_path / "data" / "operator-token",
-    )
-    ensure_topics(s, CUSTOMERS.shortest_retention_days)
-    return s
+    return sink_settings(broker.bootstrap, tmp_path, CUSTOMERS, "idem", partitions=2)
 
 
 def operator(settings: Settings) -> dict[str, str]:

@@ -6,7 +6,6 @@ while the consumer is stopped."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,9 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from mailmeta.config import Settings, load_customers
 from mailmeta.local.apache_kafka import KafkaNode
 from mailmeta.local.brokers import LocalBroker, free_port
-from mailmeta.policy import Redactor
-from mailmeta.schema import Event, encode_event, format_time, new_event_id
+from mailmeta.schema import encode_event
 from mailmeta.service import SinkService
+from tests.event_helpers import Redacted
 from tests.kafka_helpers import produce, wait_until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -44,33 +43,21 @@ def lags(samples: Samples, partitions: int) -> list[float | None]:
     ]
 
 
-def redacted_events(redactor: Redactor, n: int) -> list[bytes]:
+def redacted_events(rows: Redacted, n: int) -> list[bytes]:
     """What a redaction worker writes: raw events through the real redactor."""
-    out = []
-    for i in range(n):
-        raw = Event(
-            event_id=new_event_id(),
-            received_at=format_time(datetime.now(UTC)),
-            customer_id="demo",
-            status="accepted",
-            sender_ip="198.51.100.23",
-            helo="mx.sender.example",
-            mail_from="alice@sender.example",
-            rcpt_to=["bob@demo.example"],
-            message_id=f"<{i}.{uuid.uuid4().hex}@mx.example>",
-            subject=f"metrics {i}",
-            size_bytes=1024,
-            smtp_reply="250 2.0.0 Ok",
+    return [
+        encode_event(
+            rows("demo", status="accepted", message_id=f"<{i}.{uuid.uuid4().hex}@mx.example>")
         )
-        out.append(encode_event(redactor.redact(raw)))
-    return out
+        for i in range(n)
+    ]
 
 
 def test_sink_metrics_report_stored_events_inserts_and_lag(
     broker: LocalBroker | KafkaNode, settings: Settings
 ) -> None:
     customers = load_customers(settings.config, settings.region)
-    redactor = Redactor(customers)
+    mail = Redacted(customers)
     group = f"metrics-{uuid.uuid4().hex[:8]}"
     topic, parts = settings.redacted_topic, settings.partitions
 
@@ -83,7 +70,7 @@ def test_sink_metrics_report_stored_events_inserts_and_lag(
         url = sink.metrics_url
         before = scrape(url)
         for p in range(parts):
-            produce(settings.kafka_bootstrap, topic, redacted_events(redactor, 10), partition=p)
+            produce(settings.kafka_bootstrap, topic, redacted_events(mail, 10), partition=p)
         produce(settings.kafka_bootstrap, topic, [b""], partition=0)  # a dead letter
         stored = 10 * parts
         base = value(before, "mailmeta_sink_events_total")
@@ -125,7 +112,7 @@ def test_sink_metrics_report_stored_events_inserts_and_lag(
 
         # The consumer stops; events wait in the topic: the metrics say how many and how old.
         assert sink.consumer is not None and sink.consumer.stop()
-        produce(settings.kafka_bootstrap, topic, redacted_events(redactor, 7), partition=1)
+        produce(settings.kafka_bootstrap, topic, redacted_events(mail, 7), partition=1)
 
         def waiting() -> Samples | None:
             now = scrape(url)

@@ -16,8 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mailmeta.config import Settings
-from mailmeta.schema import Event, encode_event, new_event_id, now_ms
+from mailmeta.config import Settings, load_customers
+from mailmeta.schema import Event, encode_event
+from tests.event_helpers import Redacted
 from tests.kafka_helpers import produce, settings_env
 
 READY = "mailmeta sink: API listening on "
@@ -84,18 +85,10 @@ def sink_process(env: dict[str, str], log: Path, wait_ready: bool = True) -> Ite
             proc.stdout.close()
 
 
-def demo_events(n: int) -> list[Event]:
-    return [
-        Event(
-            event_id=new_event_id(),
-            received_at=now_ms(),
-            customer_id="demo",
-            status="accepted",
-            subject=f"message {i}",
-            policy_version=1,
-        )
-        for i in range(n)
-    ]
+def demo_events(settings: Settings, n: int) -> list[Event]:
+    """Raw events of the example config's customer, redacted by its policy."""
+    rows = Redacted(load_customers(settings.config, settings.region))
+    return [rows("demo", status="accepted", subject=f"message {i}") for i in range(n)]
 
 
 def wait_visible(
@@ -132,7 +125,7 @@ def test_serves_stops_on_sigterm_and_keeps_rows_across_restart(
 ) -> None:
     env = settings_env(settings)
     url = f"http://{settings.api_host}:{settings.api_port}"
-    events = demo_events(3)
+    events = demo_events(settings, 3)
     with sink_process(env, tmp_path / "first.log") as first:
         assert first.stdout_lines == [f"{READY}{url}\n"]
         assert httpx.get(f"{url}/healthz", timeout=5).json()["status"] == "ok"

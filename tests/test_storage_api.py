@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import tracemalloc
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,22 +22,33 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
-from mailmeta.config import Customer, Customers, Settings
-from mailmeta.kafka import ensure_topics
+from mailmeta.config import Customer, Customers
 from mailmeta.local.apache_kafka import KafkaNode
 from mailmeta.local.brokers import LocalBroker, free_port
-from mailmeta.policy import hmac_tagged
 from mailmeta.schema import FIELD_NAMES, Event, encode_event, format_time
 from mailmeta.service import SinkService
-from tests.test_sink import redacted, wait_for
+from tests.event_helpers import Redacted
+from tests.kafka_helpers import sink_settings
+from tests.test_sink import wait_for
 
 KEY = "storage-test-hmac-key-0123456789"
+# Senders hashed, recipients and message ids kept: erasure by a clear address must match both.
+POLICY = {
+    "mail_from": "hmac",
+    "rcpt_to": "keep",
+    "message_id": "keep",
+    "subject": "keep",
+    "size_bytes": "keep",
+    "smtp_reply": "keep",
+    "sender_ip": "truncate_ip",
+}
 CUSTOMERS = Customers(
     [
-        Customer(id=cid, domains=[f"{cid}.example"], retention_days=60, hmac_key=KEY)
+        Customer(id=cid, domains=[f"{cid}.example"], retention_days=60, hmac_key=KEY, policy=POLICY)
         for cid in ("ret", "erase", "wipe", "bulk", "stats", "hist", "bad")
     ]
 )
+redacted = Redacted(CUSTOMERS)
 
 
 @pytest.fixture(scope="module")
@@ -46,19 +56,8 @@ def sink(
     module_broker: LocalBroker | KafkaNode, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SinkService]:
     tmp = tmp_path_factory.mktemp("storage")
-    prefix = f"storage-{uuid.uuid4().hex[:8]}"
-    settings = Settings(
-        config=Path("/nonexistent"),  # customers are given in memory
-        data_dir=tmp / "data",
-        kafka_bootstrap=module_broker.bootstrap,
-        raw_topic=f"{prefix}.raw",
-        redacted_topic=f"{prefix}.redacted",
-        deadletter_topic=f"{prefix}.deadletter",
-        api_port=free_port(),
-        operator_token_file=tmp / "data" / "operator-token",
-    )
-    ensure_topics(settings, CUSTOMERS.shortest_retention_days)
-    service = SinkService(settings, CUSTOMERS, group_id=f"{prefix}-sink").start()
+    settings = sink_settings(module_broker.bootstrap, tmp, CUSTOMERS, "storage")
+    service = SinkService(settings, CUSTOMERS, group_id=f"{settings.raw_topic}-sink").start()
     try:
         yield service
     finally:
@@ -171,12 +170,13 @@ def test_erase_by_clear_address_matches_hmac_stored_rows(
     sink: SinkService, api: httpx.Client, producer: Producer
 ) -> None:
     alice = "alice@sender.example"
-    hashed = hmac_tagged("k1", KEY.encode(), alice)
     rows = [
-        redacted("erase", mail_from=hashed),
-        redacted("erase", mail_from="k1:" + "0" * 64, rcpt_to=[alice]),  # kept clear
-        redacted("erase", mail_from=hmac_tagged("k1", KEY.encode(), "bob@sender.example")),
+        redacted("erase", mail_from=alice),  # stored hashed
+        redacted("erase", mail_from="carol@sender.example", rcpt_to=[alice]),  # kept clear
+        redacted("erase", mail_from="bob@sender.example"),
     ]
+    hashed = redacted.hashed("erase", alice)
+    assert rows[0].mail_from == hashed and rows[1].rcpt_to == [alice]
     send(producer, sink, rows)
     wait_for(lambda: {e.event_id for e in rows} <= event_ids(api, "erase"), what="events")
 

@@ -12,9 +12,9 @@ from clickhouse_connect.driver.client import Client
 
 from mailmeta.schema import Event, encode_event, format_time
 from mailmeta.store import MIGRATIONS, ClickHouseStore, migrate
-from tests.test_store import full_event
+from tests.test_store import CUSTOMERS, POLICY, event
 
-RETENTION = {"acme": 60, "long": 90, "beta": 30}
+RETENTION = {c.id: c.retention_days for c in CUSTOMERS}
 
 
 @pytest.fixture
@@ -49,8 +49,8 @@ def stored(raw: Client, customer: str) -> dict[str, int]:
 def test_retention_per_customer_60_vs_90(store: ClickHouseStore, raw: Client) -> None:
     raw.command("SYSTEM STOP TTL MERGES messages")
     try:
-        acme = full_event("acme", age=timedelta(days=75))
-        long = full_event("long", age=timedelta(days=75))
+        acme = event("acme", age=timedelta(days=75))
+        long = event("long", age=timedelta(days=75))
         store.insert_events([acme, long])
         assert stored(raw, "acme") == {acme.event_id: 60}
         assert stored(raw, "long") == {long.event_id: 90}
@@ -67,8 +67,8 @@ def test_retention_per_customer_60_vs_90(store: ClickHouseStore, raw: Client) ->
 def test_shortening_retention_rewrites_and_removes_stored_rows(
     store: ClickHouseStore, raw: Client, dsn: str
 ) -> None:
-    young, old = full_event(age=timedelta(days=10)), full_event(age=timedelta(days=40))
-    other = full_event("long", age=timedelta(days=40))
+    young, old = event(age=timedelta(days=10)), event(age=timedelta(days=40))
+    other = event("long", age=timedelta(days=40))
     store.insert_events([young, old, other])
 
     change = store.set_retention("acme", 30)
@@ -78,7 +78,7 @@ def test_shortening_retention_rewrites_and_removes_stored_rows(
     assert stored(raw, "acme") == {young.event_id: 30}
     assert stored(raw, "long") == {other.event_id: 90}  # other customers untouched
     # Future rows get it too, and it outlives this store (the sink's restart).
-    new = full_event()
+    new = event()
     store.insert_events([new])
     assert stored(raw, "acme")[new.event_id] == 30
     assert store.retention()["acme"] == 30
@@ -106,20 +106,26 @@ def test_another_process_store_learns_a_retention_change(store: ClickHouseStore,
 
 
 def test_erase_by_value_and_everything(store: ClickHouseStore, raw: Client) -> None:
-    hit_from = full_event(mail_from="k1:abc", rcpt_to=["x@y.example"])
-    hit_rcpt = full_event(mail_from="other", rcpt_to=["a@b.example", "alice@x.example"])
-    hit_mid = full_event(message_id="<m1@x>")
-    keep = full_event(mail_from="k1:abcd", rcpt_to=["alice@x.example.org"])
-    beta = full_event("beta", mail_from="k1:abc")
+    # Senders hashed, recipients kept clear: an address is erased in either form.
+    rows = event.changed("acme", {**POLICY, "rcpt_to": "keep"}, 4)
+    hit_from = rows(mail_from="frank@x.example", rcpt_to=["x@y.example"])
+    hit_rcpt = rows(mail_from="other@x.example", rcpt_to=["a@b.example", "alice@x.example"])
+    hit_mid = rows(message_id="<m1@x>")
+    keep = rows(mail_from="frank@x.example.org", rcpt_to=["alice@x.example.org"])
+    beta = event("beta", mail_from="frank@x.example")  # beta keeps senders clear
+    assert hit_from.mail_from == event.hashed("acme", "frank@x.example")
     store.insert_events([hit_from, hit_rcpt, hit_mid, keep, beta])
     store.insert_events([hit_from])  # a duplicate copy not merged yet: erased as well
 
-    erased = store.erase("acme", addresses=["k1:abc", "alice@x.example"])
+    # What the API's erase passes: every stored form of the clear addresses.
+    forms = event.forms("acme", "frank@x.example", "alice@x.example")
+    assert beta.mail_from in forms
+    erased = store.erase("acme", addresses=forms)
     assert erased.rows == 3
     assert set(stored(raw, "acme")) == {hit_mid.event_id, keep.event_id}
     assert store.erase("acme", message_ids=["<m1@x>"]).rows == 1
     assert set(stored(raw, "acme")) == {keep.event_id}
-    assert set(stored(raw, "beta")) == {beta.event_id}  # same value, other customer
+    assert set(stored(raw, "beta")) == {beta.event_id}  # same stored value, other customer
 
     hourly = "SELECT count() FROM hourly_events WHERE customer_id = {c:String}"
     assert raw.query(hourly, parameters={"c": "acme"}).result_rows[0][0] > 0
@@ -137,19 +143,13 @@ def test_erase_by_value_and_everything(store: ClickHouseStore, raw: Client) -> N
 def test_hourly_stats_count_by_hour_and_status(store: ClickHouseStore) -> None:
     now = datetime.now(UTC).replace(minute=30, second=0, microsecond=0)
     events = [
-        full_event(
+        event(
             received_at=format_time(now - timedelta(hours=2)), status="delivered", size_bytes=100
         ),
-        full_event(
-            received_at=format_time(now - timedelta(hours=2)), status="delivered", size_bytes=50
-        ),
-        full_event(
-            received_at=format_time(now - timedelta(hours=2)), status="bounced", size_bytes=None
-        ),
-        full_event(
-            received_at=format_time(now - timedelta(hours=1)), status="delivered", size_bytes=7
-        ),
-        full_event("beta", received_at=format_time(now - timedelta(hours=1)), size_bytes=1),
+        event(received_at=format_time(now - timedelta(hours=2)), status="delivered", size_bytes=50),
+        event(received_at=format_time(now - timedelta(hours=2)), status="bounced", size_bytes=None),
+        event(received_at=format_time(now - timedelta(hours=1)), status="delivered", size_bytes=7),
+        event("beta", received_at=format_time(now - timedelta(hours=1)), size_bytes=1),
     ]
     for e in events:  # one insert each: the aggregate sums across inserts
         store.insert_events([e])
@@ -166,8 +166,8 @@ def test_hourly_stats_count_by_hour_and_status(store: ClickHouseStore) -> None:
 
 def test_export_pages_are_bounded_and_complete_across_equal_times(store: ClickHouseStore) -> None:
     at = datetime.now(UTC) - timedelta(hours=1)
-    same_ms = [full_event(received_at=format_time(at)) for _ in range(23)]
-    later = [full_event(received_at=format_time(at + timedelta(seconds=i))) for i in range(1, 6)]
+    same_ms = [event(received_at=format_time(at)) for _ in range(23)]
+    later = [event(received_at=format_time(at + timedelta(seconds=i))) for i in range(1, 6)]
     store.insert_events([*same_ms, *later])
     store.insert_events(same_ms[:3])  # unmerged duplicates are exported once
     pages = list(store.export_pages("acme", page=7))
@@ -188,7 +188,7 @@ def test_export_pages_are_bounded_and_complete_across_equal_times(store: ClickHo
 
 
 def test_hourly_migrations_backfill_once(dsn: str) -> None:
-    ev = full_event()
+    ev = event()
     hour = datetime.now(UTC) - timedelta(hours=1)
     old_hour = (hour - timedelta(days=100)).replace(minute=0, second=0, microsecond=0)
     # A database from before the aggregates existed, with a row in it.
@@ -232,8 +232,8 @@ def test_hourly_stats_count_each_event_once(store: ClickHouseStore, raw: Client)
     insert copies of stored events: the stats count each event once (issue 14.10)."""
     now = datetime.now(UTC).replace(minute=30, second=0, microsecond=0)
     at = format_time(now - timedelta(hours=1))
-    batch = [full_event(received_at=at, size_bytes=100 + i) for i in range(5)]
-    bounced = full_event(received_at=at, status="bounced", size_bytes=7)
+    batch = [event(received_at=at, size_bytes=100 + i) for i in range(5)]
+    bounced = event(received_at=at, status="bounced", size_bytes=7)
     store.insert_events([*batch, bounced])
     window = (now - timedelta(hours=2), now + timedelta(hours=1))
     before = store.hourly_stats("acme", *window)
@@ -269,7 +269,7 @@ def test_hourly_stats_count_each_event_once(store: ClickHouseStore, raw: Client)
 def test_a_rewrite_does_not_bring_back_an_event_erased_meanwhile(store: ClickHouseStore) -> None:
     """The rewrite's insert goes through the erasure log like the sink's: an event erased
     while its rewritten copy is being prepared stays erased."""
-    kept, gone = full_event(), full_event(message_id="<erase-me@mx.example>")
+    kept, gone = event(), event(message_id="<erase-me@mx.example>")
     store.insert_events([kept, gone])
 
     def erase_then_rewrite(row: dict[str, object]) -> dict[str, object] | None:

@@ -4,47 +4,63 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import clickhouse_connect
 import pytest
 
-from mailmeta.schema import Event, format_time, new_event_id
+from mailmeta.config import Customer, Customers
+from mailmeta.schema import Event
 from mailmeta.store import MIGRATIONS, ClickHouseStore, SearchFilter, UnstorableEvent
+from tests.event_helpers import Redacted, raw_event
 
-RETENTION = {"acme": 60, "beta": 30}
-
-
-def event(customer: str = "acme", age: timedelta = timedelta(0), **fields: object) -> Event:
-    values: dict[str, object] = {
-        "event_id": new_event_id(),
-        "received_at": format_time(datetime.now(UTC) - age),
-        "customer_id": customer,
-        "status": "delivered",
-        "policy_version": 1,
-    }
-    values.update(fields)
-    return Event(**values)  # type: ignore[arg-type]
-
-
-def full_event(customer: str = "acme", age: timedelta = timedelta(0), **fields: object) -> Event:
-    values: dict[str, object] = {
-        "sender_ip": "192.0.2.0/24",
-        "helo": "mx.example",
-        "mail_from": "4f1c0a9b",
-        "rcpt_to": ["j***@acme.example", "k***@acme.example"],
-        "message_id": f"<{new_event_id()}@mx.example>",
-        "subject": "Invoice — März ✓",
-        "date": "Tue, 1 Jul 2003 10:52:37 +0200",
-        "size_bytes": 12345,
-        "smtp_reply": "250 2.0.0 Ok: queued",
-        "processing_ms": 12.5,
-        "tls_version": "TLSv1.3",
-        "policy_version": 3,
-    }
-    values.update(fields)
-    return event(customer, age, **values)
+# A realistic policy: senders hashed with the customer's key, recipients masked, the client
+# network kept, the rest as it came.
+POLICY: dict[str, Any] = {
+    "sender_ip": "truncate_ip",
+    "helo": "keep",
+    "mail_from": "hmac",
+    "rcpt_to": "mask",
+    "message_id": "keep",
+    "subject": "keep",
+    "date": "keep",
+    "size_bytes": "keep",
+    "smtp_reply": "keep",
+    "processing_ms": "keep",
+    "tls_version": "keep",
+}
+CUSTOMERS = Customers(
+    [
+        Customer(
+            id="acme",
+            domains=["acme.example"],
+            retention_days=60,
+            hmac_key="acme-store-test-hmac-key-0123456789",
+            policy=POLICY,
+            policy_version=3,
+        ),
+        # beta stores senders clear: the same stored value as an acme row's can occur.
+        Customer(
+            id="beta",
+            domains=["beta.example"],
+            retention_days=30,
+            policy={**POLICY, "mail_from": "keep"},
+        ),
+        Customer(
+            id="long",
+            domains=["long.example"],
+            retention_days=90,
+            hmac_key="long-store-test-hmac-key-0123456789",
+            policy=POLICY,
+        ),
+    ]
+)
+RETENTION = {c.id: c.retention_days for c in CUSTOMERS}
+# Stored rows: raw events through the real redactor.
+event = Redacted(CUSTOMERS, default="acme")
 
 
 @pytest.fixture
@@ -95,9 +111,17 @@ def test_migrations_are_versioned_and_idempotent(
 
 
 def test_round_trip_every_field_newest_first(store: ClickHouseStore) -> None:
-    older = full_event(age=timedelta(minutes=5))
-    newest = full_event(rcpt_to=None, helo=None, size_bytes=0)
-    middle = full_event(age=timedelta(minutes=1), rcpt_to=[], processing_ms=None, date=None)
+    older = event(
+        age=timedelta(minutes=5),
+        subject="Invoice — März ✓",
+        rcpt_to=["jane@acme.example", "kim@acme.example"],
+    )
+    newest = event(rcpt_to=None, helo=None, size_bytes=0)
+    middle = event(age=timedelta(minutes=1), rcpt_to=[], processing_ms=None, date=None)
+    # What the redactor made of the clear values is what goes in and comes back.
+    assert older.mail_from == event.hashed("acme", "alice@sender.example")
+    assert older.rcpt_to == ["j***@acme.example", "k***@acme.example"]
+    assert (older.sender_ip, older.policy_version) == ("198.51.100.0/24", 3)
     assert store.insert_events([older, newest, middle]) == 3
 
     got = store.query_messages("acme")
@@ -109,8 +133,8 @@ def test_round_trip_every_field_newest_first(store: ClickHouseStore) -> None:
 
 
 def test_filters_limit_and_customer_isolation(store: ClickHouseStore) -> None:
-    acme = [full_event(age=timedelta(seconds=i)) for i in range(5)]
-    beta = full_event("beta", message_id=acme[0].message_id)
+    acme = [event(age=timedelta(seconds=i)) for i in range(5)]
+    beta = event("beta", message_id=acme[0].message_id)
     store.insert_events([*acme, beta])
 
     assert [m["event_id"] for m in store.query_messages("acme", limit=2)] == [
@@ -130,7 +154,7 @@ def test_filters_limit_and_customer_isolation(store: ClickHouseStore) -> None:
 def test_redelivered_event_is_one_row(
     store: ClickHouseStore, raw: clickhouse_connect.driver.client.Client
 ) -> None:
-    ev = full_event()
+    ev = event()
     store.insert_events([ev])
     store.insert_events([ev])  # at-least-once: the same event again, in another insert
     assert len(store.query_messages("acme")) == 1
@@ -140,12 +164,14 @@ def test_redelivered_event_is_one_row(
 
 
 def test_newest_policy_version_wins(store: ClickHouseStore) -> None:
-    stricter = full_event(policy_version=2, subject=None)
-    older = Event(**{**stricter.to_dict(), "policy_version": 1, "subject": "kept by v1"})
+    raw = raw_event("acme", subject="kept by v3")
+    older = event.of(raw)
+    stricter = event.changed("acme", {**POLICY, "subject": "drop"}, 4).of(raw)
+    assert (older.policy_version, older.subject) == (3, "kept by v3")
     store.insert_events([stricter])
     store.insert_events([older])  # a late redelivery of the copy redacted by the old policy
     [got] = store.query_messages("acme")
-    assert got["policy_version"] == 2
+    assert got["policy_version"] == 4
     assert got["subject"] is None
 
 
@@ -155,8 +181,8 @@ def test_expired_rows_never_returned_and_removed_by_ttl_merge(
     # Background TTL merges would remove the row at an unknown moment; hold them so the
     # test sees the state every query must handle: expired but still on disk.
     raw.command("SYSTEM STOP TTL MERGES messages")
-    live = full_event(age=timedelta(days=59))
-    expired = full_event(age=timedelta(days=61))  # acme keeps 60 days
+    live = event(age=timedelta(days=59))
+    expired = event(age=timedelta(days=61))  # acme keeps 60 days
     store.insert_events([live, expired])
 
     assert physical_rows(raw) == 2
@@ -171,7 +197,7 @@ def test_expired_rows_never_returned_and_removed_by_ttl_merge(
 
 
 def test_shortened_retention_applies_at_once(dsn: str) -> None:
-    ev = full_event(age=timedelta(days=45))
+    ev = event(age=timedelta(days=45))
     with ClickHouseStore(dsn, {"acme": 90}) as before:
         before.insert_events([ev])
         assert len(before.query_messages("acme")) == 1
@@ -179,6 +205,16 @@ def test_shortened_retention_applies_at_once(dsn: str) -> None:
     with ClickHouseStore(dsn, {"acme": 30}) as after:
         assert after.query_messages("acme") == []
         assert after.count("acme") == 1
+
+
+def _unstorable(fields: dict[str, Any]) -> Event:
+    """A stored row's raw input carrying ``fields``; what no redactor writes (an unknown
+    customer, a version out of range) is set on the redactor's output instead."""
+    if "customer_id" in fields or fields.get("policy_version") is not None:
+        return replace(event(), **fields)
+    if "policy_version" in fields:  # never went through redaction
+        return raw_event("acme")
+    return event(**fields)
 
 
 @pytest.mark.parametrize(
@@ -191,13 +227,14 @@ def test_shortened_retention_applies_at_once(dsn: str) -> None:
         ({"size_bytes": -1}, "size_bytes"),
         ({"received_at": "1850-01-01T00:00:00Z"}, "received_at"),
         ({"subject": "\ud800"}, "subject"),
-        ({"rcpt_to": ["ok", "\udfff"]}, "rcpt_to"),
+        # Masking keeps the first character: a lone surrogate there survives redaction.
+        ({"rcpt_to": ["ok@acme.example", "\udfff@acme.example"]}, "rcpt_to"),
     ],
 )
 def test_unstorable_events_are_named_and_never_half_inserted(
     store: ClickHouseStore, fields: dict[str, object], reason: str
 ) -> None:
-    bad = event(**fields)  # type: ignore[arg-type]
+    bad = _unstorable(fields)
     why = store.check_event(bad)
     assert why is not None and reason in why
     for value in fields.values():  # the reason goes to logs: it must not carry the value
@@ -213,8 +250,10 @@ def test_unstorable_events_are_named_and_never_half_inserted(
 def test_date_header_parsed_into_a_time_column(
     store: ClickHouseStore, raw: clickhouse_connect.driver.client.Client
 ) -> None:
-    rfc = full_event(date="Tue, 1 Jul 2003 10:52:37 +0200")
-    hashed = full_event(date="9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08")
+    header = "Tue, 1 Jul 2003 10:52:37 +0200"
+    rfc = event(date=header)
+    hashed = event.changed("acme", {**POLICY, "date": "hmac"}, 4)(date=header)
+    assert hashed.date == event.hashed("acme", header)
     store.insert_events([rfc, hashed])
     rows = dict(
         raw.query(
@@ -231,7 +270,7 @@ def test_date_header_parsed_into_a_time_column(
 
 def test_reopen_keeps_rows_and_one_process_can_switch_paths(tmp_path: Path) -> None:
     first, other = f"chdb://{tmp_path / 'a'}", f"chdb://{tmp_path / 'b'}"
-    ev = full_event()
+    ev = event()
     with ClickHouseStore(first, RETENTION) as s:
         s.insert_events([ev])
     # One chdb path at a time per process, but a closed one can be followed by another.

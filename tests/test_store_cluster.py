@@ -22,11 +22,12 @@ import chdb
 import clickhouse_connect
 import pytest
 
-from mailmeta.schema import Event, format_time, new_event_id
 from mailmeta.store import MIGRATIONS, ClickHouseStore, SearchFilter, StoreError
 from mailmeta.store._cluster import EVERY_NODE, LOCAL_SUFFIX, SHARDING_KEYS, Cluster
 from mailmeta.store._migrations import _CREATE_LEDGER, HOURLY_TABLE
 from mailmeta.store._tokens import AccessRecord, TokenRecord
+from tests.event_helpers import raw_event
+from tests.test_store import POLICY, event
 
 RETENTION = {"acme": 60, "beta": 30}
 CLUSTER = Cluster("mailmeta")
@@ -192,23 +193,6 @@ def pair(tmp_path: Path) -> Iterator[tuple[ClickHouseStore, Recording]]:
         engine.close()
 
 
-def ev(customer: str = "acme", age: timedelta = timedelta(0), **fields: Any) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "event_id": new_event_id(),
-        "received_at": format_time(datetime.now(UTC) - age),
-        "customer_id": customer,
-        "status": "delivered",
-        "policy_version": 1,
-        "mail_from": "a@sender.example",
-        "rcpt_to": ["j@acme.example"],
-        "message_id": f"<{new_event_id()}@mx.example>",
-        "subject": "hello",
-        "size_bytes": 100,
-    }
-    values.update(fields)
-    return values
-
-
 def same(stores: tuple[ClickHouseStore, ...], call: Any) -> Any:
     a, b = (call(s) for s in stores)
     assert a == b
@@ -229,54 +213,62 @@ def test_the_store_gives_the_same_answers_on_the_cluster_layout(
     assert tables["messages"] == "Distributed" and tables["messages_local"] == "ReplacingMergeTree"
     assert tables["api_tokens"] == "ReplacingMergeTree" and "api_tokens_local" not in tables
 
-    twice = ev(policy_version=1, subject="first")
+    # acme's policy is version 3; a version 4 rewrites the subject "first" to "second".
+    raw_twice = raw_event("acme", subject="first")
+    v4 = {
+        **POLICY,
+        "subject": {"action": "keep", "replace": [{"pattern": "first", "with": "second"}]},
+    }
+    twice = event.of(raw_twice)
     rows = [
-        ev(age=timedelta(days=10), mail_from="erase@sender.example"),
-        ev(age=timedelta(days=45)),
-        ev(age=timedelta(hours=2), status="bounced"),
-        ev("beta", age=timedelta(days=1)),
+        event(age=timedelta(days=10), mail_from="erase@sender.example"),
+        event(age=timedelta(days=45)),
+        event(age=timedelta(hours=2), status="bounced"),
+        event("beta", age=timedelta(days=1)),
         twice,
     ]
     for s in stores:
-        s.insert_events([Event(**r) for r in rows])
+        s.insert_events(rows)
         # A second version of one event, in another batch: FINAL keeps the newer.
-        s.insert_events([Event(**dict(twice, policy_version=2, subject="second"))])
+        s.insert_events([event.changed("acme", v4, 4).of(raw_twice)])
 
     def strip(rows: list[dict[str, Any]]) -> list[tuple[str, Any, Any]]:
         return [(r["event_id"], r["subject"], r["policy_version"]) for r in rows]
 
     found = same(stores, lambda s: strip(s.query_messages("acme", limit=100)))
-    assert (twice["event_id"], "second", 2) in found and len(found) == 4
+    assert (twice.event_id, "second", 4) in found and len(found) == 4
     same(stores, lambda s: s.count("acme"))  # physical rows
     assert same(stores, lambda s: s.count("acme", visible_only=True)) == 4
     since = datetime.now(UTC) - timedelta(days=60)
     same(stores, lambda s: s.hourly_stats("acme", since, datetime.now(UTC) + timedelta(hours=1)))
     flt = SearchFilter(statuses=("bounced",))
     assert len(same(stores, lambda s: strip(s.search_events("acme", flt, 10)[0]))) == 1
-    same(stores, lambda s: s.get_event("acme", twice["event_id"]))
+    same(stores, lambda s: s.get_event("acme", twice.event_id))
     same(stores, lambda s: s.count_export("acme"))
 
     # Retention: 60 -> 30 days removes the 45-day-old row and rewrites the others.
     change = same(stores, lambda s: s.set_retention("acme", 30))
     assert change.rows_expired == 1 and change.rows_updated >= 3
 
-    # Retroactive rewrite of version 1 rows to version 3.
+    # Retroactive rewrite of version 3 rows to version 5.
     def upper(row: dict[str, Any]) -> dict[str, Any] | None:
         return dict(row, subject=(row["subject"] or "").upper())
 
-    # Three rows are physically under version 1, but the event stored twice survives as its
-    # version 2 copy: only the two events whose surviving copy is version 1 are rewritten
+    # Three rows are physically under version 3, but the event stored twice survives as its
+    # version 4 copy: only the two events whose surviving copy is version 3 are rewritten
     # (rewriting the old copy would stamp it newer and bring "first" back over "second").
-    assert same(stores, lambda s: s.rewrite_stored("acme", [1], 3, upper)) == 2
-    assert same(stores, lambda s: s.stored_versions("acme")) == {1: 1, 2: 1, 3: 2}
+    assert same(stores, lambda s: s.rewrite_stored("acme", [3], 5, upper)) == 2
+    assert same(stores, lambda s: s.stored_versions("acme")) == {3: 1, 4: 1, 5: 2}
     found = same(stores, lambda s: strip(s.query_messages("acme", limit=100)))
-    assert {subject for _, subject, _ in found} == {"HELLO", "second"}
+    assert {subject for _, subject, _ in found} == {"QUARTERLY REPORT", "second"}
 
     # Erasure by address, then everything of a customer (rows and hourly aggregates).
-    assert same(stores, lambda s: s.erase("acme", addresses=["erase@sender.example"])).rows == 1
+    erase = event.forms("acme", "erase@sender.example")  # as the API's erase passes it
+    assert rows[0].mail_from in erase
+    assert same(stores, lambda s: s.erase("acme", addresses=erase)).rows == 1
     assert same(stores, lambda s: s.erase("beta", everything=True)).rows == 1
     for s in stores:  # the erasure log drops a replayed event
-        s.insert_events([Event(**rows[3])])
+        s.insert_events([rows[3]])
     assert same(stores, lambda s: s.count("beta")) == 0
     same(stores, lambda s: s.hourly_stats("beta", since, datetime.now(UTC)))
 
