@@ -18,6 +18,7 @@ from mailmeta.config import Customer, Customers
 from mailmeta.ingest import _metrics as metrics
 from mailmeta.ingest._auth import AuthUser, RelayAccess
 from mailmeta.ingest._dsn import BounceRoutes, DsnError, looks_like_report, parse_dsn, status_events
+from mailmeta.ingest._dsn_params import DsnParamError, MailDsn, RcptDsn
 from mailmeta.ingest._extract import (
     accepted_reply,
     build_event,
@@ -92,6 +93,10 @@ class IngestHandler:
         self.relay_timeout = relay_timeout
         # STARTTLS to next hops that offer it (the server passes the configured context).
         self.relay_tls = relay_tls or client_context(verify=False)
+        # DSN (RFC 3461) is advertised only where mail may be relayed: its parameters go on
+        # to a next hop that offers DSN. A terminal sink would owe "delivered" notices for
+        # NOTIFY=SUCCESS, which it does not send.
+        self.offers_dsn = bool(self.relay_to) or any(c.relay_to for c in customers)
         self.shutting_down = False
         # DATA handlers running now; graceful shutdown waits for them.
         self.in_flight = 0
@@ -109,7 +114,11 @@ class IngestHandler:
         session.host_name = hostname
         # aiosmtpd advertises "AUTH" with an empty list after STARTTLS when no mechanism is
         # configured: not a valid EHLO line.
-        return [r for r in responses if r.rstrip() != "250-AUTH"]
+        lines = [r for r in responses if r.rstrip() != "250-AUTH"]
+        if self.offers_dsn and isinstance(server, FrontEndSMTP):
+            server.offer_dsn()  # only our protocol takes the parameters out of the commands
+            lines.insert(len(lines) - 1, "250-DSN")
+        return lines
 
     async def handle_MAIL(
         self,
@@ -124,6 +133,11 @@ class IngestHandler:
             return REPLY_SHUTTING_DOWN
         if len(address) > _PATH_MAX:
             return "553 5.1.7 Sender address too long"
+        dsn = _dsn_params(server)
+        if isinstance(dsn, DsnParamError):
+            return dsn.reply
+        assert isinstance(envelope, MailEnvelope)
+        envelope.dsn = dsn if isinstance(dsn, MailDsn) else None
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
@@ -167,6 +181,10 @@ class IngestHandler:
         ):
             metrics.RECIPIENTS_REJECTED.labels("malformed").inc()
             return f"553 5.1.3 <{address}>: malformed recipient address"
+        dsn = _dsn_params(server)
+        if isinstance(dsn, DsnParamError):
+            metrics.RECIPIENTS_REJECTED.labels("malformed").inc()
+            return dsn.reply
         # Inbound: mail to a customer's own domain (or bounce address) is accepted from anyone.
         customer = self.customers.for_domain(domain)
         if customer is None and self.bounces:
@@ -207,6 +225,8 @@ class IngestHandler:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
             envelope.customer_of[address] = customer.id
+            if isinstance(dsn, RcptDsn):
+                envelope.rcpt_dsn[address] = dsn
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -247,6 +267,8 @@ class IngestHandler:
                 time_limit=self.relay_timeout,
                 tls=self.relay_tls,
                 require_tls=any(self.customers.by_id[c].require_tls for c in by_customer),
+                dsn=envelope.dsn,
+                rcpt_dsn=envelope.rcpt_dsn,
             )
             metrics.RELAY_LATENCY.observe(time.perf_counter() - t_relay)
 
@@ -382,6 +404,11 @@ class IngestHandler:
         # The type only: an exception's text could quote message data.
         log.error("SMTP session error: %s", type(error).__name__)
         return "451 4.3.0 Internal error, try again later"
+
+
+def _dsn_params(server: SMTP) -> MailDsn | RcptDsn | DsnParamError | None:
+    """The DSN parameters our protocol took out of the command being handled."""
+    return server.dsn_params if isinstance(server, FrontEndSMTP) else None
 
 
 def _close_after_reply(server: SMTP) -> None:

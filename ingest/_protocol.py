@@ -13,6 +13,9 @@ fixes in them are used as they are); this subclass changes only what is costly o
 - limits: connections per client IP (421 at the greeting), a reply budget for errors
   (421 and close after ``max_errors`` 5xx replies), an idle timeout that says 421 first.
 - AUTH PLAIN/LOGIN verify the password off the event loop (argon2 is slow by design).
+- DSN (RFC 3461) when the handler offers it: aiosmtpd answers 555 to any MAIL/RCPT parameter
+  it does not know and upper-cases the rest, so RET/ENVID and NOTIFY/ORCPT are taken out of
+  the command here (as sent), before aiosmtpd sees it, and handed to the handler's hook.
 """
 
 from __future__ import annotations
@@ -41,6 +44,18 @@ from aiosmtpd.smtp import (
 
 from mailmeta.ingest import _metrics as metrics
 from mailmeta.ingest._auth import Authenticator, IPNetwork, in_networks
+from mailmeta.ingest._dsn_params import (
+    MAIL_EXTRA,
+    MAIL_PARAMS,
+    RCPT_EXTRA,
+    RCPT_PARAMS,
+    DsnParamError,
+    MailDsn,
+    RcptDsn,
+    mail_dsn,
+    rcpt_dsn,
+    take_params,
+)
 from mailmeta.ingest._extract import peer_ip
 from mailmeta.ingest._tls import tls_info
 
@@ -91,12 +106,15 @@ class _Peer(tuple[Any, ...]):
 
 
 class MailEnvelope(Envelope):
-    """aiosmtpd's envelope plus what RCPT decided: each recipient's customer, the next hop."""
+    """aiosmtpd's envelope plus what RCPT decided: each recipient's customer, the next hop;
+    and the DSN parameters of MAIL and of each recipient."""
 
     def __init__(self) -> None:
         super().__init__()
         self.customer_of: dict[str, str] = {}
         self.next_hop: str | None = None
+        self.dsn: MailDsn | None = None
+        self.rcpt_dsn: dict[str, RcptDsn] = {}
 
 
 @dataclass
@@ -213,6 +231,9 @@ class FrontEndSMTP(SMTP):
         self._refused = False
         self._deadline = 0.0
         self.conn_id = secrets.token_hex(4)  # names the connection in logs
+        self._dsn = False  # DSN offered in this session's EHLO
+        # The DSN parameters of the MAIL/RCPT being handled: for the handler's hook.
+        self.dsn_params: MailDsn | RcptDsn | DsnParamError | None = None
 
     def _create_envelope(self) -> MailEnvelope:
         return MailEnvelope()
@@ -368,6 +389,48 @@ class FrontEndSMTP(SMTP):
         if address is not None and _ADDR_CONTROL.search(address):
             return None, None
         return address, rest
+
+    # -- DSN (RFC 3461) --------------------------------------------------------------------
+
+    def offer_dsn(self) -> None:
+        """The handler advertises DSN in this EHLO: accept its parameters, and the longer
+        command lines they make (set, not added: aiosmtpd adds SIZE's 26 on every EHLO)."""
+        self._dsn = True
+        self.command_size_limits["MAIL"] = SMTP.command_size_limit + 26 + MAIL_EXTRA
+        self.command_size_limits["RCPT"] = SMTP.command_size_limit + RCPT_EXTRA
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        await super().smtp_MAIL(self._take_dsn(arg, "FROM:", MAIL_PARAMS))
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        await super().smtp_RCPT(self._take_dsn(arg, "TO:", RCPT_PARAMS))
+
+    def _take_dsn(self, arg: str | None, keyword: str, names: tuple[str, ...]) -> str | None:
+        """``arg`` without its DSN parameters, which go to :attr:`dsn_params` (checked, or
+        the error to reply with). Anything unusable is left to aiosmtpd's own replies."""
+        self.dsn_params = None
+        if not self._dsn or arg is None or arg.endswith(">") or self.session is None:
+            return arg
+        if not self.session.extended_smtp:  # HELO after EHLO: no parameters at all
+            return arg
+        path = self._strip_command_keyword(keyword, arg)
+        if path is None:
+            return arg
+        address, rest = self._getaddr(path)
+        if address is None or not rest or not arg.endswith(rest):
+            return arg
+        try:
+            kept, found = take_params(rest, names)
+            if not found:
+                return arg
+            self.dsn_params = mail_dsn(found) if keyword == "FROM:" else rcpt_dsn(found)
+        except DsnParamError as exc:
+            self.dsn_params = exc
+            kept = [t for t in rest.split() if t.partition("=")[0].upper() not in names]
+        head = arg[: len(arg) - len(rest)].rstrip()
+        return " ".join([head, *kept])
 
     # -- STARTTLS --------------------------------------------------------------------------
 

@@ -5,6 +5,10 @@ STARTTLS to the next hop whenever it offers it; when TLS is required (a customer
 ``require_tls``) and the hop offers none, refuses it or the handshake fails, the message is
 deferred (451 4.7.5). A failed handshake otherwise means one more attempt in plaintext, as
 opportunistic TLS does (RFC 7435).
+
+The client's DSN parameters (RFC 3461: RET/ENVID, NOTIFY/ORCPT) go on to a hop that offers
+DSN and are left off toward one that does not (RFC 3461 5.2.2; the "relayed" notice that
+NOTIFY=SUCCESS then asks of us is not sent).
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mailmeta.config import parse_host_port
+from mailmeta.ingest._dsn_params import MailDsn, RcptDsn
 
 log = logging.getLogger("mailmeta.ingest.relay")
 
@@ -164,18 +170,21 @@ async def relay(
     time_limit: float = 60.0,
     tls: ssl.SSLContext | None = None,
     require_tls: bool = False,
+    dsn: MailDsn | None = None,
+    rcpt_dsn: Mapping[str, RcptDsn] | None = None,
 ) -> RelayReply:
     """Deliver one message to ``next_hop`` ("HOST:PORT"); the reply to its DATA (or the
     first refusal) is the verdict. Connection problems are a 451 (deferred). ``tls``: the
     context for STARTTLS when the hop offers it (None: never); ``require_tls``: no
-    delivery without it."""
+    delivery without it. ``dsn``/``rcpt_dsn``: the client's DSN parameters of MAIL and of
+    each recipient, passed on when the hop offers DSN."""
     host, port = parse_host_port(next_hop)
     try:
         for part in (helo, mail_from, *rcpt_to):
             command_line("", part)  # refused before connecting
     except UnsafeCommand:
         return _UNSAFE
-    args = (helo, mail_from, rcpt_to, content)
+    args = (helo, mail_from, rcpt_to, content, _Dsn(dsn, rcpt_dsn or {}))
     try:
         async with asyncio.timeout(time_limit):
             try:
@@ -194,6 +203,12 @@ async def relay(
         return RelayReply(451, "4.4.1 next hop unreachable")
 
 
+@dataclass(frozen=True, slots=True)
+class _Dsn:
+    mail: MailDsn | None
+    rcpt: Mapping[str, RcptDsn]
+
+
 async def _session(
     host: str,
     port: int,
@@ -201,6 +216,7 @@ async def _session(
     mail_from: str,
     rcpt_to: list[str],
     content: bytes,
+    dsn: _Dsn,
     *,
     tls: ssl.SSLContext | None,
     require_tls: bool,
@@ -217,7 +233,7 @@ async def _session(
         if require_tls and client.tls_version is None:
             await _quit(client)
             return _NO_STARTTLS
-        return await _transaction(client, mail_from, rcpt_to, content)
+        return await _transaction(client, mail_from, rcpt_to, content, dsn)
     finally:
         # The writer of the TLS layer when STARTTLS replaced the transport.
         client.writer.close()
@@ -226,17 +242,21 @@ async def _session(
 
 
 async def _transaction(
-    client: _Client, mail_from: str, rcpt_to: list[str], content: bytes
+    client: _Client, mail_from: str, rcpt_to: list[str], content: bytes, dsn: _Dsn
 ) -> RelayReply:
     params = ""
     if "SIZE" in client.extensions:
         params += f" SIZE={len(content)}"
     if "8BITMIME" in client.extensions and not content.isascii():
         params += " BODY=8BITMIME"
+    with_dsn = "DSN" in client.extensions
+    if with_dsn and dsn.mail is not None:
+        params += dsn.mail.params()
     await client.expect("MAIL FROM:<", mail_from, ">", params)
     refusals: list[RelayReply] = []
     for rcpt in rcpt_to:
-        reply = await client.command("RCPT TO:<", rcpt, ">")
+        options = dsn.rcpt.get(rcpt) if with_dsn else None
+        reply = await client.command("RCPT TO:<", rcpt, ">", options.params() if options else "")
         if reply.code // 100 != 2:
             refusals.append(reply)
     if refusals:
