@@ -3,6 +3,7 @@
 Only standard Kafka APIs: the same code runs on Apache Kafka, Redpanda or a managed Kafka.
 """
 
+from mailmeta.kafka._backlog import Backlog, group_backlog
 from mailmeta.kafka._bridge import AsyncProducer, OutRecord, discard_futures
 from mailmeta.kafka._clients import (
     KafkaConfigError,
@@ -23,6 +24,7 @@ from mailmeta.kafka._topics import (
 
 __all__ = [
     "AsyncProducer",
+    "Backlog",
     "KafkaConfigError",
     "OutRecord",
     "TopicError",
@@ -34,6 +36,7 @@ __all__ = [
     "discard_futures",
     "ensure_topics",
     "faust_broker_options",
+    "group_backlog",
     "producer_config",
     "replication",
     "topic_retention_ms",

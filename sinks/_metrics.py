@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any
 
-from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from mailmeta.config import Settings
-from mailmeta.kafka import consumer_config
+from mailmeta.kafka import consumer_config, group_backlog
 
 log = logging.getLogger("mailmeta.sinks")
 
@@ -68,16 +67,6 @@ OLDEST_UNSTORED_AGE = Gauge(
 CHECK_EVERY_S = 5.0
 _READ_TIMEOUT_S = 3.0
 
-# Answers while a group's coordinator is elected or loads.
-_COORDINATOR_MOVING = frozenset(
-    {
-        KafkaError.NOT_COORDINATOR,
-        KafkaError.COORDINATOR_NOT_AVAILABLE,
-        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-    }
-)
-
-
 def serve(port: int, host: str) -> tuple[Any, threading.Thread]:
     """Expose /metrics on ``host:port``; returns the server (``shutdown()`` stops it)."""
     return start_http_server(port, addr=host)
@@ -121,7 +110,7 @@ class LagMonitor:
             try:
                 self.check()
                 self._last_error = ""
-            except (KafkaException, RuntimeError) as exc:  # a broker hiccup: try again
+            except (KafkaException, RuntimeError, TimeoutError) as exc:  # a hiccup: try again
                 text = str(exc)
                 if text != self._last_error:
                     log.warning("could not measure the sink's lag: %s", text)
@@ -130,60 +119,8 @@ class LagMonitor:
 
     def check(self) -> tuple[dict[int, int], float]:
         """(lag per partition, age of the oldest unstored record in s); sets the gauges."""
-        consumer = self._consumer
-        meta = consumer.list_topics(self.topic, timeout=_READ_TIMEOUT_S).topics[self.topic]
-        if meta.error is not None:
-            raise RuntimeError(f"redacted topic {self.topic}: {meta.error}")
-        parts = [TopicPartition(self.topic, p) for p in sorted(meta.partitions)]
-        lag: dict[int, int] = {}
-        start: dict[int, int] = {}
-        for tp in self._committed(parts):
-            low, high = consumer.get_watermark_offsets(tp, timeout=_READ_TIMEOUT_S, cached=False)
-            at = max(low, tp.offset) if tp.offset != OFFSET_INVALID else low
-            lag[tp.partition] = max(0, high - at)
-            if at < high:
-                start[tp.partition] = at
-        age = self._oldest_age(start)
-        for p, n in lag.items():
+        backlog = group_backlog(self._consumer, self.topic, _READ_TIMEOUT_S)
+        for p, n in backlog.lag.items():
             LAG.labels(partition=str(p)).set(n)
-        OLDEST_UNSTORED_AGE.set(age)
-        return lag, age
-
-    def _committed(self, parts: list[TopicPartition]) -> list[TopicPartition]:
-        deadline = time.monotonic() + _READ_TIMEOUT_S
-        while True:
-            try:
-                return list(self._consumer.committed(parts, timeout=_READ_TIMEOUT_S))
-            except KafkaException as exc:
-                err = exc.args[0]
-                if time.monotonic() > deadline or not (
-                    err.retriable() or err.code() in _COORDINATOR_MOVING
-                ):
-                    raise
-                self._stop.wait(0.2)
-
-    def _oldest_age(self, start: dict[int, int]) -> float:
-        """Reads the record at each lagging partition's committed offset for its timestamp."""
-        if not start:
-            return 0.0
-        consumer = self._consumer
-        assigned = [TopicPartition(self.topic, p, o) for p, o in start.items()]
-        consumer.assign(assigned)
-        oldest: dict[int, int] = {}
-        try:
-            deadline = time.monotonic() + _READ_TIMEOUT_S
-            while len(oldest) < len(start) and time.monotonic() < deadline:
-                msg = consumer.poll(0.2)
-                if msg is None or msg.error() is not None:
-                    continue
-                p = msg.partition() or 0
-                if p not in oldest and (msg.offset() or 0) >= start[p]:
-                    oldest[p] = msg.timestamp()[1]
-                    consumer.pause([TopicPartition(self.topic, p)])
-        finally:
-            # A pause outlives the assignment in librdkafka: undo it for the next check.
-            consumer.resume(assigned)
-            consumer.unassign()
-        if not oldest:
-            raise RuntimeError(f"could not read the oldest unstored records of {self.topic}")
-        return max(0.0, time.time() - min(oldest.values()) / 1000)
+        OLDEST_UNSTORED_AGE.set(backlog.oldest_age_s)
+        return backlog.lag, backlog.oldest_age_s
