@@ -67,6 +67,7 @@ OLDEST_UNSTORED_AGE = Gauge(
 CHECK_EVERY_S = 5.0
 _READ_TIMEOUT_S = 3.0
 
+
 def serve(port: int, host: str) -> tuple[Any, threading.Thread]:
     """Expose /metrics on ``host:port``; returns the server (``shutdown()`` stops it)."""
     return start_http_server(port, addr=host)
