@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from mailmeta.cli._app import app
-from mailmeta.config import DEFAULT_REGION, ConfigError, load_customers
+from mailmeta.config import ConfigError, load_customers
 
 config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -23,7 +23,7 @@ def config_validate(path: Path) -> None:
         raise typer.Exit(2) from None
     typer.echo(f"{path}: {len(customers)} customer(s) OK")
     if customers.regions:  # where each region's customers are served (and their data kept)
-        for region in [DEFAULT_REGION, *sorted(customers.regions)]:
+        for region in customers.region_names():
             ids = sorted(c.id for c in customers.serving(region).here())
             typer.echo(f"  region {region}: {', '.join(ids) or '(no customers)'}")
 

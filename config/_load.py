@@ -51,6 +51,10 @@ class Customers:
         """The customers of this region: the only ones whose data this process may handle."""
         return [c for c in self.by_id.values() if c.region == self.region]
 
+    def region_names(self) -> list[str]:
+        """Every region of the file: the default one first, then the declared ones by name."""
+        return [DEFAULT_REGION, *sorted(r for r in self.regions if r != DEFAULT_REGION)]
+
     def where_to(self, region: str) -> str:
         """How a client reaches ``region``: its API URL / SMTP host when declared."""
         r = self.regions.get(region)

@@ -438,8 +438,8 @@ class Customer(BaseModel):
 
 
 class Region(BaseModel):
-    """A region besides the default one: its own Kafka topics, store and API (a "cell").
-    The addresses are what other regions tell clients who asked the wrong one."""
+    """A region: its own Kafka topics, store and API (a "cell"). The addresses are what other
+    regions tell clients who asked the wrong one; `default` may be declared for them too."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -459,11 +459,6 @@ class CustomersFile(BaseModel):
 
     @model_validator(mode="after")
     def _regions(self) -> CustomersFile:
-        if DEFAULT_REGION in self.regions:
-            raise ValueError(
-                f"region {DEFAULT_REGION!r} is the region of customers that name none; "
-                "declare only the others under 'regions'"
-            )
         for c in self.customers:
             if c.region != DEFAULT_REGION and c.region not in self.regions:
                 declared = ", ".join(sorted(self.regions)) or "none"

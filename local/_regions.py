@@ -4,15 +4,10 @@ event of a customer pinned to a region is ever in another region's broker or sto
 
 from __future__ import annotations
 
-from mailmeta.config import DEFAULT_REGION, ConfigError, Customers, Settings
+from mailmeta.config import ConfigError, Settings
 
 _TOPICS = ("raw_topic", "redacted_topic", "deadletter_topic", "policies_topic")
 _PORTS = ("smtp_port", "api_port", "ingest_metrics_port", "streams_metrics_port")
-
-
-def regions_of(customers: Customers) -> list[str]:
-    """The default region first, then the declared ones in name order."""
-    return [DEFAULT_REGION, *sorted(customers.regions)]
 
 
 def cell_settings(base: Settings, region: str, index: int, port_step: int) -> Settings:

@@ -32,7 +32,7 @@ from pydantic import SecretStr
 
 from mailmeta.config import DEFAULT_REGION, Settings, load_customers
 from mailmeta.kafka import check_connection, ensure_topics, producer_config
-from mailmeta.local._regions import cell_settings, regions_of
+from mailmeta.local._regions import cell_settings
 from mailmeta.local._rundir import RunDir
 from mailmeta.local.apache_kafka import KafkaNode, KafkaNotFound, free_ports
 from mailmeta.local.brokers import LocalBroker, die_with_parent
@@ -397,7 +397,7 @@ def run_up(
             broker_port=broker_port + i * region_port_step,
             broker_kind=broker_kind,
         )
-        for i, region in enumerate(regions_of(customers))
+        for i, region in enumerate(customers.region_names())
     ]
     print(f"mailmeta up — data in {cells[0].data_dir}, logs in {cells[0].log_dir}", flush=True)
     stop = threading.Event()

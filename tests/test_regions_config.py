@@ -49,9 +49,13 @@ def test_region_names_are_short_lowercase_words(name: str) -> None:
         parse_customers(data, "c.yaml")
 
 
-def test_the_default_region_is_not_declared() -> None:
-    with pytest.raises(ConfigError, match="'default' is the region of customers that name none"):
-        parse_customers(_file(regions={"default": {}}), "c.yaml")
+def test_the_default_region_may_declare_where_it_is() -> None:
+    data = _file(regions={"eu": {}, "default": {"smtp_host": "mx.example"}})
+    customers = parse_customers(data, "c.yaml").serving("eu")
+    assert customers.region_names() == ["default", "eu"]
+    assert customers.where_to(customers.elsewhere(customers.by_id["here"]) or "") == (
+        "region 'default' (mx.example)"
+    )
 
 
 def test_a_process_of_an_unknown_region_is_refused() -> None:
