@@ -132,3 +132,20 @@ def need_chromium() -> None:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(message)  # CI must run the browser test, never skip it
     pytest.skip(message)
+
+
+def per_table(api: ApiServer, customer: str) -> dict[str, int]:
+    """Rows about ``customer`` in every table with a customer_id column (FINAL where the
+    engine replaces rows, so a revoked token counts once)."""
+    tables = api.store._rows(
+        "SELECT table FROM system.columns WHERE database = currentDatabase() "
+        "AND name = 'customer_id' AND table IN (SELECT name FROM system.tables "
+        "WHERE database = currentDatabase() AND engine LIKE '%MergeTree')"
+    )
+    out = {}
+    for (table,) in tables:
+        [(n,)] = api.store._rows(
+            f"SELECT count() FROM `{table}` WHERE customer_id = {{c:String}}", {"c": customer}
+        )
+        out[table] = int(n)
+    return out

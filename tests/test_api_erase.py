@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.api_helpers import ApiServer, event
+from tests.api_helpers import ApiServer, event, per_table
 
 
 @pytest.fixture
@@ -20,23 +20,6 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
         yield server
     finally:
         server.stop()
-
-
-def per_table(api: ApiServer, customer: str) -> dict[str, int]:
-    """Rows about ``customer`` in every table with a customer_id column (FINAL where the
-    engine replaces rows, so a revoked token counts once)."""
-    tables = api.store._rows(
-        "SELECT table FROM system.columns WHERE database = currentDatabase() "
-        "AND name = 'customer_id' AND table IN (SELECT name FROM system.tables "
-        "WHERE database = currentDatabase() AND engine LIKE '%MergeTree')"
-    )
-    out = {}
-    for (table,) in tables:
-        [(n,)] = api.store._rows(
-            f"SELECT count() FROM `{table}` WHERE customer_id = {{c:String}}", {"c": customer}
-        )
-        out[table] = int(n)
-    return out
 
 
 def test_erase_all_leaves_only_the_fact_of_the_erasure(api: ApiServer) -> None:

@@ -29,7 +29,7 @@ from mailmeta.local.apache_kafka import KafkaNode
 from mailmeta.local.brokers import LocalBroker
 from mailmeta.policy import PolicyLog
 from mailmeta.schema import Event
-from tests.api_helpers import ApiServer
+from tests.api_helpers import ApiServer, per_table
 from tests.event_helpers import Redacted
 
 EU_API = "https://eu.api.example"
@@ -100,22 +100,6 @@ READER_ROUTES = ["/v1/me", "/v1/messages", "/v1/messages/{event_id}", "/v1/stats
 def _event(customers: Customers, customer: str, secret: str) -> Event:
     """A raw event redacted by the real redactor of the customer's own region."""
     return Redacted(customers)(customer, message_id=f"<{secret}@mx.example>", subject=secret)
-
-
-def _per_table(api: ApiServer, customer: str) -> dict[str, int]:
-    """Rows about ``customer`` in every table with a customer_id column."""
-    tables = api.store._rows(
-        "SELECT table FROM system.columns WHERE database = currentDatabase() "
-        "AND name = 'customer_id' AND table IN (SELECT name FROM system.tables "
-        "WHERE database = currentDatabase() AND engine LIKE '%MergeTree')"
-    )
-    out = {}
-    for (table,) in tables:
-        [(n,)] = api.store._rows(
-            f"SELECT count() FROM `{table}` WHERE customer_id = {{c:String}}", {"c": customer}
-        )
-        out[table] = int(n)
-    return out
 
 
 class Region:
@@ -217,7 +201,7 @@ def test_a_region_answers_only_for_its_own_customers(cell: Region) -> None:
     # A token of that customer made here before it was pinned elsewhere: refused too.
     scopes = ["messages:read", "stats:read", "export"]
     _, stale = api.auth.create("before-pinning", cell.other, scopes)
-    before = _per_table(api, cell.other)
+    before = per_table(api, cell.other)
     assert before["messages"] == 1  # the row an API answering from its store would show
     with api.client(api.operator) as op:
         for method, path in sorted(CUSTOMER_ROUTES - {("GET", "/v1/me")}):
@@ -227,5 +211,5 @@ def test_a_region_answers_only_for_its_own_customers(cell: Region) -> None:
             _misdirected(cell, _ask(c, cell, "GET", path), f"customer token GET {path}")
 
     # Nothing was read into an answer, written, erased, audited or published for it.
-    assert _per_table(api, cell.other) == before
+    assert per_table(api, cell.other) == before
     assert set(PolicyLog(cell.settings).read_all()) == {cell.own}

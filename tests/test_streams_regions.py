@@ -24,7 +24,8 @@ from mailmeta.config import Policy, Settings, load_customers
 from mailmeta.kafka import ensure_topics
 from mailmeta.local.brokers import free_port
 from mailmeta.policy import POLICY_PARTITION, PolicyLog, PolicyRecord
-from mailmeta.schema import Event, decode_event, encode_event, new_event_id, now_ms
+from mailmeta.schema import Event, decode_event, encode_event
+from tests.event_helpers import raw_event
 from tests.kafka_helpers import consume, produce, run_stage, wait_until
 
 pytestmark = pytest.mark.slow
@@ -70,10 +71,8 @@ def eu_settings(settings: Settings, config: Path) -> Settings:
 
 def home_event() -> Event:
     """A raw event of the default region's customer, as its front end would write it."""
-    return Event(
-        event_id=new_event_id(),
-        received_at=now_ms(),
-        customer_id="home",
+    return raw_event(
+        "home",
         status="accepted",
         sender_ip="203.0.113.77",
         helo="mx.sender-home.example",
@@ -82,15 +81,12 @@ def home_event() -> Event:
         message_id="<q3@sender-home.example>",
         subject="Board minutes Q3",
         size_bytes=4096,
-        tls_version="TLSv1.3",
     )
 
 
 def acme_event() -> Event:
-    return Event(
-        event_id=new_event_id(),
-        received_at=now_ms(),
-        customer_id="acme",
+    return raw_event(
+        "acme",
         status="accepted",
         sender_ip="198.51.100.23",
         helo="mx.partner.example",
@@ -99,7 +95,6 @@ def acme_event() -> Event:
         message_id="<m7@partner.example>",
         subject="Delivery schedule",
         size_bytes=2048,
-        tls_version="TLSv1.3",
     )
 
 
