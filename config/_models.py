@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -9,6 +10,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
+import orjson
 import re2
 from pydantic import (
     BaseModel,
@@ -219,6 +221,12 @@ class Policy(BaseModel):
         if self.hmac_key_id is not None:
             doc["hmac_key_id"] = self.hmac_key_id
         return doc
+
+    def digest(self) -> str:
+        """SHA-256 (hex) of the canonical document: what a version number stands for, so two
+        documents published under one number are told apart."""
+        canonical = orjson.dumps(self.document(), option=orjson.OPT_SORT_KEYS)
+        return hashlib.sha256(canonical).hexdigest()
 
 
 # The policy a customer gets when its config names none: only the always-kept fields.
