@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TSTAMP := $(VENV)/.installed-test
 
-.PHONY: up test lint bench clean
+.PHONY: up test test-fast lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,14 @@ test: $(TSTAMP) .tools/usr/sbin/smtp-source .tools/kafka.fetched .tools/deploy-t
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The fast tier: every test that starts no broker, cluster, Postfix, `mailmeta up` or stage
+# process (tests/conftest.py marks those `heavy`).
+test-fast: $(TSTAMP)
+	$(BIN)/python -m pytest -m 'not heavy' $(PYTEST_ARGS)
+
 lint: $(TSTAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
 	$(BIN)/lint-imports
 
@@ -50,6 +56,10 @@ bench: $(TSTAMP) .tools/usr/sbin/smtp-source .tools/kafka.fetched
 .tools/deploy-tools.fetched: tests/tools/fetch_deploy_tools.sh
 	tests/tools/fetch_deploy_tools.sh .tools
 	touch $@
+
+format: $(TSTAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 clean:
 	rm -rf $(VENV) .tools .mailmeta .pytest_cache .mypy_cache .ruff_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,16 +50,30 @@ pytest_plugins = ["tests.kafka_cluster"]
 BROKER_FIXTURES = {"kafka": "apache_kafka", "tansu": "tansu", "noida": "noida"}
 
 
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Every test on a broker runs on Apache Kafka and on Tansu, unless it names its own
-    (``@pytest.mark.parametrize('broker', ['noida'], indirect=True)``)."""
-    if "broker" not in metafunc.fixturenames:
-        return
+def _broker_kinds(metafunc: pytest.Metafunc) -> list[str]:
+    """Apache Kafka is the broker every behaviour is proven on; Tansu runs too only where
+    broker compatibility is the subject (``@pytest.mark.broker_compat``)."""
+    if metafunc.definition.get_closest_marker("broker_compat") is not None:
+        return ["kafka", "tansu"]
+    return ["kafka"]
+
+
+def _names_broker(metafunc: pytest.Metafunc, name: str) -> bool:
     for mark in metafunc.definition.iter_markers("parametrize"):
         names = mark.args[0] if mark.args else mark.kwargs.get("argnames", "")
-        if "broker" in (names.split(",") if isinstance(names, str) else names):
-            return
-    metafunc.parametrize("broker", ["kafka", "tansu"], indirect=True)
+        if name in (names.split(",") if isinstance(names, str) else names):
+            return True
+    return False
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test on a broker runs on Apache Kafka (and Tansu when marked ``broker_compat``),
+    unless it names its own (``@pytest.mark.parametrize('broker', ['noida'], indirect=True)``)."""
+    kinds = _broker_kinds(metafunc)
+    if "broker" in metafunc.fixturenames and not _names_broker(metafunc, "broker"):
+        metafunc.parametrize("broker", kinds, indirect=True)
+    if "module_broker" in metafunc.fixturenames and not _names_broker(metafunc, "module_broker"):
+        metafunc.parametrize("module_broker", kinds, indirect=True, scope="module")
 
 
 @pytest.fixture
@@ -68,11 +83,46 @@ def broker(request: pytest.FixtureRequest) -> LocalBroker | KafkaNode:
     return request.getfixturevalue(BROKER_FIXTURES[kind])  # type: ignore[no-any-return]
 
 
-@pytest.fixture(scope="module", params=["kafka", "tansu"])
+@pytest.fixture(scope="module")
 def module_broker(request: pytest.FixtureRequest) -> LocalBroker | KafkaNode:
-    """For module-scoped fixtures (a sink shared by a module's tests): each module runs
-    once on Apache Kafka and once on Tansu."""
-    return request.getfixturevalue(BROKER_FIXTURES[request.param])  # type: ignore[no-any-return]
+    """For module-scoped fixtures (a sink shared by a module's tests); parametrised like
+    ``broker`` (see pytest_generate_tests)."""
+    kind = getattr(request, "param", "kafka")
+    return request.getfixturevalue(BROKER_FIXTURES[kind])  # type: ignore[no-any-return]
+
+
+# The fast tier (`make test-fast`) is every test that starts nothing heavy: no broker, no
+# cluster, no Postfix, no `mailmeta up`, no stage subprocess. Marked here from what a test
+# uses, so a new test cannot forget its marker.
+_HEAVY_FIXTURES = frozenset(
+    {"apache_kafka", "kafka_cluster", "tansu", "noida", "broker", "module_broker", "postfix"}
+)
+_HEAVY_CALLS = (
+    "mailmeta_up(",
+    "LocalBroker(",
+    "KafkaNode(",
+    "KafkaCluster(",
+    "run_stage(",
+    "Postfix(",
+    "sys.executable",
+)
+
+
+def _starts_something_heavy(item: pytest.Item) -> bool:
+    if _HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    function = getattr(item, "function", None)
+    try:
+        source = inspect.getsource(function) if function is not None else ""
+    except (OSError, TypeError):
+        return False
+    return any(call in source for call in _HEAVY_CALLS)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _starts_something_heavy(item):
+            item.add_marker(pytest.mark.heavy)
 
 
 _topic_seq = 0

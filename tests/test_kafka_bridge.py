@@ -18,6 +18,9 @@ from mailmeta.kafka import AsyncProducer, OutRecord, admin, producer_config
 from mailmeta.local.brokers import free_port
 from tests.kafka_helpers import consume
 
+# The asyncio bridge is the Kafka client code most exposed to broker differences.
+pytestmark = pytest.mark.broker_compat
+
 
 def _records(n: int, tag: str) -> list[tuple[bytes, bytes]]:
     return [(f"k{i}".encode(), f"{tag}-{i}".encode()) for i in range(n)]
