@@ -113,12 +113,11 @@ def _ids(r: httpx.Response) -> set[str]:
     return {str(row["message_id"]) for row in r.json()["messages"]}
 
 
-@pytest.mark.parametrize("broker", ["kafka", "tansu"])
-def test_no_event_of_an_eu_customer_leaves_the_eu_region(broker: str, tmp_path: Path) -> None:
+def test_no_event_of_an_eu_customer_leaves_the_eu_region(tmp_path: Path) -> None:
     cfg = tmp_path / "customers.yaml"
     cfg.write_text(CONFIG)
     data = tmp_path / "mm"
-    with mailmeta_up(data, "--broker", broker, config=cfg, region_port_step=STEP) as up:
+    with mailmeta_up(data, config=cfg, region_port_step=STEP) as up:
         up.wait_line("region eu:")
         eu_smtp, eu_api = up.smtp_port + STEP, f"http://127.0.0.1:{up.api_port + STEP}"
         eu_token = data / "regions" / "eu" / "operator-token"
@@ -162,10 +161,10 @@ def test_no_event_of_an_eu_customer_leaves_the_eu_region(broker: str, tmp_path: 
     for needle in eu.needles():
         assert needle in eu_topics and needle in eu_store
     assert b"jane@demo.example" not in eu_topics + eu_store  # the refused recipient of `mixed`
-    if broker == "kafka":  # the brokers' own files: every topic, internal ones included
-        for needle in eu_only:
-            assert files_containing(data / "kafka", needle) == [], needle
-        assert files_containing(eu_dir / "kafka", eu.needles()[0])
+    # The brokers' own files: every topic, internal ones included.
+    for needle in eu_only:
+        assert files_containing(data / "kafka", needle) == [], needle
+    assert files_containing(eu_dir / "kafka", eu.needles()[0])
     for needle in (b"bob@acme-eu.example", b"carl@acme-eu.example"):
         assert files_containing(data / "logs", needle) == [], needle
 

@@ -23,7 +23,7 @@ from mailmeta.schema import (
     new_event_id,
     now_ms,
 )
-from tests.kafka_helpers import consume, produce, run_stage
+from tests.kafka_helpers import consume, produce, read_to_end, run_stage
 
 pytestmark = pytest.mark.slow
 
@@ -66,14 +66,17 @@ def test_worker_redacts_and_dead_letters(wsettings: Settings) -> None:
         encode_event(unknown_customer),
     ])  # fmt: skip
     with run_stage("mailmeta.streams", settings, "Worker]: Ready") as stage:
-        redacted = consume(settings.kafka_bootstrap, settings.redacted_topic, 1, timeout=45)
-        dead = consume(settings.kafka_bootstrap, settings.deadletter_topic, 3, timeout=20)
+        consume(settings.kafka_bootstrap, settings.redacted_topic, 1, timeout=45)
+        consume(settings.kafka_bootstrap, settings.deadletter_topic, 3, timeout=20)
         url = f"http://{settings.api_host}:{settings.streams_metrics_port}/metrics"
         try:
             with urllib.request.urlopen(url, timeout=10) as r:
                 metrics = r.read().decode()
         except OSError as exc:
             raise AssertionError(f"no metrics at {url}: {exc}\n{stage.output[-3000:]}") from None
+    # The worker has stopped: each topic read to its end holds every record, none extra.
+    redacted = read_to_end(settings.kafka_bootstrap, settings.redacted_topic)
+    dead = read_to_end(settings.kafka_bootstrap, settings.deadletter_topic)
     # Counted in metrics, by reason.
     assert 'mailmeta_redaction_dead_letters_total{reason="schema"} 2.0' in metrics
     assert 'mailmeta_redaction_dead_letters_total{reason="redaction"} 1.0' in metrics
@@ -197,7 +200,8 @@ def test_drain_marker_reaches_every_redacted_partition(wsettings: Settings) -> N
         )
     n = settings.partitions
     with run_stage("mailmeta.streams", settings, "Worker]: Ready"):
-        got = consume(settings.kafka_bootstrap, settings.redacted_topic, 30 + n * n, timeout=45)
+        consume(settings.kafka_bootstrap, settings.redacted_topic, 30 + n * n, timeout=45)
+    got = read_to_end(settings.kafka_bootstrap, settings.redacted_topic)  # none extra
     markers = [
         (m.partition(), orjson.loads(m.value()))
         for m in got

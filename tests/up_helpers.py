@@ -403,3 +403,11 @@ def dump_clickhouse(data_dir: Path) -> bytes:
         check=True,
     )
     return res.stdout
+
+
+def broker_bootstrap(up: Up) -> str:
+    """The address of the broker `mailmeta up` printed (its newest, after a restart)."""
+    for line in reversed(up.lines):
+        if line.strip().startswith("broker"):
+            return next(w for w in line.split() if w.startswith("127.0.0.1:"))
+    raise AssertionError("broker address not printed")
