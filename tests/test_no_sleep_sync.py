@@ -29,6 +29,18 @@ def _is_sleep(call: ast.Call, bare_sleep: bool) -> bool:
     return bare_sleep and isinstance(f, ast.Name) and f.id == "sleep"
 
 
+def _polls(loop: ast.While | ast.For | ast.AsyncFor) -> bool:
+    """A loop is a poll when it tests a condition each round: a ``while`` with a real
+    condition, or a body that can leave or fail (``for _ in range(3): sleep(1)`` is three
+    fixed sleeps, not a poll)."""
+    if isinstance(loop, ast.While) and not (
+        isinstance(loop.test, ast.Constant) and loop.test.value
+    ):
+        return True
+    exits = (ast.Break, ast.Return, ast.Raise, ast.Assert, ast.If)
+    return any(isinstance(n, exits) for stmt in loop.body for n in ast.walk(stmt))
+
+
 def _comments(source: str) -> dict[int, str]:
     found: dict[int, str] = {}
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
@@ -66,7 +78,7 @@ def sync_sleeps(source: str) -> list[int]:
         # Up to the enclosing function: a loop body, or a function named as a pacer.
         while parent is not None:
             if isinstance(parent, _LOOPS) and any(child is s for s in parent.body):
-                allowed = True
+                allowed = _polls(parent)
                 break
             if isinstance(parent, _SCOPES):
                 name = getattr(parent, "name", "")
@@ -119,6 +131,13 @@ def sender():
     time.sleep(0.01)
 
 
+def fixed_in_a_loop():
+    for _ in range(3):
+        time.sleep(1)
+    while True:
+        time.sleep(1)
+
+
 def measured():
     time.sleep(2.0)  # the measurement window, not a synchronisation
     time.sleep(0.002)  # pace: a slow consumer
@@ -132,4 +151,4 @@ def loop_in_test_not_body(items):
             time.sleep(1)
         break
 """
-    assert sync_sleeps(source) == [9, 10, 11, 34, 38]
+    assert sync_sleeps(source) == [9, 10, 11, 30, 32, 41, 45]
