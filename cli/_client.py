@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import httpx
 import typer
@@ -34,7 +34,19 @@ TokenOption = Annotated[
 
 
 def api_url(value: str | None) -> str:
-    return (value or os.environ.get("MAILMETA_API") or DEFAULT_API).rstrip("/")
+    """The API's base URL, or a one-line error naming what is wrong with it."""
+    url = (value or os.environ.get("MAILMETA_API") or DEFAULT_API).rstrip("/")
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        fail(f"--api / MAILMETA_API: {url!r} is not a valid URL: {exc}", 2)
+    if (
+        parsed.scheme not in ("http", "https")
+        or not parsed.host
+        or not 0 < (parsed.port or 80) < 65536
+    ):
+        fail(f"--api / MAILMETA_API: {url!r} is not an http(s)://HOST[:PORT] URL", 2)
+    return url
 
 
 def operator_token() -> str | None:
@@ -96,6 +108,6 @@ class ApiClient:
         self.close()
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(f"mailmeta: {message}", err=True)
     raise typer.Exit(code)

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from mailmeta.cli._app import app
+from mailmeta.cli._client import fail
 from mailmeta.config import ConfigError, load_customers
 
 config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
@@ -19,8 +20,7 @@ def config_validate(path: Path) -> None:
     try:
         customers = load_customers(path)
     except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
+        fail(str(exc), 2)
     typer.echo(f"{path}: {len(customers)} customer(s) OK")
     if customers.regions:  # where each region's customers are served (and their data kept)
         for region in customers.region_names():

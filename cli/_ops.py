@@ -13,8 +13,9 @@ from typing import Annotated
 import typer
 
 from mailmeta.cli._app import app
+from mailmeta.cli._client import fail
 from mailmeta.cli._token import token_app
-from mailmeta.config import ConfigError, Settings, load_customers
+from mailmeta.config import ConfigError, Customers, Settings, load_customers
 from mailmeta.kafka import (
     KafkaConfigError,
     TopicError,
@@ -34,16 +35,14 @@ def _settings() -> Settings:
     try:
         return Settings()
     except ValueError as exc:  # pydantic's ValidationError names the variable
-        typer.echo(f"mailmeta: invalid settings: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(f"invalid settings: {' '.join(str(exc).split())}", 2)
 
 
-def _customers(settings: Settings) -> int:
+def _customers(settings: Settings) -> Customers:
     try:
-        return load_customers(settings.config, settings.region).shortest_retention_days
+        return load_customers(settings.config, settings.region)
     except ConfigError as exc:
-        typer.echo(f"mailmeta: invalid configuration:\n{exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(str(exc), 2)
 
 
 @kafka_app.command("init")
@@ -54,7 +53,7 @@ def kafka_init(
     or check existing ones. Idempotent; exits 1 naming the topic when one contradicts what
     mailmeta needs."""
     s = _settings()
-    shortest = _customers(s)
+    shortest = _customers(s).shortest_retention_days
     try:
         if not check_connection(s, timeout=timeout):
             typer.echo(f"mailmeta: Kafka at {s.kafka_bootstrap} is not reachable", err=True)
@@ -80,7 +79,7 @@ def store_migrate() -> None:
     from mailmeta.store import ClickHouseStore, StoreError, safe_dsn  # deferred: chdb is heavy
 
     s = _settings()
-    retention = {c.id: c.retention_days for c in load_customers(s.config, s.region).here()}
+    retention = {c.id: c.retention_days for c in _customers(s).here()}
     try:
         store = ClickHouseStore(s.resolved_dsn(), retention, cluster=s.clickhouse_cluster)
     except StoreError as exc:
@@ -108,7 +107,7 @@ def token_bootstrap(
     from mailmeta.store import ClickHouseStore
 
     s = _settings()
-    retention = {c.id: c.retention_days for c in load_customers(s.config, s.region).here()}
+    retention = {c.id: c.retention_days for c in _customers(s).here()}
     store = ClickHouseStore(s.resolved_dsn(), retention, cluster=s.clickhouse_cluster)
     try:
         authority = TokenAuthority(store).load()

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from mailmeta.cli._app import app
 from mailmeta.cli._client import ApiClient, ApiOption, TokenOption, fail
-from mailmeta.config import Policy
+from mailmeta.config import ConfigError, Policy, load_yaml
 
 policy_app = typer.Typer(
     help="Per-customer redaction policies: list, show, validate, preview, set.",
@@ -24,11 +24,9 @@ app.add_typer(policy_app, name="policy")
 def _read(path: Path) -> dict[str, Any]:
     """A FILE: YAML shaped like a customer's `policy:` block."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        fail(f"{path}: cannot read: {exc.strerror}", 2)
-    except yaml.YAMLError as exc:
-        fail(f"{path}: not valid YAML: {exc}", 2)
+        data = load_yaml(path)
+    except ConfigError as exc:
+        fail(str(exc), 2)
     if isinstance(data, dict) and set(data) == {"policy"} and isinstance(data["policy"], dict):
         data = data["policy"]  # also accept the block with its `policy:` key
     if not isinstance(data, dict):

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from mailmeta.cli._app import app
+from mailmeta.cli._client import fail
 from mailmeta.config import ConfigError, Settings
 
 
@@ -91,7 +92,10 @@ def up(
     if broker not in ("kafka", "tansu"):
         typer.echo(f"mailmeta: --broker must be 'kafka' or 'tansu', not {broker!r}", err=True)
         raise typer.Exit(2)
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValueError as exc:  # pydantic's ValidationError names the variable
+        fail(f"invalid settings: {' '.join(str(exc).split())}", 2)
     try:
         code = run_up(
             settings,
@@ -101,8 +105,7 @@ def up(
             region_port_step=region_port_step,
         )
     except ConfigError as exc:
-        typer.echo(f"mailmeta: invalid configuration:\n{exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(str(exc), 2)
     except (RuntimeError, TimeoutError, OSError) as exc:  # KafkaConfigError too
         typer.echo(f"mailmeta: could not start: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -1,6 +1,13 @@
 """Settings, customers and their redaction policies, validated on load."""
 
-from mailmeta.config._load import ConfigError, Customers, load_customers, parse_customers
+from mailmeta.config._load import (
+    MAX_INPUT_BYTES,
+    ConfigError,
+    Customers,
+    load_customers,
+    load_yaml,
+    parse_customers,
+)
 from mailmeta.config._models import (
     DEFAULT_REGION,
     POLICY_FIELDS,
@@ -17,6 +24,7 @@ from mailmeta.config._settings import Settings
 
 __all__ = [
     "DEFAULT_REGION",
+    "MAX_INPUT_BYTES",
     "POLICY_FIELDS",
     "STRICT_DEFAULT_POLICY",
     "Action",
@@ -29,6 +37,7 @@ __all__ = [
     "Settings",
     "allowed_actions",
     "load_customers",
+    "load_yaml",
     "parse_customers",
     "parse_host_port",
 ]

@@ -11,9 +11,57 @@ from pydantic import ValidationError
 
 from mailmeta.config._models import DEFAULT_REGION, Customer, CustomersFile, Region
 
+# Customers and policy files are small (the example is ~2 KB); a bound keeps a wrong path
+# (a log, a device) from being read whole.
+MAX_INPUT_BYTES = 1 << 20
+
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names file, customer and field."""
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without anchors and aliases (``&a``, ``*a``, ``<<: *a``): no input of
+    mailmeta needs them, and a few aliases nested can expand a 1 KB file into gigabytes
+    ("billion laughs"). Refused at the first one, before anything is expanded."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise yaml.composer.ComposerError(
+                None, None, "anchors and aliases (& and *) are not allowed", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def load_yaml(path: str | Path) -> Any:
+    """The YAML document of an input file (customers, policy), or a one-line ConfigError
+    naming the file: unreadable, over MAX_INPUT_BYTES, not UTF-8, not YAML, or using
+    anchors/aliases."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_INPUT_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if len(raw) > MAX_INPUT_BYTES:
+        raise ConfigError(f"{path}: larger than the limit of {MAX_INPUT_BYTES} bytes (1 MiB)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+        ) from None
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader, minus aliases
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML: {exc.problem}{where}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
 
 
 class Customers:
@@ -115,15 +163,7 @@ def parse_customers(data: Any, source: str) -> Customers:
 
 def load_customers(path: str | Path, region: str = DEFAULT_REGION) -> Customers:
     """The customers file at ``path``, as seen from ``region`` (see :meth:`Customers.serving`)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = load_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping with a 'customers' list")
     return parse_customers(data, str(path)).serving(region)

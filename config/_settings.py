@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, StringConstraints, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,6 +49,8 @@ class Settings(BaseSettings):
     deadletter_topic: str = schema.DEADLETTER_TOPIC
     # Redaction policies: compacted, one partition, read whole by every redaction worker.
     policies_topic: str = "mailmeta.policies"
+    # The redaction worker's own files (faust's datadir); default: data_dir/streams.
+    streams_data_dir: Path | None = None
     # Prometheus metrics of a redaction worker (0 = off).
     streams_metrics_port: int = Field(default=0, ge=0, le=65535)
     # Prometheus metrics of the sink (0 = off), on api_host: lag, insert latency, errors.
@@ -127,11 +131,43 @@ class Settings(BaseSettings):
                     setattr(self, name, f"{getattr(self, name)}.{self.region}")
         return self
 
+    def to_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """These settings as the MAILMETA_* environment of a child process, which reads them
+        back into equal settings: ``base`` (e.g. ``os.environ``) with each field's variable
+        set, or removed when the field is None (an unset optional stays unset, never the
+        text "None"). Secrets are revealed (a child needs the password, not its mask);
+        lists and mappings are JSON, as pydantic-settings reads them."""
+        env = dict(base or {})
+        for name in type(self).model_fields:
+            key = f"MAILMETA_{name.upper()}"
+            text = _env_text(getattr(self, name))
+            if text is None:
+                env.pop(key, None)
+            else:
+                env[key] = text
+        return env
+
     def group_id(self, base: str) -> str:
         """A consumer group of this region: regions may share one Kafka cluster."""
         return base if self.region == DEFAULT_REGION else f"{base}.{self.region}"
+
+    def streams_dir(self) -> Path:
+        """Where the redaction worker keeps its files: under the data dir unless set."""
+        return self.streams_data_dir or self.data_dir / "streams"
 
     def resolved_dsn(self) -> str:
         if self.clickhouse_dsn:
             return self.clickhouse_dsn
         return f"chdb://{(self.data_dir / 'clickhouse').resolve()}"
+
+
+def _env_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple | set | frozenset | dict):
+        return json.dumps(value if isinstance(value, dict) else list(value), default=str)
+    return str(value)

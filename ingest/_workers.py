@@ -19,9 +19,7 @@ STOP_TIMEOUT = 15.0
 
 
 def _env(settings: Settings, index: int, port: int) -> dict[str, str]:
-    env = dict(os.environ)
-    for key, value in settings.model_dump(exclude_none=True).items():
-        env[f"MAILMETA_{key.upper()}"] = str(value)
+    env = settings.to_env(os.environ)
     env.update(
         MAILMETA_SMTP_PORT=str(port),
         MAILMETA_INGEST_WORKERS="1",

@@ -28,7 +28,6 @@ from typing import IO, Literal
 
 import httpx
 from confluent_kafka import Producer
-from pydantic import SecretStr
 
 from mailmeta.config import DEFAULT_REGION, Settings, load_customers
 from mailmeta.kafka import check_connection, ensure_topics, producer_config
@@ -41,6 +40,7 @@ from mailmeta.schema import encode_drain_marker
 STOP_BUDGET_S = 14.0  # the promise is 15 s from Ctrl-C to no process left
 RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 STABLE_AFTER_S = 60.0  # a part up this long has its backoff reset
+PRIVATE_UMASK = 0o077  # files 0600, directories 0700 under the data dir
 
 BrokerKind = Literal["kafka", "tansu"]
 
@@ -148,21 +148,17 @@ class Supervisor:
 
     def _env(self) -> dict[str, str]:
         s = self.settings
-        env = dict(os.environ)
-        values = s.model_dump()
-        values["data_dir"] = str(self.data_dir)
-        values["config"] = str(Path(s.config).resolve())
         # Local mode always requires API tokens; the sink writes the operator's token to
         # this file (0600) itself, so the clear token is never in env, argv or logs.
-        values["api_auth"] = True
-        values["operator_token_file"] = str(self.operator_token_file)
-        for key, value in values.items():
-            if isinstance(value, SecretStr):
-                value = value.get_secret_value() or None
-            if value is None:  # unset optional settings stay unset (not the text "None")
-                env.pop(f"MAILMETA_{key.upper()}", None)
-                continue
-            env[f"MAILMETA_{key.upper()}"] = str(value)
+        local = s.model_copy(
+            update={
+                "data_dir": self.data_dir,
+                "config": Path(s.config).resolve(),
+                "api_auth": True,
+                "operator_token_file": self.operator_token_file,
+            }
+        )
+        env = local.to_env(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
@@ -170,6 +166,10 @@ class Supervisor:
         s = self.settings
         # Fails here, naming the field, before any process starts.
         customers = load_customers(s.config, s.region)
+        # Clear metadata lives here (the raw topic's log, the store, logs): owner-only, also
+        # when an earlier version left it open; the umask (run_up) keeps what is inside so.
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)
         self.rundir.lock()
         for what in self.rundir.stop_leftovers():
             self.out(f"  stopped {what} left running by an earlier, unclean stop")
@@ -390,6 +390,10 @@ def run_up(
 ) -> int:
     """Every region's cell (just the default one without `regions`), until a signal."""
     customers = load_customers(settings.config, settings.region)
+    # Everything this run and its parts (broker JVM, chdb, front ends) create is owner-only:
+    # every process started from here inherits the umask. Not restored: `mailmeta up` is
+    # this process's whole life.
+    os.umask(PRIVATE_UMASK)
     cells = [
         Supervisor(
             cell_settings(settings, region, i, region_port_step),

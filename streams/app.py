@@ -234,8 +234,11 @@ def create_app(settings: Settings) -> faust.App:
     redactor = regional_redactor(customers)
     for c in customers.here():
         metrics.POLICY_VERSION.labels(c.id).set(c.policy_version)
+    # faust writes a datadir (cwd/"<id>-data" by default): nothing outside the data dir.
+    settings.streams_dir().mkdir(parents=True, exist_ok=True)
     app = BatchApp(
         settings.group_id(APP_ID),
+        datadir=str(settings.streams_dir()),
         **faust_broker_options(settings),
         value_serializer="raw",
         key_serializer="raw",

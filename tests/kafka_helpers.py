@@ -144,9 +144,7 @@ def sink_settings(
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    for key, value in settings.model_dump().items():
-        env[f"MAILMETA_{key.upper()}"] = str(value)
+    env = settings.to_env(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -13,6 +13,7 @@ import pytest
 from mailmeta.local.apache_kafka import KafkaNode
 from mailmeta.local.brokers import free_port
 from tests.kafka_cluster import SCRAM_PASSWORD, SCRAM_USER
+from tests.kafka_helpers import consume, wait_until
 from tests.up_helpers import MAILMETA, Stream, mailmeta_up
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.kafka]
@@ -46,6 +47,38 @@ def test_the_pipeline_runs_over_scram(apache_kafka: KafkaNode, tmp_path: Path) -
         assert len(stream.acked) == 3, stream.refused
         rows = up.wait_messages(3, timeout=120)
         assert {r["message_id"] for r in rows} >= set(stream.acked)
+    assert SCRAM_PASSWORD not in up.output
+
+
+def test_ingest_workers_get_the_password_itself_not_its_mask(
+    apache_kafka: KafkaNode, tmp_path: Path
+) -> None:
+    """`--ingest-workers 2` with the password in MAILMETA_KAFKA_SASL_PASSWORD: the parent
+    hands it to each front end process (once as `**********`, and no worker connected)."""
+    assert apache_kafka.sasl_bootstrap is not None
+    env = _env(tmp_path, SCRAM_PASSWORD)
+    del env["MAILMETA_KAFKA_SASL_PASSWORD_FILE"]
+    env["MAILMETA_KAFKA_SASL_PASSWORD"] = SCRAM_PASSWORD
+    with mailmeta_up(
+        tmp_path / "mm",
+        "--kafka-bootstrap", apache_kafka.sasl_bootstrap,
+        "--ingest-workers", "2",
+        env=env,
+    ) as up:  # fmt: skip
+        log = up.data_dir / "logs" / "ingest.log"
+        wait_until(lambda: "2 workers, pids" in log.read_text(), 30, "both front end workers")
+        # One connection per mail: the kernel spreads them over both workers' sockets.
+        with Stream(up.smtp_port, limit=8) as stream:
+            stream.wait_done(120)
+        assert len(stream.acked) == 8, stream.refused
+        rows = up.wait_messages(8, timeout=120)
+        assert {r["message_id"] for r in rows} >= set(stream.acked)
+        raw = consume(
+            apache_kafka.sasl_bootstrap, env["MAILMETA_RAW_TOPIC"], 8, timeout=60,
+            **{"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "SCRAM-SHA-512",
+               "sasl.username": SCRAM_USER, "sasl.password": SCRAM_PASSWORD},
+        )  # fmt: skip
+        assert len(raw) >= 8  # the mails went through Kafka's SCRAM listener
     assert SCRAM_PASSWORD not in up.output
 
 

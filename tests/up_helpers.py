@@ -195,9 +195,10 @@ def mailmeta_up(
     config: Path = EXAMPLE_CONFIG,
     env: dict[str, str] | None = None,
     region_port_step: int | None = None,
+    cwd: Path | None = None,
 ) -> Iterator[Up]:
     """``region_port_step``: the config has regions; each port p is chosen with p + step free
-    too (the next region's), and passed on as --region-port-step."""
+    too (the next region's), and passed on as --region-port-step. ``cwd``: run from there."""
     step = region_port_step or 0
     smtp_port, api_port = free_port_pair(step), free_port_pair(step)
     if step:
@@ -218,6 +219,7 @@ def mailmeta_up(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        cwd=cwd,
     )
     up = Up(proc, smtp_port, api_port, data_dir)
 
