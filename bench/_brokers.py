@@ -9,7 +9,6 @@ options with the C1-only JIT), or with ``jvm="throughput"`` the full JIT
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import TracebackType
 
@@ -28,13 +27,6 @@ def parse_kinds(text: str, allowed: tuple[str, ...] = KINDS) -> list[str]:
     if not kinds or bad or len(set(kinds)) != len(kinds):
         raise ValueError(f"brokers must be distinct names from {', '.join(allowed)}; got {text!r}")
     return kinds
-
-
-def loadavg() -> str:
-    one, five, fifteen = os.getloadavg()
-    return (
-        f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} (1/5/15 min), {os.cpu_count()} cores"
-    )
 
 
 class BenchBroker:

@@ -51,7 +51,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _brokers import loadavg, parse_kinds
+from _brokers import parse_kinds
+from _report import header, loadavg
 from prometheus_client.parser import text_string_to_metric_families
 
 from mailmeta.local.brokers import die_with_parent, free_port
@@ -536,6 +537,7 @@ def main() -> int:
         help="comma-separated MAILMETA_SINK_MAX_WAIT_MS values, each a run per broker",
     )
     args = ap.parse_args()
+    header()
     try:
         waits: list[int | None] = [int(w) for w in args.sink_wait_ms.split(",") if w] or [None]
     except ValueError:
@@ -550,7 +552,6 @@ def main() -> int:
         ap.error("--rate, --seconds, --sample and --connections must be positive")
     if args.connections > 50:
         ap.error("--connections: at most 50 (mailmeta's per-IP connection limit)")
-    print(f"machine: {loadavg()}", flush=True)
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="mm-e2e-") as tmp:
         try:

@@ -17,7 +17,8 @@ import threading
 import time
 from pathlib import Path
 
-from _brokers import loadavg, parse_kinds
+from _brokers import parse_kinds
+from _report import header, loadavg
 
 from mailmeta.local.brokers import free_port
 
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=10)
     ap.add_argument("--broker", "--brokers", default="kafka", help="kafka, tansu or both")
     args = ap.parse_args()
+    header()
     try:
         kinds = parse_kinds(args.broker, ("kafka", "tansu"))
     except ValueError as exc:

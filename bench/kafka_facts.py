@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from _report import header
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -144,8 +145,8 @@ def main() -> None:
     ap.add_argument("--jvm-variants", action="store_true")
     ap.add_argument("--only", choices=["all", "idle"], default="all", help="idle: just 4.")
     args = ap.parse_args()
+    header()
     print(f"Apache Kafka from {kafka_home()}, JVM options {' '.join(DEFAULT_JVM_OPTS)}")
-    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     if args.only == "all":
         startup_memory_load(args)
     idle_kafka_vs_tansu(args.settle, args.idle)

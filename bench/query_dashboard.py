@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from _report import header
+
 from mailmeta.store import ClickHouseStore
 
 CUSTOMERS = 20
@@ -63,6 +65,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--runs", type=int, default=200)
     args = ap.parse_args()
+    header()
     retention = {f"c{i}": 60 for i in range(CUSTOMERS)}
     with tempfile.TemporaryDirectory() as tmp, ClickHouseStore(f"chdb://{tmp}", retention) as s:
         t0 = time.perf_counter()

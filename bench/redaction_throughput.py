@@ -28,7 +28,8 @@ import time
 import uuid
 from pathlib import Path
 
-from _brokers import JVM_CHOICES, BenchBroker, loadavg, parse_kinds
+from _brokers import JVM_CHOICES, BenchBroker, parse_kinds
+from _report import header, loadavg
 from confluent_kafka import Consumer, Producer
 from pydantic import SecretStr
 
@@ -210,7 +211,7 @@ def run(name: str, argv: list[str], settings: Settings, n: int, idle_s: float) -
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
-    rate = (n - 1) / (last - first)
+    rate = (n - 1) / max(last - first, 1e-9)  # a tiny run may land in one fetch
     return {"rate": rate, "busy_cpu": busy_cpu, "idle_cpu_pct": idle * 100}
 
 
@@ -260,6 +261,7 @@ def main() -> None:
     ap.add_argument("--kafka-jvm", choices=JVM_CHOICES, default="throughput")
     ap.add_argument("--idle", type=float, default=10.0)
     args = ap.parse_args()
+    header()
     try:
         kinds = parse_kinds(args.broker)
     except ValueError as exc:

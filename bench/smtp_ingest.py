@@ -28,7 +28,8 @@ import time
 import uuid
 from pathlib import Path
 
-from _brokers import JVM_CHOICES, BenchBroker, loadavg, parse_kinds
+from _brokers import JVM_CHOICES, BenchBroker, parse_kinds
+from _report import header, loadavg
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = REPO / ".tools" / "usr"
@@ -176,6 +177,7 @@ def main() -> int:
                     help="up: the JVM options `mailmeta up` uses; throughput: full JIT")  # fmt: skip
     ap.add_argument("--baseline-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    header()
     if args.baseline_server:
         _baseline_server(args.baseline_server)
         return 0
