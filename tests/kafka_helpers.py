@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, Message, Producer
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from mailmeta.config import Customers, Settings
 from mailmeta.kafka import ensure_topics
@@ -78,6 +85,37 @@ def consume(
         while len(out) < n and time.monotonic() < deadline:
             m = c.poll(0.5)
             if m is not None and m.error() is None:
+                out.append(m)
+    finally:
+        c.close()
+    return out
+
+
+def read_to_end(bootstrap: str, topic: str, timeout: float = 20.0) -> list[Message]:
+    """Every record of ``topic``: read (assigned, no group) until each partition's end."""
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"test-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    out: list[Message] = []
+    try:
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        pending = set(parts)
+        deadline = time.monotonic() + timeout
+        while pending:
+            assert time.monotonic() < deadline, f"{topic}: no end of partitions {pending}"
+            m = c.poll(0.2)
+            if m is None:
+                continue
+            err = m.error()
+            if err is not None and err.code() == KafkaError._PARTITION_EOF:
+                pending.discard(m.partition() or 0)
+            elif err is None:
                 out.append(m)
     finally:
         c.close()

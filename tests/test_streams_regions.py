@@ -4,20 +4,14 @@ with the reason and none of its metadata, and another region's policy is never h
 
 from __future__ import annotations
 
-import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import orjson
 import pytest
 from confluent_kafka import (
-    OFFSET_BEGINNING,
-    Consumer,
-    KafkaError,
     KafkaException,
     Message,
-    TopicPartition,
 )
 
 from mailmeta.config import Policy, Settings, load_customers
@@ -26,7 +20,7 @@ from mailmeta.local.brokers import free_port
 from mailmeta.policy import POLICY_PARTITION, PolicyLog, PolicyRecord
 from mailmeta.schema import Event, decode_event, encode_event
 from tests.event_helpers import raw_event
-from tests.kafka_helpers import consume, produce, run_stage, wait_until
+from tests.kafka_helpers import consume, produce, read_to_end, run_stage, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -96,37 +90,6 @@ def acme_event() -> Event:
         subject="Delivery schedule",
         size_bytes=2048,
     )
-
-
-def read_to_end(bootstrap: str, topic: str, timeout: float = 20.0) -> list[Message]:
-    """Every record of ``topic``: read (assigned, no group) until each partition's end."""
-    c = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"test-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-        }
-    )
-    out: list[Message] = []
-    try:
-        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
-        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-        pending = set(parts)
-        deadline = time.monotonic() + timeout
-        while pending:
-            assert time.monotonic() < deadline, f"{topic}: no end of partitions {pending}"
-            m = c.poll(0.2)
-            if m is None:
-                continue
-            err = m.error()
-            if err is not None and err.code() == KafkaError._PARTITION_EOF:
-                pending.discard(m.partition() or 0)
-            elif err is None:
-                out.append(m)
-    finally:
-        c.close()
-    return out
 
 
 def record_bytes(m: Message) -> bytes:
