@@ -1,6 +1,6 @@
 """The API says what the redaction workers apply, not only what is published (issue 21.1).
 
-Two real redaction worker processes on Apache Kafka report what they apply to the
+Two real redaction worker processes (on Apache Kafka and on Tansu) report what they apply to the
 policy-status topic; the API (as the sink serves it) reads the reports, and
 ``mailmeta policy set`` waits for them. One worker runs without the environment variable the
 customers file names for the customer's HMAC key, as a worker deployed without that secret
@@ -87,7 +87,6 @@ def _id(stage: Stage) -> str:
     return f"{os.uname().nodename}:{stage.proc.pid}"
 
 
-@pytest.mark.parametrize("broker", ["kafka"], indirect=True)
 def test_applied_by_workers_lagging_refusing_and_gone(
     setup: tuple[Settings, ApiServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
