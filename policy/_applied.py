@@ -161,14 +161,14 @@ def worker_state(
     if status is None:
         return "missing", "the customer is not in this worker's customers file"
     refused = status.refused
+    if status.version == version and status.digest != digest:
+        return "different_digest", f"holds a different document as v{version}"
     if refused is not None and refused.version >= version:
         return "refused", refused.reason
     if status.version is None or status.version < version:
         return "lagging", None
     if status.version > version:
         return "ahead", None
-    if status.digest != digest:
-        return "different_digest", f"holds a different document as v{version}"
     return "applied", None
 
 

@@ -67,6 +67,8 @@ class PolicyStatusReporter:
         self.worker = worker_id()
         self._producer: Producer | None = None
         self._digests: dict[int, str] = {}  # id(Policy) -> digest, for the policies held now
+        # customer -> (its raw record in the table, (version, digest)): decoded once per change.
+        self._given_cache: dict[str, tuple[bytes, tuple[int, str] | None]] = {}
         self._last: dict[str, CustomerStatus] | None = None
         # Sends are serialised, and none follows the tombstone: the reporting task may still
         # be running while the worker shuts down.
@@ -85,11 +87,16 @@ class PolicyStatusReporter:
         raw = self.table.data.get(customer_id.encode())
         if not raw:
             return None
+        cached = self._given_cache.get(customer_id)
+        if cached is not None and cached[0] == raw:
+            return cached[1]
         try:
             rec = decode_record(customer_id.encode(), raw)
         except PolicyRecordError:
-            return None
-        return (rec.version, self._digest(rec.policy)) if rec is not None else None
+            rec = None
+        given = (rec.version, rec.policy.digest()) if rec is not None else None
+        self._given_cache[customer_id] = (raw, given)
+        return given
 
     def snapshot(self) -> dict[str, CustomerStatus]:
         out: dict[str, CustomerStatus] = {}

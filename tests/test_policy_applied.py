@@ -2,9 +2,10 @@
 
 Two real redaction worker processes (on Apache Kafka and on Tansu) report what they apply to the
 policy-status topic; the API (as the sink serves it) reads the reports, and
-``mailmeta policy set`` waits for them. One worker runs without the environment variable the
-customers file names for the customer's HMAC key, as a worker deployed without that secret
-would: it refuses every version that hashes, and is named for it.
+``mailmeta policy set`` waits for them. One worker runs as a host deployed carelessly would:
+with an out-of-date customers file (another document under the same version 1) and without the
+environment variable that file names for the customer's HMAC key, so it refuses every version
+that hashes. Each is flagged, and named by the CLI.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ customers:
     hmac_key_env: {KEY_ENV}
     policy: {{mail_from: keep, rcpt_to: mask, subject: keep}}
 """
+# The careless host's file: version 1 is another document (subjects dropped).
+OUTDATED_YAML = CUSTOMERS_YAML.replace("subject: keep", "subject: drop")
 STALE_S = 8.0
 runner = CliRunner()
 
@@ -91,18 +94,22 @@ def test_applied_by_workers_lagging_refusing_and_gone(
     setup: tuple[Settings, ApiServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings, api = setup
+    outdated = tmp_path / "outdated.yaml"
+    outdated.write_text(OUTDATED_YAML)
     monkeypatch.setenv(KEY_ENV, "initech-test-hmac-key-0123456789abcdef")
     with run_stage("mailmeta.streams", settings, "Worker]: Ready") as keyed:
         monkeypatch.delenv(KEY_ENV)
-        with run_stage("mailmeta.streams", settings, "Worker]: Ready") as keyless:
+        careless = settings.model_copy(update={"config": outdated})
+        with run_stage("mailmeta.streams", careless, "Worker]: Ready") as keyless:
             a, b = _id(keyed), _id(keyless)
-            # The file's version 1 (no hashing): both apply it.
+            # Version 1 is the API's file's document: the careless worker holds another one.
             first = wait_until(
-                lambda: (v := _applied(api))["workers"] == 2 and v["applied_by"] == 2 and v,
+                lambda: (v := _applied(api))["workers"] == 2 and v["applied_by"] == 1 and v,
                 timeout=60,
-                what="version 1 applied by 2 of 2 workers",
+                what="version 1 applied by 1 of 2 workers",
             )
-            assert first["version"] == 1 and first["not_applied"] == {}
+            assert first["version"] == 1
+            assert first["not_applied"] == {"different_digest": [b]}
             assert {w["worker"] for w in first["by_worker"]} == {a, b}
 
             # A change both can apply: the CLI waits and says so.
