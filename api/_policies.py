@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from mailmeta.api._applied import AppliedDep, AppliedStatus
 from mailmeta.api._deps import Admin, CustomersDep, StoreDep, known, regional
 from mailmeta.api._in_force import InForceDep, PoliciesInForce
 from mailmeta.api._policy_ops import (
@@ -68,6 +69,7 @@ def install_policies(
     policy_log = PolicyLog(settings)
     app.state.policy_log = policy_log
     app.state.policies = PoliciesInForce(store, policy_log)
+    app.state.applied = AppliedStatus(settings)
     # This region's policies topic and store hold only this region's customers.
     mine = regional(customers)
     try:
@@ -103,13 +105,14 @@ def _customer(customers: Customers, customer: str) -> Customer:
 
 @router.get("")
 def list_policies(
-    _p: Admin, customers: CustomersDep, _pl: PolicyLogDep, live: InForceDep
+    _p: Admin, customers: CustomersDep, _pl: PolicyLogDep, live: InForceDep, applied: AppliedDep
 ) -> JSONResponse:
     # Other regions' policies are theirs to list.
     recs = live.records(regional(customers), strict=True)
+    by_workers = applied.of(recs)
     return JSONResponse(
-        {"policies": [{k: v for k, v in describe(customers, r).items() if k != "policy"}
-                      for r in recs.values()]}
+        {"policies": [{**{k: v for k, v in describe(customers, r).items() if k != "policy"},
+                       "applied": by_workers[r.customer_id]} for r in recs.values()]}
     )  # fmt: skip
 
 
@@ -121,6 +124,7 @@ def show(
     customers: CustomersDep,
     _pl: PolicyLogDep,
     live: InForceDep,
+    applied: AppliedDep,
 ) -> JSONResponse:
     _customer(customers, customer)
     rec = live.records(customers, strict=True)[customer]
@@ -128,6 +132,7 @@ def show(
     return JSONResponse(
         {
             **describe(customers, rec),
+            "applied": applied.of({customer: rec})[customer],
             "history": [{"version": v, **h} for v, h in history.items()],
         }
     )

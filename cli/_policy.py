@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,6 +20,11 @@ policy_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(policy_app, name="policy")
+
+# How long `policy set` waits for the redaction workers by default.
+DEFAULT_WAIT_S = 30.0
+# States of a worker that waiting will not change (policy/_applied.py worker_state).
+_SETTLED = frozenset({"applied", "refused", "different_digest", "missing"})
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -149,10 +155,23 @@ def set_(
     expected_version: Annotated[
         int | None, typer.Option(help="Refuse unless this version is in force.")
     ] = None,
+    wait: Annotated[
+        float,
+        typer.Option(
+            "--wait",
+            min=0,
+            help="Seconds to wait until every live redaction worker applies the new version; "
+            "exit 1 naming those that did not (lagging, refused).",
+        ),
+    ] = DEFAULT_WAIT_S,
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Return once published, without waiting.")
+    ] = False,
     api: ApiOption = None,
     token: TokenOption = None,
 ) -> None:
-    """Make FILE the policy of CUSTOMER (a new version, audited; in force within 5 s)."""
+    """Make FILE the policy of CUSTOMER (a new version, audited), and wait until the
+    redaction workers apply it."""
     doc = _read(path)
     try:
         Policy.model_validate(doc)
@@ -163,12 +182,66 @@ def set_(
         body["expected_version"] = expected_version
     with ApiClient(api, token) as client:
         r = client.request("PUT", f"/v1/policies/{customer}", json=body).json()
-    typer.echo(f"customer {customer}: policy v{r['old_version']} -> v{r['version']}")
-    for name, d in r["diff"].items():
-        typer.echo(f"  {name}: {d['old']} -> {d['new']}")
-    applied = r.get("applied_to_stored")
-    if applied is not None:
-        typer.echo(f"  stored rows rewritten: {applied['rows_rewritten']}")
+        typer.echo(f"customer {customer}: policy v{r['old_version']} -> v{r['version']}")
+        for name, d in r["diff"].items():
+            typer.echo(f"  {name}: {d['old']} -> {d['new']}")
+        applied = r.get("applied_to_stored")
+        if applied is not None:
+            typer.echo(f"  stored rows rewritten: {applied['rows_rewritten']}")
+        if not no_wait:
+            wait_applied(client, customer, r["version"], wait)
+
+
+def wait_applied(client: ApiClient, customer: str, version: int, timeout: float) -> None:
+    """Poll the API until every live worker applies ``version`` of ``customer`` or none can
+    change any more, printing each change of progress; exit 1 naming the workers that do
+    not apply it."""
+    deadline = time.monotonic() + timeout
+    shown = ""
+    while True:
+        a = client.get(f"/v1/policies/{customer}")["applied"]
+        if a["version"] > version:
+            typer.echo(f"  v{a['version']} was published since: v{version} is superseded")
+            return
+        rows = a["by_worker"] if a["version"] == version else []
+        line = (
+            f"  v{version}: applied by {a['applied_by'] if rows else 0} of {a['workers']} "
+            "live redaction workers"
+            if not a.get("error")
+            else f"  v{version}: {a['error']}"
+        )
+        if line != shown:
+            typer.echo(line)
+            shown = line
+        done = (
+            not a.get("error")
+            and a["version"] == version
+            and all(w["state"] in _SETTLED for w in rows)
+        )
+        if done or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    if a.get("error"):
+        fail(f"v{version} of {customer} is published; cannot tell who applies it: {a['error']}")
+    if a["workers"] == 0:
+        typer.echo(
+            f"  note: no live redaction worker reported within {a['stale_after_s']} s; "
+            "workers read the newest version before they redact anything"
+        )
+        return
+    missing = [w for w in rows if w["state"] != "applied"] if rows else a["by_worker"]
+    if not missing:
+        return
+    lines = "".join(
+        f"\n  {w['worker']}: {w['state'] if rows else 'lagging'}"
+        + (f" (holds v{w['version']})" if w["version"] is not None else "")
+        + (f": {w['reason']}" if w.get("reason") else "")
+        for w in missing
+    )
+    fail(
+        f"v{version} of {customer} is published but not applied by {len(missing)} of "
+        f"{a['workers']} live redaction workers{'' if done else f' after {timeout:g} s'}:{lines}"
+    )
 
 
 @policy_app.command("audit")

@@ -13,7 +13,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from mailmeta import schema
 from mailmeta.config._models import DEFAULT_REGION, REGION_RE
 
-_TOPICS = ("raw_topic", "redacted_topic", "deadletter_topic", "policies_topic")
+_TOPICS = (
+    "raw_topic",
+    "redacted_topic",
+    "deadletter_topic",
+    "policies_topic",
+    "policy_status_topic",
+)
 
 DEFAULT_CONFIG = Path(__file__).with_name("customers.example.yaml")
 
@@ -51,6 +57,12 @@ class Settings(BaseSettings):
     policies_topic: str = "mailmeta.policies"
     # The redaction worker's own files (faust's datadir); default: data_dir/streams.
     streams_data_dir: Path | None = None
+    # What each redaction worker applies (policy/_applied.py): one record per worker, sent on
+    # every change and every policy_status_every_s; the API counts a worker heard within
+    # policy_status_stale_s as live.
+    policy_status_topic: str = "mailmeta.policy-status"
+    policy_status_every_s: float = Field(default=5.0, gt=0, le=300)
+    policy_status_stale_s: float = Field(default=15.0, gt=0, le=3600)
     # Prometheus metrics of a redaction worker (0 = off).
     streams_metrics_port: int = Field(default=0, ge=0, le=65535)
     # Prometheus metrics of the sink (0 = off), on api_host: lag, insert latency, errors.

@@ -86,6 +86,24 @@ def ensure_topics(
                 config={"cleanup.policy": "compact", **safety},
             )
         )
+    if settings.policy_status_topic not in existing:
+        # What each redaction worker applies (policy/_applied.py): the latest record per
+        # worker is what counts, and readers read only the last minutes of it. Compacted and
+        # deleted after a day, in hourly segments (only closed segments are cleaned), so
+        # records of workers long gone do not pile up.
+        new.append(
+            NewTopic(
+                settings.policy_status_topic,
+                num_partitions=1,
+                replication_factor=rf,
+                config={
+                    "cleanup.policy": "compact,delete",
+                    "retention.ms": str(_DAY_MS),
+                    "segment.ms": str(3_600_000),
+                    **safety,
+                },
+            )
+        )
     if new:
         for name, fut in admin.create_topics(new, request_timeout=timeout).items():
             try:
@@ -97,7 +115,9 @@ def ensure_topics(
     # New topics, and existing ones on a broker that just (re)started, serve clients only once
     # each partition has a leader; a consumer group that joins earlier can be assigned without
     # them (seen with faust on a restarted Kafka) and never consume them.
-    _wait_for_leaders(admin, [*wanted, settings.policies_topic], timeout)
+    _wait_for_leaders(
+        admin, [*wanted, settings.policies_topic, settings.policy_status_topic], timeout
+    )
     _check_existing(settings, admin, md, timeout)
     return _warn_long_retention(admin, {n: v for n, v in wanted.items() if n in existing}, timeout)
 

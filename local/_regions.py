@@ -6,7 +6,13 @@ from __future__ import annotations
 
 from mailmeta.config import ConfigError, Settings
 
-_TOPICS = ("raw_topic", "redacted_topic", "deadletter_topic", "policies_topic")
+_TOPICS = (
+    "raw_topic",
+    "redacted_topic",
+    "deadletter_topic",
+    "policies_topic",
+    "policy_status_topic",
+)
 _PORTS = ("smtp_port", "api_port", "ingest_metrics_port", "streams_metrics_port")
 
 

@@ -41,6 +41,7 @@ from mailmeta.schema import (
 )
 from mailmeta.streams import _metrics as metrics
 from mailmeta.streams._fast import BatchApp
+from mailmeta.streams._status import PolicyStatusReporter
 
 log = logging.getLogger("mailmeta.streams")
 
@@ -353,6 +354,17 @@ def create_app(settings: Settings) -> faust.App:
             except Exception as exc:  # a broker hiccup: keep the last value, try again
                 log.warning("could not measure the raw backlog: %s", exc)
             await asyncio.sleep(metrics.CHECK_EVERY_S)
+
+    # What this worker applies, for the API's "applied by k of n workers" (policy/_applied.py).
+    status = PolicyStatusReporter(settings, customers, redactor, table)
+
+    @app.task
+    async def report_policy_status() -> None:
+        await status.run(policies_ready)
+
+    @app.on_before_shutdown.connect
+    async def withdraw_policy_status(_app: Any, **_kw: Any) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, status.stop)
 
     app.batch_agent(raw, handle)
     app.batch_gate(policies_ready)

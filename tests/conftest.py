@@ -142,6 +142,7 @@ def settings(broker: LocalBroker | KafkaNode, tmp_path: Path) -> Settings:
         redacted_topic=f"{prefix}.redacted",
         deadletter_topic=f"{prefix}.deadletter",
         policies_topic=f"{prefix}.policies",
+        policy_status_topic=f"{prefix}.policy-status",
         smtp_port=free_port(),
         api_port=free_port(),
         # The API requires tokens, as in every deployment: the sink writes the operator's here.

@@ -115,6 +115,8 @@ def test_operator_edits_previews_and_applies_a_policy(policy_api: ApiServer) -> 
                 timeout=15_000,
             )
             assert "version 4" in page.inner_text("#p-version")
+            # No redaction worker runs here: none reports it applied (policy/_applied.py).
+            assert "Published v4, applied by 0 of 0" in page.inner_text("#p-applied")
             assert '"subject"' not in page.inner_text("#p-current")
             assert page.locator("#p-history li[data-version='4']").count() == 1
             entry = page.locator("#p-audit tr[data-action='policy.set']").first

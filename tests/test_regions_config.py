@@ -71,6 +71,7 @@ def test_a_region_gets_its_own_topics_and_groups(monkeypatch: pytest.MonkeyPatch
     assert eu.raw_topic == f"{plain.raw_topic}.eu"
     assert eu.redacted_topic == f"{plain.redacted_topic}.eu"
     assert eu.policies_topic == f"{plain.policies_topic}.eu"
+    assert eu.policy_status_topic == f"{plain.policy_status_topic}.eu"
     assert eu.deadletter_topic == "ops.dead.eu"  # set explicitly: used as given
     assert eu.group_id("mailmeta-sink") == "mailmeta-sink.eu"
     assert plain.group_id("mailmeta-sink") == "mailmeta-sink"

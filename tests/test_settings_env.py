@@ -33,6 +33,7 @@ NON_DEFAULT: dict[str, Any] = {
     "redacted_topic": "x",
     "deadletter_topic": "d",
     "policies_topic": "p",
+    "policy_status_topic": "ps",
     "streams_data_dir": Path("/srv/streams"),
     "streams_metrics_port": 9101,
     "sink_metrics_port": 9102,

@@ -46,7 +46,13 @@ customers:
 HOME_SECRETS = (
     b"home.example", b"carol", b"dave", b"Board minutes", b"203.0.113", b"<q3@",
 )  # fmt: skip
-_TOPICS = ("raw_topic", "redacted_topic", "deadletter_topic", "policies_topic")
+_TOPICS = (
+    "raw_topic",
+    "redacted_topic",
+    "deadletter_topic",
+    "policies_topic",
+    "policy_status_topic",
+)
 
 
 def customers_file(tmp_path: Path) -> Path:

@@ -6,6 +6,10 @@
 
 const pol = { customer: null, version: null, typed: 0, timer: null, valid: null };
 const TYPE_DELAY_MS = 300;
+// After a change, the applied line is refreshed this often until every live worker settles.
+const APPLIED_POLL_MS = 1000;
+const APPLIED_POLLS = 30;
+const SETTLED = ["applied", "refused", "different_digest", "missing"];
 
 function rule(v) {
   if (v === undefined || v === null) return "—";
@@ -49,6 +53,7 @@ function showPolicy(p) {
   $("p-version").textContent = "version " + p.version + " (" + p.source + ", " + p.actor + ")";
   $("p-stale").hidden = !p.config_is_stale;
   $("p-current").textContent = JSON.stringify(p.policy, null, 2);
+  showApplied(p.applied);
   $("p-apply").textContent = "Apply as version " + (p.version + 1);
   const ol = $("p-history"); ol.replaceChildren();
   for (const h of [...p.history].reverse()) {
@@ -58,6 +63,29 @@ function showPolicy(p) {
     li.appendChild(changes);
     ol.appendChild(li);
   }
+}
+
+// "published vN, applied by k of n workers", and each worker that does not apply it and why.
+function showApplied(a) {
+  const ul = $("p-workers"); ul.replaceChildren();
+  if (!a || a.error) { $("p-applied").textContent = a ? a.error : ""; return false; }
+  $("p-applied").textContent = "Published v" + a.version + ", applied by " + a.applied_by + " of " +
+    a.workers + " redaction worker" + (a.workers === 1 ? "" : "s") + " (heard within " + a.stale_after_s + " s).";
+  for (const w of a.by_worker) {
+    if (w.state === "applied") continue;
+    const held = w.version === null ? "holds no version" : "holds v" + w.version;
+    const li = el("li", w.worker + ": " + w.state.replace("_", " ") + " (" + held + ")" + (w.reason ? ": " + w.reason : ""));
+    li.dataset.state = w.state;
+    ul.appendChild(li);
+  }
+  return a.by_worker.every((w) => SETTLED.includes(w.state));
+}
+
+async function followApplied(customerId, tries) {
+  if (pol.customer !== customerId || tries <= 0) return;
+  const r = await call("GET", "/v1/policies/" + encodeURIComponent(customerId));
+  if (!r.ok || pol.customer !== customerId) return;
+  if (!showApplied(r.body.applied)) setTimeout(() => followApplied(customerId, tries - 1).catch(() => {}), APPLIED_POLL_MS);
 }
 
 function showAudit(rows) {
@@ -162,6 +190,7 @@ async function applyPolicy() {
   state.me = await api("/v1/me");
   await Promise.all([loadPolicy(pol.customer), refresh()]);
   $("p-result").textContent = result;
+  followApplied(pol.customer, APPLIED_POLLS).catch(() => {});
 }
 
 function setUpPolicyEditor() {
