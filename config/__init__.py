@@ -3,6 +3,8 @@
 from mailmeta.config._load import ConfigError, Customers, load_customers, parse_customers
 from mailmeta.config._models import (
     DEFAULT_REGION,
+    MAX_POLICY_BYTES,
+    MAX_REPLACE_RULES,
     POLICY_FIELDS,
     STRICT_DEFAULT_POLICY,
     Action,
@@ -17,6 +19,8 @@ from mailmeta.config._settings import Settings
 
 __all__ = [
     "DEFAULT_REGION",
+    "MAX_POLICY_BYTES",
+    "MAX_REPLACE_RULES",
     "POLICY_FIELDS",
     "STRICT_DEFAULT_POLICY",
     "Action",
