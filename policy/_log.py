@@ -24,6 +24,7 @@ the API), never a deletion: only a tombstone (no value) removes a customer's rec
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -232,6 +233,9 @@ class TopicReader:
         return rec
 
 
+_QUOTED = re.compile(r"'[^']*'")
+
+
 def _bounded(text: str, limit: int = 300) -> str:
     # Escaped and bounded: a reason may quote a field name taken from the record.
     text = text.encode("unicode_escape").decode("ascii")
@@ -242,9 +246,11 @@ def report_invalid(reader: str, customer: str, offset: int, exc: PolicyRecordErr
     """Counts and logs an undecodable record: its offset, key and the reason, never its
     contents. The policy in force stays in force."""
     INVALID_RECORDS.labels(reader).inc()
+    # Quoted text in a reason comes from the record (a field name, a pattern): left out.
+    reason = _QUOTED.sub("'…'", str(exc))
     log.error(
         "invalid policy record at offset %s (key %s), not applied: %s",
-        offset, _bounded(customer, 80), _bounded(str(exc)),
+        offset, _bounded(customer, 80), _bounded(reason),
     )  # fmt: skip
 
 
