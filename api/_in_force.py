@@ -54,6 +54,8 @@ class PoliciesInForce:
         self.ttl = ttl
         self._lock = threading.Lock()
         self._topic: dict[str, PolicyRecord] = {}
+        # What the last read of the topic refused or found in conflict, per customer.
+        self._problems: dict[str, list[dict[str, Any]]] = {}
         self._topic_until = 0.0  # monotonic time until which ``_topic`` is used as is
         self._history: dict[str, tuple[float, dict[int, Policy]]] = {}
 
@@ -70,7 +72,9 @@ class PoliciesInForce:
             if not strict and now < self._topic_until:
                 return self._topic
             try:
-                self._topic, self._topic_until = self.policy_log.read_all(), now + self.ttl
+                state = self.policy_log.read()
+                self._topic, self._topic_until = state.records, now + self.ttl
+                self._problems = state.problems
             except Exception as exc:
                 log.error("reading the policies topic failed: %s", exc)
                 if strict:
@@ -79,6 +83,12 @@ class PoliciesInForce:
                 self._topic = newest_stored(self.store, regional(customers))
                 self._topic_until = now + RETRY_S
             return self._topic
+
+    def problems(self, customer: str) -> list[dict[str, Any]]:
+        """The customer's records the last read refused (undecodable, or a version published
+        again with another document): errors an operator must see, never deletions."""
+        with self._lock:
+            return list(self._problems.get(customer, ()))
 
     def published(self, rec: PolicyRecord) -> None:
         """A version this process published is in force from now on."""

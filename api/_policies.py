@@ -1,8 +1,9 @@
 """Redaction policy API (admin): list, show, validate, preview, set (+ apply to stored), audit.
 
-A change is validated, published to the compacted policies topic as version N+1 (every
-redaction worker's policy table picks it up within a fetch), its document kept in
-``policy_versions`` and recorded in the audit log. Invalid input is a 4xx naming the field
+A change is validated by the redaction worker's own check, published to the compacted
+policies topic as the next free version (above every number the topic and the history hold;
+``PolicyLog.publish_next``; every redaction worker's policy table picks it up within a
+fetch), its document kept in ``policy_versions`` and recorded in the audit log. Invalid input is a 4xx naming the field
 and the reason, and the policy in force stays in force.
 """
 
@@ -29,7 +30,7 @@ from mailmeta.api._policy_ops import (
     stored_policies,
 )
 from mailmeta.config import Customer, Customers, Policy, Settings
-from mailmeta.policy import PREVIEW_NOTE, PolicyLog, PolicyRecord, diff
+from mailmeta.policy import PREVIEW_NOTE, PolicyLog, PolicyRecord, VersionTaken, diff
 from mailmeta.schema import now_ms
 from mailmeta.store import Store
 
@@ -129,10 +130,17 @@ def show(
     _customer(customers, customer)
     rec = live.records(customers, strict=True)[customer]
     history = store.policy_versions(customer)
+    problems = live.problems(customer)
+    recorded = history.get(rec.version)
+    if recorded is not None and recorded["digest"] != rec.policy.digest():
+        problems.append({"problem": f"version {rec.version} in the topic is not the document "
+                                    "the history holds for it"})  # fmt: skip
     return JSONResponse(
         {
             **describe(customers, rec),
             "applied": applied.of({customer: rec})[customer],
+            "digest": rec.policy.digest(),
+            "problems": problems,
             "history": [{"version": v, **h} for v, h in history.items()],
         }
     )
@@ -175,26 +183,32 @@ def preview(
 def _publish_next(
     pl: PolicyLog,
     live: PoliciesInForce,
+    store: Store,
     customers: Customers,
     customer: str,
     body: SetBody,
     policy: Policy,
     actor: str,
 ) -> tuple[PolicyRecord, PolicyRecord]:
-    """Publishes version N+1; returns (old, new). 409 when ``expected_version`` is stale."""
-    with pl.lock:  # versions of one API never collide
-        old = live.records(customers, strict=True)[customer]
-        if body.expected_version is not None and body.expected_version != old.version:
-            raise HTTPException(
-                409, f"version in force is {old.version}, not {body.expected_version}"
-            )
-        rec = PolicyRecord(customer, old.version + 1, policy, actor, now_ms(), "api")
-        try:
-            pl.publish([rec])
-        except Exception as exc:
-            log.error("publishing policy v%s of %s failed: %s", rec.version, customer, exc)
-            raise HTTPException(503, "policies topic unavailable; nothing changed") from None
-        live.published(rec)
+    """Publishes the next version (above the topic's and the history's); returns (old,
+    new). 409 when ``expected_version`` is no longer in force."""
+    floor = max(store.policy_versions(customer), default=0)
+    try:
+        old, rec = pl.publish_next(
+            customers,
+            customer,
+            lambda n: PolicyRecord(customer, n, policy, actor, now_ms(), "api"),
+            floor=floor,
+            expected=body.expected_version,
+        )
+    except VersionTaken as exc:
+        raise HTTPException(
+            409, f"version in force is {exc.in_force}, not {body.expected_version}"
+        ) from None
+    except Exception as exc:
+        log.error("publishing a policy of %s failed: %s", customer, exc)
+        raise HTTPException(503, "policies topic unavailable; nothing changed") from None
+    live.published(rec)
     return old, rec
 
 
@@ -210,7 +224,7 @@ def set_policy(
 ) -> JSONResponse:
     c = _customer(customers, customer)
     policy = parse_policy(body.policy, c)
-    old, rec = _publish_next(pl, live, customers, customer, body, policy, principal.name)
+    old, rec = _publish_next(pl, live, store, customers, customer, body, policy, principal.name)
     remember(store, rec, "policy.set", old)
     result: dict[str, Any] = {
         "customer_id": customer,

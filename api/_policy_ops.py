@@ -4,7 +4,6 @@ version's document and audit record in the store."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from fastapi import Request
@@ -12,10 +11,15 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from mailmeta.config import Customer, Customers, Policy
-from mailmeta.policy import PolicyRecord, diff, plan, rewriter
+from mailmeta.policy import (
+    PolicyRecord,
+    PolicyRecordError,
+    check_document,
+    diff,
+    plan,
+    rewriter,
+)
 from mailmeta.store import Store
-
-_NAMED = re.compile(r"field '([^']+)'")
 
 
 class PolicyInvalid(ValueError):
@@ -30,31 +34,13 @@ async def on_invalid(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": "invalid policy", "problems": problems}, status_code=422)
 
 
-def _problems(exc: ValidationError) -> list[dict[str, str]]:
-    out = []
-    for e in exc.errors():
-        loc = [str(p) for p in e.get("loc", ()) if p not in ("actions", "rules")]
-        msg = e.get("msg", "").removeprefix("Value error, ")
-        # A check over the whole mapping names its field in the message.
-        named = _NAMED.search(msg)
-        field = ".".join(loc) or (named.group(1) if named else "policy")
-        out.append({"field": field, "problem": msg})
-    return out
-
-
 def parse_policy(doc: dict[str, Any], customer: Customer | None) -> Policy:
-    """The policy, or a 422 naming each field and reason (keys checked for ``customer``)."""
+    """The policy, or a 422 naming each field and reason: the redaction worker's own check
+    (``check_document``), so the API refuses exactly what a worker would."""
     try:
-        policy = Policy.model_validate(doc)
-    except ValidationError as exc:
-        raise PolicyInvalid(_problems(exc)) from None
-    if customer is not None:
-        problem = customer.policy_problem(policy)
-        if problem:
-            field, _, reason = problem.partition(": ")
-            field = field.removeprefix("field ").strip("'")
-            raise PolicyInvalid([{"field": field, "problem": reason}])
-    return policy
+        return check_document(doc, customer)
+    except PolicyRecordError as exc:
+        raise PolicyInvalid(exc.problems) from None
 
 
 def newest_stored(store: Store, customers: Customers) -> dict[str, PolicyRecord]:

@@ -10,6 +10,8 @@ from mailmeta.config._load import (
 )
 from mailmeta.config._models import (
     DEFAULT_REGION,
+    MAX_POLICY_BYTES,
+    MAX_REPLACE_RULES,
     POLICY_FIELDS,
     STRICT_DEFAULT_POLICY,
     Action,
@@ -25,6 +27,8 @@ from mailmeta.config._settings import Settings
 __all__ = [
     "DEFAULT_REGION",
     "MAX_INPUT_BYTES",
+    "MAX_POLICY_BYTES",
+    "MAX_REPLACE_RULES",
     "POLICY_FIELDS",
     "STRICT_DEFAULT_POLICY",
     "Action",

@@ -29,6 +29,30 @@ class RedactionError(ValueError):
     """The event cannot be redacted (unknown customer …); it goes to the dead-letter topic."""
 
 
+_NAMED = re.compile(r"field '([^']+)'")
+
+
+def named_field(msg: str) -> str | None:
+    m = _NAMED.search(msg)
+    return m.group(1) if m else None
+
+
+class PolicyRecordError(ValueError):
+    """A record on the policies topic that is not a valid policy record; ``problems`` names
+    each field and reason."""
+
+    def __init__(self, problem: str, problems: list[dict[str, str]] | None = None) -> None:
+        super().__init__(problem)
+        self.problems = problems or [
+            {"field": named_field(problem) or "policy", "problem": problem}
+        ]
+
+
+class PolicyConflict(ValueError):
+    """A record names a version this redactor knows with another document: a writer lied
+    about what the version stands for. The version in force stays in force."""
+
+
 def hmac_hex(key: bytes, value: str) -> str:
     return hmac.new(key, value.encode("utf-8"), hashlib.sha256).hexdigest()
 
@@ -274,17 +298,36 @@ def compile_for(customer: Customer, policy: Policy, version: int) -> CompiledPol
     return CompiledPolicy.compile(policy, customer.keys(), version, customer.active_key_id)
 
 
+def compile_checked(customer: Customer, policy: Policy, version: int) -> CompiledPolicy:
+    """``policy`` compiled for ``customer`` (its keys), or PolicyRecordError naming the field:
+    what a redaction worker installs (``Redactor``) and the API checks before publishing."""
+    problem = customer.policy_problem(policy)
+    try:
+        if problem:
+            raise ValueError(problem)
+        return compile_for(customer, policy, version)
+    except ValueError as exc:
+        field, _, reason = str(exc).partition(": ")
+        named = named_field(field) if reason else None
+        raise PolicyRecordError(
+            str(exc), [{"field": named or "policy", "problem": reason if named else str(exc)}]
+        ) from None
+
+
 class Redactor:
     """Redacts events by their customer's policy in force; unknown customers are an error.
 
     Starts with each customer's config policy (its ``policy_version``); :meth:`update`
     installs a newer version (from the policies topic). An older version never replaces
-    a newer one, so a stale record cannot loosen what is in force.
+    a newer one, so a stale record cannot loosen what is in force; one that names a known
+    version with another document is a :class:`PolicyConflict`.
     """
 
     def __init__(self, customers: Customers) -> None:
         self.customers = customers
         self._compiled: dict[str, CompiledPolicy] = {}
+        # The digest of each version seen, per customer (a few per customer).
+        self._digests: dict[str, dict[int, str]] = {}
         # Why a customer's policy cannot be applied (a key this process lacks): fail closed.
         self._broken: dict[str, tuple[int, str]] = {}
         for c in customers:
@@ -292,8 +335,9 @@ class Redactor:
 
     def _install(self, customer_id: str, policy: Policy, version: int) -> None:
         customer = self.customers.by_id[customer_id]
+        self._digests.setdefault(customer_id, {})[version] = policy.digest()
         try:
-            self._compiled[customer_id] = compile_for(customer, policy, version)
+            self._compiled[customer_id] = compile_checked(customer, policy, version)
             self._broken.pop(customer_id, None)
         except ValueError as exc:
             # Keep nothing in force: events of this customer go to the dead-letter topic
@@ -309,10 +353,19 @@ class Redactor:
         return broken[0] if broken else None
 
     def update(self, customer_id: str, policy: Policy, version: int) -> bool:
-        """Install ``policy`` as ``version`` when newer than what is in force."""
+        """Install ``policy`` as ``version`` when newer than what is in force. The same
+        version with the same document is a no-op; a known version with another document
+        raises :class:`PolicyConflict` (and changes nothing)."""
         if customer_id not in self.customers.by_id:
             return False
         current = self.version_of(customer_id)
+        known = self._digests.get(customer_id, {}).get(version)
+        if known is not None and known != policy.digest():
+            raise PolicyConflict(
+                f"policy v{version} of {customer_id!r} arrived with another document than "
+                f"the one this worker holds for v{version} (digest {known[:12]}, now "
+                f"{policy.digest()[:12]}); v{current} stays in force"
+            )
         if current is not None and version <= current:
             return False
         self._install(customer_id, policy, version)

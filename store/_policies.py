@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import pyarrow as pa
+from pydantic import ValidationError
 
+from mailmeta.config import Policy
 from mailmeta.schema import Event, format_time
 from mailmeta.store._base import StoreError
 from mailmeta.store._core import FINAL_SETTINGS, StoreCore
@@ -20,6 +22,15 @@ from mailmeta.store._migrations import POLICY_VERSIONS_TABLE, TABLE
 from mailmeta.store._rows import SELECT_COLUMNS, row_to_message, to_arrow
 
 POLICY_VERSIONS = POLICY_VERSIONS_TABLE
+
+
+def _digest(document: Any) -> str | None:
+    try:
+        return Policy.model_validate(document).digest()
+    except ValidationError:  # a document recorded before a check it now fails
+        return None
+
+
 _PAGE = 20_000
 
 
@@ -35,24 +46,39 @@ class PolicyStoreMixin(StoreCore):
         self, customer: str, version: int, document: Mapping[str, Any], actor: str, source: str
     ) -> None:
         """Keep every version's policy: preview and retroactive rewrites need to know how
-        a stored row (stamped with its version) was redacted."""
-        self._command(
-            f"INSERT INTO {POLICY_VERSIONS} (customer_id, version, policy, actor, source) "
-            "SELECT {c:String}, {v:UInt32}, {p:String}, {a:String}, {s:String}",
-            {"c": customer, "v": version, "p": orjson.dumps(document).decode(), "a": actor,
-             "s": source},
-        )  # fmt: skip
+        a stored row (stamped with its version) was redacted. A version is recorded once:
+        again with the same document is a no-op, with another a StoreError (a version
+        names one document forever)."""
+        digest = Policy.model_validate(document).digest()
+        with self._write_lock:
+            known = self.policy_versions(customer).get(version)
+            if known is not None:
+                if known["digest"] == digest:
+                    return
+                raise StoreError(
+                    f"policy version {version} of {customer!r} is recorded with another document"
+                )
+            self._command(
+                f"INSERT INTO {POLICY_VERSIONS} (customer_id, version, policy, actor, source) "
+                "SELECT {c:String}, {v:UInt32}, {p:String}, {a:String}, {s:String}",
+                {"c": customer, "v": version, "p": orjson.dumps(document).decode(), "a": actor,
+                 "s": source},
+            )  # fmt: skip
 
     def policy_versions(self, customer: str) -> dict[int, dict[str, Any]]:
+        """version -> its document, actor, source, time and digest (``Policy.digest``: what
+        the version stands for, compared with what the topic and the workers hold)."""
         rows = self._rows(
             f"SELECT version, policy, actor, source, at FROM {POLICY_VERSIONS} FINAL "
             "WHERE customer_id = {c:String} ORDER BY version",
             {"c": customer},
         )
-        return {
-            int(v): {"policy": orjson.loads(p), "actor": a, "source": s, "at": format_time(at)}
-            for v, p, a, s, at in rows
-        }
+        out = {}
+        for v, p, a, s, at in rows:
+            doc = orjson.loads(p)
+            out[int(v)] = {"policy": doc, "actor": a, "source": s, "at": format_time(at),
+                           "digest": _digest(doc)}  # fmt: skip
+        return out
 
     def erase_policy_history(self, customer: str) -> int:
         """Delete every recorded version of the customer's policy but the newest (the one in

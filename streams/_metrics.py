@@ -22,6 +22,12 @@ DEAD_LETTERS = Counter(
 POLICY_VERSION = Gauge(
     "mailmeta_redaction_policy_version", "Policy version in force, per customer", ["customer"]
 )
+POLICY_CONFLICTS = Counter(
+    "mailmeta_streams_policy_conflicts",
+    "Policy records naming a version this worker holds with another document (an alarm: "
+    "the version held stays in force)",
+    ["customer"],
+)
 RAW_BACKLOG_AGE = Gauge(
     "mailmeta_streams_raw_backlog_age_seconds",
     "Age of the oldest raw event the redaction workers have not processed (0: none waiting). "

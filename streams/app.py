@@ -27,10 +27,12 @@ from mailmeta.config import Customers, Settings, load_customers
 from mailmeta.kafka import AsyncProducer, consumer_config, faust_broker_options, producer_config
 from mailmeta.policy import (
     POLICY_PARTITION,
+    PolicyConflict,
     PolicyRecordError,
     RedactionError,
     Redactor,
     decode_record,
+    report_invalid,
 )
 from mailmeta.schema import (
     SchemaError,
@@ -100,8 +102,10 @@ class PolicyTable(GlobalTable):
             try:
                 rec = decode_record(ev.key, ev.value)
             except PolicyRecordError as exc:
-                # Ignored, not applied: the policy in force stays in force.
-                log.error("ignoring invalid policy record at offset %s: %s", ev.message.offset, exc)
+                # Reported, not applied, and never read as a deletion: the policy in force
+                # stays in force.
+                customer_id = (ev.key or b"").decode("utf-8", "replace")
+                report_invalid("worker", customer_id, ev.message.offset, exc)
                 continue
             if rec is None:
                 continue
@@ -116,7 +120,14 @@ class PolicyTable(GlobalTable):
                     ev.message.offset, rec.customer_id, region, self.customers.region,
                 )  # fmt: skip
                 continue
-            if self.redactor.update(rec.customer_id, rec.policy, rec.version):
+            try:
+                installed = self.redactor.update(rec.customer_id, rec.policy, rec.version)
+            except PolicyConflict as exc:
+                # A version named twice: an alarm, and the version held stays in force.
+                metrics.POLICY_CONFLICTS.labels(rec.customer_id).inc()
+                log.error("policy record at offset %s: %s", ev.message.offset, exc)
+                continue
+            if installed:
                 log.info("policy v%s of %s in force", rec.version, rec.customer_id)
                 metrics.POLICY_VERSION.labels(rec.customer_id).set(rec.version)
 

@@ -332,3 +332,37 @@ def test_version_stamped_on_stored_rows(sink: SinkService, psettings: Settings) 
     k2 = b"demo-key-two-0123456789"
     assert row["mail_from"] == "k2:" + hmac.new(k2, b"alice@sender.example", "sha256").hexdigest()
     assert row["rcpt_to"] is None and row["subject"] == ev.subject
+
+
+@pytest.mark.parametrize("broker", ["kafka"], indirect=True)
+def test_issue_21_sequence_refuses_the_override_and_the_stricter_policy_applies(
+    sink: SinkService, psettings: Settings
+) -> None:
+    """Issue 21.1 as reported: a rules entry overriding its actions entry was accepted as v3
+    and unreadable to workers; the stricter policy after it was published as v2 again and
+    every new mail stored its subject in clear."""
+    keep = {"subject": "keep", "rcpt_to": "keep", "message_id": "keep"}
+    res = _put(sink, "demo", keep)
+    assert res.status_code == 200 and res.json()["version"] == 2
+    override = {
+        "actions": {**keep, "size_bytes": "keep"},
+        "rules": {"size_bytes": {"action": "hmac"}},
+    }
+    res = _put(sink, "demo", override)
+    assert res.status_code == 422, res.text
+    assert [p["field"] for p in res.json()["problems"]] == ["size_bytes"]
+    res = _put(sink, "demo", {"rcpt_to": "keep", "message_id": "keep"})
+    assert res.status_code == 200 and res.json()["version"] == 3, res.text
+    shown = httpx.get(f"{sink.url}/v1/policies/demo", headers=auth(sink), timeout=30).json()
+    assert shown["version"] == 3 and "subject" not in shown["policy"] and not shown["problems"]
+    ev = _raw()
+    produce(psettings.kafka_bootstrap, psettings.raw_topic, [encode_event(ev)])
+    with run_stage("mailmeta.streams", psettings, "redacting"):
+        deadline = time.monotonic() + 45
+        rows: list[dict[str, object]] = []
+        while time.monotonic() < deadline and not rows:
+            rows = _stored(sink)
+            time.sleep(0.3)
+    assert len(rows) == 1
+    assert rows[0]["policy_version"] == 3 and rows[0]["subject"] is None
+    assert rows[0]["rcpt_to"] == ev.rcpt_to

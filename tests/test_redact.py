@@ -9,7 +9,14 @@ import time
 import pytest
 
 from mailmeta.config import Action, Policy, parse_customers
-from mailmeta.policy import CompiledPolicy, RedactionError, Redactor, mask, truncate_ip
+from mailmeta.policy import (
+    CompiledPolicy,
+    PolicyConflict,
+    RedactionError,
+    Redactor,
+    mask,
+    truncate_ip,
+)
 from mailmeta.schema import Event, new_event_id, now_ms
 
 KEY = b"k" * 32
@@ -274,8 +281,13 @@ def test_key_rotation_records_the_key_id() -> None:
     assert r.update("demo", Policy.model_validate({"mail_from": "hmac", "hmac_key_id": "k7"}), 3)
     with pytest.raises(RedactionError, match="policy v3 of customer 'demo' cannot apply"):
         r.redact(_event())
-    # An older version never replaces a newer one.
-    assert not r.update("demo", Policy.model_validate({"mail_from": "keep"}), 2)
+    # An older version never replaces a newer one; one it knows with another document is a
+    # conflict (issue 21), and what is in force stays.
+    v2 = Policy.model_validate({"mail_from": "hmac", "hmac_key_id": "k1"})
+    assert not r.update("demo", v2, 2)
+    with pytest.raises(PolicyConflict, match="v2 of 'demo'"):
+        r.update("demo", Policy.model_validate({"mail_from": "keep"}), 2)
+    assert r.version_of("demo") == 3
 
 
 @pytest.mark.parametrize(
