@@ -71,8 +71,10 @@ class Authenticator:
     def __init__(self, customers: Customers, *, max_concurrent: int = 2) -> None:
         self._slots = asyncio.Semaphore(max_concurrent)
         self.failures = FailureLimit()
+        # This region's users only: another region's user fails like an unknown one (same
+        # reply, same argon2 cost), so guesses cannot be spread over the regions' limits.
         self._users: dict[str, tuple[str, str]] = {
-            u.username: (c.id, u.password_hash) for c in customers for u in c.smtp_users
+            u.username: (c.id, u.password_hash) for c in customers.here() for u in c.smtp_users
         }
         # Unknown users are checked against a real hash too: the reply takes as long as
         # for a known user with a wrong password, so logins cannot be probed by timing.

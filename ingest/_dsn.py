@@ -4,7 +4,12 @@ for the *original* message (``bounced`` / ``deferred`` / ``delivered``).
 Only the report's top-level header, its ``message/delivery-status`` part and the
 ``Message-ID`` of a ``text/rfc822-headers`` part are read. The returned message itself
 (``message/rfc822``) and the human-readable part are never read into an event. The DSN is
-parsed with the stdlib ``email`` parser from at most :data:`MAX_PARSE_BYTES` of its content.
+parsed with the stdlib ``email`` parser from at most :data:`MAX_PARSE_BYTES` of its content,
+off the event loop (:func:`parse_dsn_bounded`): that parser checks every line against every
+open boundary, so a report nested hundreds of levels deep costs seconds of CPU. A report
+declaring more than :data:`MAX_BOUNDARIES` multipart boundaries or :data:`MAX_PARTS` part
+delimiters is not parsed at all, and a parse is waited for at most :data:`PARSE_TIME_LIMIT`
+seconds: such a mail is still accepted and recorded like any other, without status events.
 
 The original message is found by, in this order:
 
@@ -20,7 +25,9 @@ The original message is found by, in this order:
 
 from __future__ import annotations
 
+import asyncio
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesFeedParser
@@ -38,6 +45,11 @@ from mailmeta.ingest._extract import (
 # returned message may be as large as any mail, and is never needed.
 MAX_PARSE_BYTES = 256 * 1024
 MAX_RECIPIENT_BLOCKS = 100
+# A real DSN declares two or three boundaries (the report, a returned multipart message) and
+# a handful of parts; the parse cost grows with lines x open boundaries.
+MAX_BOUNDARIES = 10
+MAX_PARTS = 500
+PARSE_TIME_LIMIT = 2.0
 MAX_REPLY = 500
 _MAX_ADDRESS = 254
 
@@ -54,6 +66,10 @@ _CTRL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 _SPACES = re.compile(r"\s+")
 _MSG_ID = re.compile(r"[^\s<>@]{1,900}@[^\s<>@]{1,255}")
 _XTEXT = re.compile(r"\+([0-9A-Fa-f]{2})")
+_BOUNDARY_PARAM = re.compile(rb"boundary\s*=", re.IGNORECASE)
+# Two threads: a flood of reports waits its turn (and its time limit) without holding the
+# event loop or the default executor (AUTH's argon2 runs there).
+_PARSER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mailmeta-dsn")
 
 
 class DsnError(ValueError):
@@ -104,6 +120,29 @@ class Dsn:
 def looks_like_report(content: bytes) -> bool:
     """Cheap pre-check on the header block: only reports are parsed at all."""
     return b"multipart/report" in header_block(content[:MAX_PARSE_BYTES]).lower()
+
+
+def too_complex(content: bytes) -> str | None:
+    """Why ``content`` is beyond the parse bounds, else None (a cheap count, no parse)."""
+    head = content[:MAX_PARSE_BYTES]
+    if len(_BOUNDARY_PARAM.findall(head)) > MAX_BOUNDARIES:
+        return f"more than {MAX_BOUNDARIES} multipart boundaries"
+    if head.count(b"\n--") > MAX_PARTS:
+        return f"more than {MAX_PARTS} part delimiters"
+    return None
+
+
+async def parse_dsn_bounded(content: bytes) -> Dsn:
+    """:func:`parse_dsn` in a worker thread, within the bounds; :class:`DsnError` beyond
+    them (the thread of a parse that ran out of time finishes on its own, bounded too)."""
+    reason = too_complex(content)
+    if reason is not None:
+        raise DsnError(reason)
+    parse = asyncio.get_running_loop().run_in_executor(_PARSER, parse_dsn, content)
+    try:
+        return await asyncio.wait_for(parse, PARSE_TIME_LIMIT)
+    except TimeoutError:
+        raise DsnError(f"not parsed within {PARSE_TIME_LIMIT:g} s") from None
 
 
 def parse_dsn(content: bytes) -> Dsn:

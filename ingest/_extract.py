@@ -140,8 +140,10 @@ def decode_rfc2047(value: str) -> str:
     """Decode RFC 2047 encoded-words one by one, keeping what decodes.
 
     Unlike ``email.header.decode_header``, one broken word does not cost the whole value:
-    bad bytes become U+FFFD, an unknown or non-text charset (rot13, base64 …) is read as
-    UTF-8 or else Latin-1, and a word that cannot be decoded at all stays as written.
+    bad bytes become U+FFFD, a charset that is not a mail charset (:data:`MAIL_CHARSETS`:
+    rot13, base64, unicode_escape, utf-7 …) is read as UTF-8 or else Latin-1, and a word
+    that cannot be decoded at all stays as written. The result holds no lone surrogate
+    (each becomes U+FFFD): an event must always be encodable.
     """
     out: list[str] = []
     pos = 0
@@ -153,7 +155,12 @@ def decode_rfc2047(value: str) -> str:
         out.append(_decode_word(m))
         pos = m.end()
     out.append(value[pos:])
-    return "".join(out)
+    return scrub_text("".join(out))
+
+
+def scrub_text(text: str) -> str:
+    """``text`` with each lone surrogate (which no encoder takes) replaced by U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?\s]*)\?=")
@@ -169,22 +176,39 @@ def _decode_word(m: re.Match[str]) -> str:
             data = binascii.a2b_qp(text.encode("ascii", "replace"), header=True)
     except (binascii.Error, ValueError):
         return m.group(0)
-    if _is_text_codec(charset):
+    if _is_mail_charset(charset):
         try:
             return data.decode(charset, "replace")
-        except (UnicodeError, ValueError, TypeError):
-            pass  # e.g. idna takes no "replace": read like an unknown charset
+        except (UnicodeError, ValueError, TypeError, LookupError):
+            pass  # read like an unknown charset
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return data.decode("latin-1")
 
 
+# The charsets mail uses (IANA names, as Python's codec registry names them), and only
+# these: "any Python text codec" includes unicode_escape and utf-7, which turn a word into
+# lone surrogates no encoder takes (a Subject must never cost the event).
+MAIL_CHARSETS = frozenset(
+    {"ascii", "utf-8", "utf-16", "utf-16-be", "utf-16-le", "utf-32", "utf-32-be", "utf-32-le"}
+    | {f"iso8859-{n}" for n in (*range(1, 12), 13, 14, 15, 16)}
+    | {f"cp{n}" for n in (*range(1250, 1259), 437, 850, 852, 866, 874, 932, 949, 950)}
+    | {"koi8-r", "koi8-u", "tis-620", "mac-roman", "hz", "johab"}
+    | {"iso2022_jp", "iso2022_jp_1", "iso2022_jp_2", "iso2022_jp_3", "iso2022_kr"}
+    | {"shift_jis", "shift_jisx0213", "euc_jp", "euc_jisx0213", "euc_kr"}
+    | {"gb2312", "gbk", "gb18030", "big5", "big5hkscs"}
+)
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
 @functools.lru_cache(maxsize=256)
-def _is_text_codec(charset: str) -> bool:
-    # Bytes-to-bytes codecs (base64, hex, zlib, uu, rot13 …) are no charsets.
+def _is_mail_charset(charset: str) -> bool:
+    label = charset.strip().lower()
+    if label.startswith("windows-"):
+        label = "cp" + label.removeprefix("windows-")
     try:
-        return bool(codecs.lookup(charset)._is_text_encoding)
+        return codecs.lookup(label).name in MAIL_CHARSETS
     except LookupError:
         return False
 

@@ -5,6 +5,7 @@ event is acknowledged by the broker or fsync'd in the durable spool."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import ssl
 import time
@@ -17,7 +18,13 @@ from mailmeta import schema
 from mailmeta.config import Customer, Customers
 from mailmeta.ingest import _metrics as metrics
 from mailmeta.ingest._auth import AuthUser, RelayAccess
-from mailmeta.ingest._dsn import BounceRoutes, DsnError, looks_like_report, parse_dsn, status_events
+from mailmeta.ingest._dsn import (
+    BounceRoutes,
+    DsnError,
+    looks_like_report,
+    parse_dsn_bounded,
+    status_events,
+)
 from mailmeta.ingest._dsn_params import DsnParamError, MailDsn, RcptDsn
 from mailmeta.ingest._extract import (
     accepted_reply,
@@ -27,6 +34,7 @@ from mailmeta.ingest._extract import (
     extract_headers,
     has_bare_newline,
     peer_ip,
+    scrub_text,
 )
 from mailmeta.ingest._producer import DeliveryError, EventProducer
 from mailmeta.ingest._protocol import FrontEndSMTP, MailEnvelope
@@ -254,6 +262,14 @@ class IngestHandler:
         sender_ip = server.client_ip if isinstance(server, FrontEndSMTP) else peer_ip(session.peer)
         mail_from = envelope_sender(envelope.mail_from)
         helo = clean_helo(session.host_name)
+        common: dict[str, Any] = {
+            "headers": headers,
+            "mail_from": mail_from,
+            "sender_ip": sender_ip,
+            "helo": helo,
+            "size_bytes": len(content),
+            "tls_version": tls_info(session.ssl)[0],
+        }
 
         verdict: RelayReply | None = None
         if envelope.next_hop is not None:
@@ -272,14 +288,37 @@ class IngestHandler:
             )
             metrics.RELAY_LATENCY.observe(time.perf_counter() - t_relay)
 
-        common: dict[str, Any] = {
-            "headers": headers,
-            "mail_from": mail_from,
-            "sender_ip": sender_ip,
-            "helo": helo,
-            "size_bytes": len(content),
-            "tls_version": tls_info(session.ssl)[0],
-        }
+        if verdict is None:
+            # Nothing was delivered yet: a failure here is a 4xx, and the client retries.
+            return await self._record_message(content, envelope, session, by_customer, common,
+                                              started, verdict)  # fmt: skip
+        # The next hop has decided; its verdict is the client's whatever becomes of our
+        # event: anything else would make the client send the message again (a second copy
+        # at the hop). A failure to build or record the event is logged and counted.
+        metrics.MESSAGES.labels(f"relayed_{verdict.status}").inc()
+        try:
+            await self._record_message(
+                content, envelope, session, by_customer, common, started, verdict
+            )
+        except Exception as exc:
+            metrics.METADATA_LOST.inc()
+            # The type only: an exception's text could quote message data.
+            log.error("event of a relayed message on %r not recorded: %s",
+                      session.peer, type(exc).__name__)  # fmt: skip
+        return verdict.line
+
+    async def _record_message(
+        self,
+        content: bytes,
+        envelope: MailEnvelope,
+        session: Session,
+        by_customer: dict[str, list[str]],
+        common: dict[str, Any],
+        started: float,
+        verdict: RelayReply | None,
+    ) -> str:
+        """Build, encode and record the message's events (and a DSN's status events); the
+        reply a terminal sink gives (relay mode replies with the hop's verdict instead)."""
         processing_ms = round((time.perf_counter() - started) * 1000, 3)
         events = [
             build_event(
@@ -299,14 +338,10 @@ class IngestHandler:
         if self.bounces and (verdict is None or verdict.status == "delivered"):
             # Only once the DSN is ours to keep: a deferred one comes again. Recorded with
             # the DSN's own event, durable before the 250 like it.
-            events += self._dsn_events(content, envelope, session)
-        records = [(ev.event_id.encode(), schema.encode_event(ev)) for ev in events]
+            events += await self._dsn_events(content, envelope, session)
+        records = [(ev.event_id.encode(), encode_event(ev)) for ev in events]
         failure = await self.record(records)
-
         if verdict is not None:
-            # The next hop has decided; its verdict is the client's whatever became of our
-            # event (a 250 here after a delivered message must not make the client resend).
-            metrics.MESSAGES.labels(f"relayed_{verdict.status}").inc()
             if failure is not None:
                 metrics.METADATA_LOST.inc()
                 log.error("event(s) %s not recorded: %s", " ".join(ids), failure)
@@ -317,7 +352,7 @@ class IngestHandler:
         _ACCEPTED.inc()
         return accepted_reply(ids)
 
-    def _dsn_events(
+    async def _dsn_events(
         self, content: bytes, envelope: MailEnvelope, session: Session
     ) -> list[schema.Event]:
         """Status events for the original message when this is a DSN to a bounce address."""
@@ -329,7 +364,7 @@ class IngestHandler:
         if not bounce_rcpts or not looks_like_report(content):
             return []
         try:
-            dsn = parse_dsn(content)
+            dsn = await parse_dsn_bounded(content)
             out: list[schema.Event] = []
             for customer_id, rcpts in bounce_rcpts.items():
                 out += status_events(dsn, customer_id, rcpts)
@@ -404,6 +439,22 @@ class IngestHandler:
         # The type only: an exception's text could quote message data.
         log.error("SMTP session error: %s", type(error).__name__)
         return "451 4.3.0 Internal error, try again later"
+
+
+def encode_event(event: schema.Event) -> bytes:
+    """The event's record. Text no encoder takes (a lone surrogate) is replaced rather than
+    costing the event: header decoding should never produce it, and this is the backstop."""
+    try:
+        return schema.encode_event(event)
+    except TypeError:  # orjson.JSONEncodeError
+        metrics.EVENTS_SCRUBBED.inc()
+        for f in dataclasses.fields(event):
+            value = getattr(event, f.name)
+            if isinstance(value, str):
+                setattr(event, f.name, scrub_text(value))
+            elif isinstance(value, list):
+                setattr(event, f.name, [scrub_text(v) if isinstance(v, str) else v for v in value])
+        return schema.encode_event(event)
 
 
 def _dsn_params(server: SMTP) -> MailDsn | RcptDsn | DsnParamError | None:

@@ -67,6 +67,11 @@ METADATA_LOST = Counter(
     "Relayed messages whose event could be neither produced nor spooled (page someone)",
 )
 
+EVENTS_SCRUBBED = Counter(
+    "mailmeta_ingest_events_scrubbed",
+    "Events whose text held characters no encoder takes (replaced by U+FFFD before encoding)",
+)
+
 
 def serve_metrics(port: int, host: str) -> None:
     """Expose /metrics on ``host:port`` (a daemon thread of prometheus_client)."""

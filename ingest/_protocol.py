@@ -256,19 +256,36 @@ class FrontEndSMTP(SMTP):
         ip = peer_ip(self.session.peer if self.session else None)
         if shared.proxy_networks and in_networks(ip, shared.proxy_networks):
             # A load balancer: the client is the one its PROXY header names (handle_PROXY).
+            # Until that header is in, the connection counts against the balancer's own
+            # address, so connections that never send one cannot pile up unbounded.
             self._proxy_timeout = PROXY_TIMEOUT
+            self._count(ip)
+            if self._refused:
+                metrics.CONNECTIONS.labels("refused_per_ip").inc()
         else:
             self._admit(ip)
 
-    def _admit(self, ip: str | None) -> None:
-        """The client is ``ip``: it counts against that address's connection limit."""
+    def _count(self, ip: str | None) -> None:
+        """This connection counts against ``ip``'s connection limit (and no other)."""
         shared = self._shared
-        self.client_ip = ip
+        self._uncount()
         if ip is not None:
             self._peer_ip = ip
             shared.per_ip[ip] += 1
-            if shared.per_ip[ip] > shared.max_per_ip:
-                self._refused = True
+            self._refused = shared.per_ip[ip] > shared.max_per_ip
+
+    def _uncount(self) -> None:
+        ip, self._peer_ip = self._peer_ip, None
+        if ip is not None:
+            per_ip = self._shared.per_ip
+            per_ip[ip] -= 1
+            if per_ip[ip] <= 0:
+                del per_ip[ip]
+
+    def _admit(self, ip: str | None) -> None:
+        """The client is ``ip``: it counts against that address's connection limit."""
+        self.client_ip = ip
+        self._count(ip)
         metrics.CONNECTIONS.labels("refused_per_ip" if self._refused else "accepted").inc()
 
     async def proxied(self, data: ProxyData) -> bool:
@@ -300,11 +317,7 @@ class FrontEndSMTP(SMTP):
         if self in shared.connections:
             shared.connections.discard(self)
             metrics.ACTIVE_CONNECTIONS.dec()
-            ip = self._peer_ip
-            if ip is not None:
-                shared.per_ip[ip] -= 1
-                if shared.per_ip[ip] <= 0:
-                    del shared.per_ip[ip]
+            self._uncount()
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
@@ -324,10 +337,14 @@ class FrontEndSMTP(SMTP):
     def _reset_timeout(self, duration: float | None = None) -> None:
         # aiosmtpd cancels and re-creates a timer on every command; moving a deadline and
         # re-arming only when the timer fires early does the same with one timer per
-        # connection (most sessions are over before it fires).
+        # connection (most sessions are over before it fires). A deadline earlier than the
+        # live timer (the PROXY header's 10 s after the connection's first 300 s) re-arms it.
         duration = duration or self._timeout_duration
         self._deadline = self.loop.time() + duration
-        if self._timeout_handle is None or self._timeout_handle.cancelled():
+        handle = self._timeout_handle
+        if handle is not None and not handle.cancelled() and handle.when() > self._deadline:
+            handle.cancel()
+        if handle is None or handle.cancelled():
             self._timeout_handle = self.loop.call_later(duration, self._timeout_cb)
 
     def _timeout_cb(self) -> None:

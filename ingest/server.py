@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import socket
 import ssl
 from collections.abc import Sequence
@@ -33,9 +34,29 @@ FLUSH_TIMEOUT = 5.0
 _GOODBYE = b"421 4.3.2 Service shutting down, try again later\r\n"
 
 
+# aiosmtpd's warning for a command it does not know logs the whole first word of the line:
+# for "MAIL_FROM:<alice@example.org>" an address, and whatever control bytes it holds.
+_UNRECOGNISED = "%r unrecognised: %s"
+_COMMAND_WORD_MAX = 16
+_WORD_END = re.compile(r"[:<@\s]")
+
+
+def command_word(text: str) -> str:
+    """What a log may say of a client's unknown command: the word before any ``:``, ``<``,
+    ``@`` or space, at most 16 characters, anything but printable ASCII escaped."""
+    word = _WORD_END.split(text, maxsplit=1)[0]
+    cut = word[:_COMMAND_WORD_MAX]
+    shown = "".join(ch if " " < ch <= "~" and ch != "\\" else f"\\x{ord(ch):02x}" for ch in cut)
+    return shown + ("…" if len(text) > len(cut) else "")
+
+
 class _OnlyWarnings(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING
+        if record.levelno < logging.WARNING:
+            return False
+        if record.msg == _UNRECOGNISED and isinstance(record.args, tuple) and record.args:
+            record.args = (*record.args[:-1], command_word(str(record.args[-1])))
+        return True
 
 
 def quiet_aiosmtpd_log() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import smtplib
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ import orjson
 import pytest
 
 from mailmeta.config import ConfigError, Customers, Settings, load_customers, parse_customers
-from tests.smtp_helpers import read_raw, running_server, write_customers
+from tests.kafka_helpers import wait_until
+from tests.smtp_helpers import Wire, message, read_raw, running_server, write_customers
 from tests.up_helpers import mailmeta_up
 
 BOUNCE_ADDRESS = "bounces@demo.example"
@@ -465,3 +467,76 @@ def test_bounce_shows_in_the_message_history(tmp_path: Path) -> None:
         assert [m["subject"] for m in report] == ["Undelivered Mail Returned to Sender"]
         up.stop()
     assert up.proc.returncode == 0, up.output[-3000:]
+
+
+def _nested_report(depth: int = 900, size: int = 262_143) -> bytes:
+    """The probe's report: multipart/report nested ``depth`` levels deep, every boundary
+    left open, short filler lines up to ``size`` bytes (the stdlib parser checks each line
+    against each open boundary)."""
+    head = _crlf(
+        "From: MAILER-DAEMON@mx.example\nTo: bounces@demo.example\nSubject: nested report\n"
+        "Message-Id: <nested@mx.example>\nMIME-Version: 1.0\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="b0"\n\n'
+    )
+    levels = b"".join(
+        b'--b%d\r\nContent-Type: multipart/report; report-type=delivery-status; boundary="b%d"'
+        b"\r\n\r\n" % (i - 1, i)
+        for i in range(1, depth)
+    )
+    content = head + levels
+    content += b"x\r\n" * ((size - len(content)) // 3)
+    return content + b"\r\n" * ((size - len(content)) // 2)
+
+
+def _ready_for_data(port: int, rcpt: str) -> Wire:
+    w = Wire(port)
+    assert w.cmd("EHLO mail.partner.example")[0] == 250
+    assert w.cmd("MAIL FROM:<>")[0] == 250
+    assert w.cmd(f"RCPT TO:<{rcpt}>")[0] == 250
+    assert w.cmd("DATA")[0] == 354
+    return w
+
+
+def test_nested_reports_do_not_stall_other_sessions(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    bomb = _nested_report()
+    assert len(bomb) in (262_142, 262_143)
+    replies: dict[int, tuple[tuple[int, str], float]] = {}
+
+    def send_bomb(i: int, w: Wire) -> None:
+        t0 = time.monotonic()
+        reply = w.send(bomb + b".\r\n")
+        replies[i] = (reply, time.monotonic() - t0)
+
+    with running_server(settings, _customers(tmp_path)) as srv:
+        bombs = [_ready_for_data(srv.port, BOUNCE_ADDRESS) for _ in range(3)]
+        normal = _ready_for_data(srv.port, "alice@demo.example")
+        try:
+            senders = [threading.Thread(target=send_bomb, args=(i, w)) for i, w in enumerate(bombs)]
+            for t in senders:
+                t.start()
+            # Once the server has all three reports (the last byte sent), a normal mail.
+            wait_until(lambda: not any(t.is_alive() for t in senders) or srv.handler.in_flight,
+                       timeout=10, what="the reports arriving")  # fmt: skip
+            t0 = time.monotonic()
+            assert normal.send(message("normal mail") + b".\r\n")[0] == 250
+            normal_s = time.monotonic() - t0
+            for t in senders:
+                t.join(30)
+        finally:
+            for w in [*bombs, normal]:
+                w.close()
+    assert normal_s < 1.0, f"a normal mail waited {normal_s:.2f} s"
+    # Each report got a clear reply, promptly: accepted as ordinary mail, its status unused.
+    for (code, text), took in replies.values():
+        assert code == 250 and text.startswith("2.0.0 Ok: queued as "), text
+        assert took < 5.0, took
+    assert len(replies) == 3
+    events = _events(settings, 4)
+    assert sorted(e["subject"] for e in events) == ["nested report"] * 3 + ["normal mail"]
+    assert {e["status"] for e in events} == {"accepted"}
+    unused = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
+    assert len(unused) == 3
+    assert all(m.endswith("not used: more than 10 multipart boundaries") for m in unused)

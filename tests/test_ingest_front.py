@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from mailmeta.config import Customers, Settings, load_customers
 from mailmeta.ingest import hash_password
@@ -129,6 +130,64 @@ def test_relay_recipient_refused_upstream_and_hop_down(settings: Settings, tmp_p
     assert events["no user"]["status"] == "bounced"
     assert events["hop down"]["status"] == "deferred"
     assert events["hop down"]["smtp_reply"] == f"451 {text}"
+
+
+# Subjects whose words name a Python codec that is no mail charset: decoded by it, each gave
+# a lone surrogate, an event that could not be encoded, and a 451 after the hop had the mail.
+ODD_SUBJECTS = {
+    "=?utf-7?q?a+2AA-b?=": "a+2AA-b",
+    "=?unicode_escape?q?a\\ud800b?=": "a\\ud800b",
+    "=?utf-16?b?YQAA2GIA?= tail": "a\ufffdb tail",  # a mail charset: a lone surrogate replaced
+}
+
+
+def _deliver_like_an_mta(port: int, content: bytes, attempts: int = 3) -> list[int]:
+    """Send ``content`` as an MTA would: again after a 4xx, up to ``attempts`` times. The
+    reply codes in order."""
+    codes = []
+    for _ in range(attempts):
+        with Wire(port) as w:
+            assert _session(w, [RCPT]) == [250]
+            assert w.cmd("DATA")[0] == 354
+            code, _ = w.send(content + b".\r\n")
+        codes.append(code)
+        if code // 100 != 4:
+            break
+    return codes
+
+
+def test_relay_delivers_once_whatever_the_subject(settings: Settings, tmp_path: Path) -> None:
+    with NextHop() as hop:
+        s = _with(settings, relay_to=hop.address)
+        with running_server(s, _customers(tmp_path)) as srv:
+            for n, subject in enumerate(ODD_SUBJECTS):
+                msg = message(subject, message_id=f"<odd-{n}@test.example>")
+                assert _deliver_like_an_mta(srv.port, msg) == [250], subject
+        # Exactly one copy of each at the next hop, and exactly one event of each.
+        assert sorted(content for _, _, content in hop.received) == sorted(
+            message(subject, message_id=f"<odd-{n}@test.example>")
+            for n, subject in enumerate(ODD_SUBJECTS)
+        )
+    events = read_events(settings, min_count=len(ODD_SUBJECTS))
+    assert sorted((e["message_id"], e["subject"], e["status"]) for e in events) == sorted(
+        (f"<odd-{n}@test.example>", decoded, "delivered")
+        for n, decoded in enumerate(ODD_SUBJECTS.values())
+    )
+
+
+def test_relay_verdict_stands_when_the_event_is_lost(settings: Settings, tmp_path: Path) -> None:
+    # Once the next hop has the mail, its verdict is the client's even when the event can be
+    # neither produced nor spooled: a 4xx would make the client deliver a second copy.
+    down = _with(settings, kafka_bootstrap=f"127.0.0.1:{_closed_port()}")
+    with NextHop() as hop:
+        s = _with(down, relay_to=hop.address)
+        lost = REGISTRY.get_sample_value("mailmeta_ingest_metadata_lost_total") or 0.0
+        with running_server(
+            s, _customers(tmp_path), delivery_timeout=1.0, spool_enabled=False
+        ) as srv:
+            assert _deliver_like_an_mta(srv.port, message("broker down")) == [250]
+        assert len(hop.received) == 1
+    assert REGISTRY.get_sample_value("mailmeta_ingest_metadata_lost_total") == lost + 1
 
 
 def test_per_customer_next_hop(settings: Settings, tmp_path: Path) -> None:

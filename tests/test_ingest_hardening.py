@@ -14,14 +14,19 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from mailmeta import schema
 from mailmeta.config import Customers, Settings, load_customers
 from mailmeta.ingest import IngestServer, hash_password
+from mailmeta.ingest._handler import encode_event
+from mailmeta.ingest._protocol import PROXY_TIMEOUT
 from mailmeta.ingest._relay import relay
+from tests.kafka_helpers import wait_until
 from tests.smtp_helpers import NextHop, Wire, message, read_events, running_server, write_customers
 
 RCPT = "alice@demo.example"
@@ -352,3 +357,86 @@ def test_proxy_networks_are_checked(settings: Settings) -> None:
     bad = _with(settings, smtp_proxy_networks="10.0.0.0/8, not-a-network")
     with pytest.raises(ValueError, match="MAILMETA_SMTP_PROXY_NETWORKS: 'not-a-network'"):
         IngestServer(bad, load_customers(settings.config))
+
+
+# --- issue 21.3: the PROXY header wait is bounded and counted ----------------------------
+
+
+def test_proxy_header_wait_is_bounded_and_counted(settings: Settings, tmp_path: Path) -> None:
+    s = _with(settings, smtp_proxy_networks=f"{LB}/32", smtp_max_connections_per_ip=3)
+    stalled = [
+        b"",  # nothing at all
+        b"PROXY TCP4 1.2.3.4",  # a v1 header that never ends
+        V2_SIGNATURE + b"\x21\x11\xff\xff",  # a v2 header announcing 65535 more bytes
+    ]
+    with running_server(s, _proxy_customers(tmp_path)) as srv:
+        t0 = time.monotonic()
+        socks = []
+        for raw in stalled:
+            sock = socket.create_connection(("127.0.0.1", srv.port), 5, source_address=(LB, 0))
+            sock.sendall(raw)
+            socks.append(sock)
+        try:
+            # Waiting for their headers, they hold the balancer's connection budget.
+            refused = _talk_until_closed(srv.port, LB, b"")
+            assert refused.startswith(b"421 4.7.0 Too many connections")
+            for sock, raw in zip(socks, stalled, strict=True):
+                sock.settimeout(PROXY_TIMEOUT + 5)  # the bound of this poll
+                said = b""
+                while chunk := sock.recv(4096):  # a timeout raises: the server must close
+                    said += chunk
+                assert b"\r\n250" not in said and not said.startswith(b"220"), raw
+                assert time.monotonic() - t0 < PROXY_TIMEOUT + 3, raw
+        finally:
+            for sock in socks:
+                sock.close()
+        # Closed, they count no more: the balancer's clients are served again.
+        wait_until(lambda: LB not in srv.shared.per_ip, timeout=5, what="connections released")
+        _proxied_mail(srv.port, _v1("198.51.100.7"), "after the stalls")
+    [event] = read_events(settings, min_count=1)
+    assert (event["subject"], event["sender_ip"]) == ("after the stalls", "198.51.100.7")
+
+
+# --- issue 21.3: no client bytes in the log -----------------------------------------------
+
+
+def test_unknown_commands_logged_as_a_bounded_escaped_word(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with running_server(settings, _customers(tmp_path)) as srv, Wire(srv.port) as w:
+        assert w.cmd("EHLO client.example.org")[0] == 250
+        assert w.cmd("MAIL_FROM:<alice@sender.example>")[0] == 500
+        assert w.send(b"X\x1b[2J\x1b]0;owned\x07\x00\rRCPT\r\n")[0] == 500
+        assert w.send(b"VERY-LONG-COMMAND-WORD-" + b"A" * 200 + b"\r\n")[0] == 500
+        assert w.cmd("NOOP")[0] == 250
+    warnings = [r.getMessage() for r in caplog.records if "unrecognised" in r.getMessage()]
+    assert len(warnings) == 3
+    logged = caplog.text + "".join(warnings)
+    for private in ("alice", "sender.example"):  # aiosmtpd upper-cases the word
+        assert private not in logged.lower(), private
+    for raw in ("\x1b", "\x00", "\x07", "\r"):
+        assert raw not in logged, repr(raw)
+    assert [m.split("unrecognised: ", 1)[1] for m in warnings] == [
+        "MAIL_FROM…",
+        "X\\x1b[2J\\x1b]0;OWNED\\x07\\x00…",
+        "VERY-LONG-COMMAN…",
+    ]
+
+
+def test_an_event_is_encodable_whatever_its_text() -> None:
+    # The backstop behind the header decoder: text no encoder takes costs characters, never
+    # the event.
+    ev = schema.Event(
+        event_id=schema.new_event_id(),
+        received_at=schema.now_ms(),
+        customer_id="demo",
+        status="accepted",
+        subject="a\ud800b",
+        rcpt_to=["x@demo.example", "y\udcffz@demo.example"],
+    )
+    decoded = schema.decode_event(encode_event(ev))
+    assert (decoded.subject, decoded.rcpt_to) == (
+        "a\ufffdb",
+        ["x@demo.example", "y\ufffdz@demo.example"],
+    )

@@ -43,7 +43,12 @@ def _customers_file(tmp_path: Path) -> Path:
     data = {
         "regions": {"eu": {"api_url": "https://eu.api.example", "smtp_host": "mx.eu.example"}},
         "customers": [
-            {"id": "home", "domains": ["home.example"], "retention_days": 30},
+            {
+                "id": "home",
+                "domains": ["home.example"],
+                "retention_days": 30,
+                "smtp_users": [{"username": "homeuser", "password_hash": hash_password(PASSWORD)}],
+            },
             {
                 "id": "eucust",
                 "region": "eu",
@@ -148,12 +153,6 @@ def test_default_ingest_refuses_the_eu_customer_inbound_and_relayed(
                 assert w.cmd("EHLO client.example.org")[0] == 250
                 assert w.cmd(f"MAIL FROM:<{EU_RCPT}>")[0] == 250
                 assert w.cmd("RCPT TO:<x@elsewhere.example>") == TO_EU, source
-        # Relayed for it as its AUTH user.
-        with _tls_client(srv.port) as c:
-            c.login("euuser", PASSWORD)
-            with pytest.raises(smtplib.SMTPRecipientsRefused) as info:
-                c.sendmail(EU_RCPT, ["x@elsewhere.example"], message("eu relayed"))
-            assert info.value.recipients == {"x@elsewhere.example": (TO_EU[0], TO_EU[1].encode())}
         # This region's own customer is served as ever: the topic read below sees its event.
         with smtplib.SMTP("127.0.0.1", srv.port, timeout=15) as c:
             assert c.sendmail("bob@example.org", [HOME_RCPT], message("sentinel")) == {}
@@ -162,6 +161,29 @@ def test_default_ingest_refuses_the_eu_customer_inbound_and_relayed(
     assert [orjson.loads(r)["subject"] for r in records] == ["sentinel"]
     assert not [m for m in EU_MARKS for r in records if m in r]
     assert not [m for m in EU_MARKS if files_containing(s.data_dir, m)]
+
+
+def _login(port: int, user: str) -> tuple[int, bytes]:
+    with _tls_client(port) as c:
+        try:
+            return c.login(user, PASSWORD)
+        except smtplib.SMTPAuthenticationError as exc:
+            return exc.smtp_code, exc.smtp_error
+
+
+def test_a_front_end_knows_only_its_regions_smtp_users(settings: Settings, tmp_path: Path) -> None:
+    """Another region's AUTH user fails like an unknown one (the same reply, after the same
+    argon2 check against a dummy hash), so each region's failure limit guards all of its
+    users: guesses cannot be spread over the regions."""
+    config = _customers_file(tmp_path)
+    home = settings.model_copy(update={"config": config, "tls_self_signed": True})
+    eu = _eu_settings(settings, config).model_copy(update={"tls_self_signed": True})
+    unknown = (535, b"5.7.8 Authentication credentials invalid")
+    for s, own, other in ((home, "homeuser", "euuser"), (eu, "euuser", "homeuser")):
+        with running_server(s, load_customers(config)) as srv:
+            assert _login(srv.port, own)[0] == 235, s.region
+            assert _login(srv.port, "nosuchuser") == unknown, s.region
+            assert _login(srv.port, other) == unknown, s.region
 
 
 def test_spooled_events_of_a_customer_moved_away_are_held_not_replayed(
