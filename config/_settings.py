@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, StringConstraints, model_validator
+from pydantic import Field, SecretStr, StringConstraints, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mailmeta import schema
@@ -80,6 +81,14 @@ class Settings(BaseSettings):
     # Per-token request budget: a token bucket of `burst` requests refilled at `rate`/s.
     api_rate_per_s: float = Field(default=20.0, gt=0)
     api_rate_burst: int = Field(default=60, ge=1)
+    # Comma-separated CIDRs of reverse proxies whose X-Forwarded-For/-Proto the API believes
+    # (the client address the failed-login limit counts). Empty: none, not even loopback, so
+    # a client cannot pick a fresh address per guess.
+    api_trusted_proxies: str = ""
+    # Exports stream whole tables: at most this many at once per customer and in all, beyond
+    # which the API answers 429 with Retry-After (each export holds a page of rows in memory).
+    api_export_max_per_customer: int = Field(default=2, ge=1)
+    api_export_max_total: int = Field(default=4, ge=1)
 
     # --- SMTP front end (ingest) -----------------------------------------------------------
     # Next hop "HOST:PORT" for relay mode; empty: terminal sink (events say "accepted").
@@ -118,6 +127,21 @@ class Settings(BaseSettings):
     ingest_spool_after_s: float = Field(default=2.0, gt=0)
     # Spool capacity; when full the front end answers 451. 0 disables the spool.
     ingest_spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+
+    @field_validator("api_trusted_proxies")
+    @classmethod
+    def _networks(cls, text: str) -> str:
+        for item in (n.strip() for n in text.split(",")):
+            if item:
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"{item!r} is not a network (CIDR)") from None
+        return text
+
+    @property
+    def trusted_proxy_networks(self) -> list[str]:
+        return [n.strip() for n in self.api_trusted_proxies.split(",") if n.strip()]
 
     @model_validator(mode="after")
     def _regional_topics(self) -> Settings:
