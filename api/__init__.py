@@ -1,7 +1,7 @@
 """The query API: messages, stats, export, erasure, retention, policies, tokens, and the web
 dashboard. Reads and writes storage only through ``mailmeta.store``; never imports a stage."""
 
-from mailmeta.api._app import create_api
+from mailmeta.api._app import create_api, export_slots, server_config
 from mailmeta.api._auth import (
     SCOPES,
     RateLimiter,
@@ -16,5 +16,7 @@ __all__ = [
     "TokenAuthority",
     "create_api",
     "ensure_operator_token",
+    "export_slots",
     "install_policies",
+    "server_config",
 ]

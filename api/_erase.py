@@ -30,7 +30,7 @@ router = APIRouter()
 
 
 class EraseBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     customer: str = Field(min_length=1, max_length=64)
     address: str | None = Field(default=None, min_length=3, max_length=_MAX_ADDRESS)
     message_id: str | None = Field(default=None, min_length=1, max_length=_MAX_MESSAGE_ID)

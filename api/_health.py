@@ -1,13 +1,17 @@
-"""Liveness for orchestrators (/healthz) and the sink's drain status (/internal/drain)."""
+"""Liveness for orchestrators (/healthz) and the sink's drain status (/internal/drain).
+
+The drain status is for the operator's tooling (``mailmeta up`` asks it while stopping):
+it is served on the API's port, so it takes the operator token like token management."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Annotated, Any, Protocol, cast
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from mailmeta.api._auth import Principal, require_operator
 from mailmeta.api._deps import StoreDep
 
 
@@ -34,5 +38,7 @@ def healthz(request: Request, store: StoreDep) -> JSONResponse:
 
 
 @drain_router.get("/internal/drain/{nonce}")
-def drain(nonce: str, request: Request) -> dict[str, object]:
+def drain(
+    nonce: str, request: Request, _p: Annotated[Principal, Depends(require_operator)]
+) -> dict[str, object]:
     return cast(DrainStatus, request.app.state.drain_state).status(nonce)

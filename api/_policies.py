@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from mailmeta.api._applied import AppliedDep, AppliedStatus
 from mailmeta.api._deps import Admin, CustomersDep, StoreDep, known, regional
@@ -42,11 +42,13 @@ router = APIRouter(prefix="/v1/policies")
 
 
 class PolicyBody(BaseModel):
+    model_config = ConfigDict(strict=True)  # a bool or "30" is not a number
     policy: dict[str, Any]
     customer: str | None = None
 
 
 class SetBody(BaseModel):
+    model_config = ConfigDict(strict=True)  # a bool or "30" is not a number
     policy: dict[str, Any]
     apply_to_stored: bool = False
     # Optimistic concurrency: refuse when the version in force is no longer this one.
@@ -54,6 +56,7 @@ class SetBody(BaseModel):
 
 
 class PreviewBody(BaseModel):
+    model_config = ConfigDict(strict=True)  # a bool or "30" is not a number
     policy: dict[str, Any] | None = None  # None: the policy in force
     sample: int = Field(default=10, ge=1, le=MAX_SAMPLE)
 

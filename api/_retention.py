@@ -21,7 +21,7 @@ router = APIRouter()
 
 
 class RetentionBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     days: int = Field(ge=1, le=3650)
 
 

@@ -23,7 +23,7 @@ router = APIRouter()
 
 
 class TokenBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field(default="", max_length=100)
     customer: str | None = Field(default=None, min_length=1, max_length=64)
     scopes: list[str] = Field(min_length=1, max_length=len(SCOPES))

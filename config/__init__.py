@@ -17,10 +17,12 @@ from mailmeta.config._models import (
     Action,
     Customer,
     FieldRule,
+    IPNetwork,
     Policy,
     Region,
     allowed_actions,
     parse_host_port,
+    parse_networks,
 )
 from mailmeta.config._settings import Settings
 
@@ -36,6 +38,7 @@ __all__ = [
     "Customer",
     "Customers",
     "FieldRule",
+    "IPNetwork",
     "Policy",
     "Region",
     "Settings",
@@ -44,4 +47,5 @@ __all__ = [
     "load_yaml",
     "parse_customers",
     "parse_host_port",
+    "parse_networks",
 ]

@@ -281,6 +281,22 @@ def parse_host_port(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(text: str, setting: str) -> list[IPNetwork]:
+    """Comma-separated CIDRs; a bad one is an error that names the setting and the entry."""
+    nets: list[IPNetwork] = []
+    for item in (n.strip() for n in text.split(",")):
+        if not item:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{setting}: {item!r} is not a network (CIDR)") from None
+    return nets
+
+
 class SmtpUser(BaseModel):
     """An SMTP AUTH login of a customer (outbound relaying). Only a password *hash* is
     stored: an argon2 hash as written by ``mailmeta.ingest.hash_password``."""

@@ -7,11 +7,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, StringConstraints, model_validator
+from pydantic import Field, SecretStr, StringConstraints, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mailmeta import schema
-from mailmeta.config._models import DEFAULT_REGION, REGION_RE
+from mailmeta.config._models import DEFAULT_REGION, REGION_RE, parse_networks
 
 _TOPICS = (
     "raw_topic",
@@ -96,6 +96,14 @@ class Settings(BaseSettings):
     # Per-token request budget: a token bucket of `burst` requests refilled at `rate`/s.
     api_rate_per_s: float = Field(default=20.0, gt=0)
     api_rate_burst: int = Field(default=60, ge=1)
+    # Comma-separated CIDRs of reverse proxies whose X-Forwarded-For/-Proto the API believes
+    # (the client address the failed-login limit counts). Empty: none, not even loopback, so
+    # a client cannot pick a fresh address per guess.
+    api_trusted_proxies: str = ""
+    # Exports stream whole tables: at most this many at once per customer and in all, beyond
+    # which the API answers 429 with Retry-After (each export holds a page of rows in memory).
+    api_export_max_per_customer: int = Field(default=2, ge=1)
+    api_export_max_total: int = Field(default=4, ge=1)
 
     # --- SMTP front end (ingest) -----------------------------------------------------------
     # Next hop "HOST:PORT" for relay mode; empty: terminal sink (events say "accepted").
@@ -134,6 +142,16 @@ class Settings(BaseSettings):
     ingest_spool_after_s: float = Field(default=2.0, gt=0)
     # Spool capacity; when full the front end answers 451. 0 disables the spool.
     ingest_spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+
+    @field_validator("api_trusted_proxies")
+    @classmethod
+    def _networks(cls, text: str) -> str:
+        parse_networks(text, "MAILMETA_API_TRUSTED_PROXIES")
+        return text
+
+    @property
+    def trusted_proxy_networks(self) -> list[str]:
+        return [n.strip() for n in self.api_trusted_proxies.split(",") if n.strip()]
 
     @model_validator(mode="after")
     def _regional_topics(self) -> Settings:

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from mailmeta.config import Customer, Customers
+from mailmeta.config import Customer, Customers, IPNetwork, parse_networks
 
 _HASHER = PasswordHasher()
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def hash_password(password: str) -> str:
@@ -130,19 +129,6 @@ class RelayAccess:
 
     def in_relay_networks(self, ip: str | None) -> bool:
         return in_networks(ip, self._global)
-
-
-def parse_networks(text: str, setting: str) -> list[IPNetwork]:
-    """Comma-separated CIDRs; a bad one is an error that names the setting and the entry."""
-    nets: list[IPNetwork] = []
-    for item in (n.strip() for n in text.split(",")):
-        if not item:
-            continue
-        try:
-            nets.append(ipaddress.ip_network(item, strict=False))
-        except ValueError:
-            raise ValueError(f"{setting}: {item!r} is not a network (CIDR)") from None
-    return nets
 
 
 def in_networks(ip: str | None, nets: list[IPNetwork]) -> bool:

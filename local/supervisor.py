@@ -313,7 +313,12 @@ class Supervisor:
         if producer.flush(max(0.1, deadline - time.monotonic())) != 0:
             return False
         url = f"http://{s.api_host}:{s.api_port}/internal/drain/{nonce}"
-        with httpx.Client(timeout=1.0) as client:
+        try:  # the operator's token: the sink wrote it at its start
+            token = self.operator_token_file.read_text().strip()
+        except OSError:
+            return False
+        headers = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(timeout=1.0, headers=headers) as client:
             while time.monotonic() < deadline:
                 try:
                     if client.get(url).json().get("drained"):

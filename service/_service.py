@@ -13,7 +13,14 @@ from typing import Any
 
 import uvicorn
 
-from mailmeta.api import TokenAuthority, create_api, ensure_operator_token, install_policies
+from mailmeta.api import (
+    TokenAuthority,
+    create_api,
+    ensure_operator_token,
+    export_slots,
+    install_policies,
+    server_config,
+)
 from mailmeta.config import Customers, Settings
 from mailmeta.kafka import check_topic_retention
 from mailmeta.policy import PolicyLog
@@ -124,23 +131,23 @@ class SinkService:
     def _start_api(self, timeout: float) -> None:
         assert self.store is not None
         self.auth = self._start_auth()
-        app = create_api(
-            self.store, self.customers, self.drain, health=self._health, auth=self.auth
-        )
         settings = self.settings
+        app = create_api(
+            self.store,
+            self.customers,
+            self.drain,
+            health=self._health,
+            auth=self.auth,
+            exports=export_slots(settings),
+        )
         # `retention set` may shorten a customer below what the redacted topic keeps.
         app.state.topic_retention_check = lambda shortest: check_topic_retention(
             settings, shortest, timeout=5.0
         )
         # Redaction policies (/v1/policies): seeds the policies topic from the config.
         self._policy_log = install_policies(app, settings, self.customers, self.store)
-        config = uvicorn.Config(
-            app,
-            host=self.settings.api_host,
-            port=self.settings.api_port,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
+        config = server_config(
+            app, settings.api_host, settings.api_port, settings.trusted_proxy_networks
         )
         server = uvicorn.Server(config)
         self._server = server

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import uvicorn
 
-from mailmeta.api import SCOPES, TokenAuthority, create_api, install_policies
+from mailmeta.api import SCOPES, TokenAuthority, create_api, install_policies, server_config
 from mailmeta.config import Customer, Customers, Settings
 from mailmeta.local.brokers import free_port
 from mailmeta.policy import PolicyLog
@@ -75,10 +75,8 @@ class ApiServer:
         self.app = create_api(self.store, customers, DrainState(1), auth=self.auth)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
-        )
-        self.server = uvicorn.Server(config)
+        # Served as the service serves it (no proxy trusted), on a loopback port of its own.
+        self.server = uvicorn.Server(server_config(self.app, "127.0.0.1", self.port, []))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         _, self.operator = self.auth.create("operator", None, SCOPES)
         self.policy_log: PolicyLog | None = None

@@ -12,6 +12,8 @@ import pytest
 
 from tests.api_helpers import ARTIFACTS, CHROMIUM, FLAGS, ApiServer, event, need_chromium
 
+BIDI_SUBJECT = "Invoice \u202egpj.exe"
+
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
@@ -39,6 +41,8 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
             "acme", age=timedelta(minutes=5), status="delivered", message_id=mid, subject="Tracked"
         )
     )
+    # A subject with a right-to-left override (U+202E), as a sender may write it.
+    events.append(event("acme", age=timedelta(minutes=1), subject=BIDI_SUBJECT))
     server.store.insert_events(events)
     try:
         yield server
@@ -102,5 +106,50 @@ def test_sign_in_filter_open_a_message_and_see_the_chart(api: ApiServer, tmp_pat
             page.wait_for_selector("#detail:not([hidden]) #history li", timeout=15_000)
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
             assert not errors, errors
+        finally:
+            browser.close()
+
+
+# Every cell of the row, and the element holding each stored value: computed unicode-bidi.
+_ISOLATION = """() => {
+  const row = [...document.querySelectorAll('#messages tbody tr.row')]
+    .find(tr => tr.textContent.includes('\u202e'));
+  const cells = [...row.cells].map(td => getComputedStyle(td).unicodeBidi);
+  const holders = [...row.querySelectorAll('bdi')].map(b => [b.textContent, getComputedStyle(b).unicodeBidi]);
+  return {cells, holders};
+}"""
+
+
+def test_a_subject_with_bidi_controls_is_isolated(api: ApiServer) -> None:
+    need_chromium()
+    from playwright.sync_api import sync_playwright
+
+    token = api.token("acme", "messages:read", "stats:read", name="bidi")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(api.url + "/", timeout=30_000)
+            page.fill("#token", token)
+            page.click("#signin-form button")
+            page.fill("#f-subject", "gpj.exe")
+            page.click("#apply")
+            page.wait_for_function(
+                "() => document.querySelectorAll('#messages tbody tr.row').length === 1",
+                timeout=15_000,
+            )
+            got = page.evaluate(_ISOLATION)
+            assert got["cells"] == ["isolate"] * 6, got
+            assert [BIDI_SUBJECT, "isolate"] in got["holders"], got
+            assert all(style == "isolate" for _, style in got["holders"]), got
+            # The detail view too: the subject is a <bdi> of its own, isolated.
+            page.click("#messages tbody tr.row >> nth=0")
+            page.wait_for_selector("#detail:not([hidden]) tr[data-field='subject']")
+            detail = page.evaluate(
+                "() => { const b = document.querySelector(\"tr[data-field='subject'] td bdi\");"
+                " return [b.textContent, getComputedStyle(b).unicodeBidi,"
+                " getComputedStyle(b.parentElement).unicodeBidi]; }"
+            )
+            assert detail == [BIDI_SUBJECT, "isolate", "isolate"], detail
         finally:
             browser.close()

@@ -34,6 +34,7 @@ NON_DEFAULT: dict[str, Any] = {
     "deadletter_topic": "d",
     "policies_topic": "p",
     "policy_status_topic": "ps",
+    "api_trusted_proxies": "10.0.0.0/8, ::1",
     "streams_data_dir": Path("/srv/streams"),
     "streams_metrics_port": 9101,
     "sink_metrics_port": 9102,

@@ -72,7 +72,10 @@ function cell(row, field, byVersion) {
   const action = (stored ? stored.actions : policy().actions)[field] || "drop";
   let v = row[field];
   if (Array.isArray(v)) v = v.join(", ");
-  const td = el("td", v == null ? "—" : v);
+  // A stored value is text from whoever sent the mail: <bdi> keeps its bidi controls
+  // (U+202E...) from reordering the tag after it or anything around it.
+  const td = el("td");
+  td.appendChild(el("bdi", v == null ? "—" : v));
   if (action !== "keep") {
     td.classList.add("redacted");
     td.appendChild(el("span", ACTION_LABEL[action] || action, "tag"));
@@ -189,7 +192,7 @@ async function showDetail(eventId) {
   for (const h of d.history) {
     const li = el("li", h.received_at.replace("T", " ").replace("Z", " UTC") + " — ");
     li.appendChild(el("span", h.status, "status s-" + h.status));
-    if (h.smtp_reply) li.appendChild(el("span", " " + h.smtp_reply));
+    if (h.smtp_reply) { li.append(" "); li.appendChild(el("bdi", h.smtp_reply)); }
     ol.appendChild(li);
   }
   $("detail").scrollIntoView();
