@@ -139,6 +139,8 @@ def test_erasure_by_address_leaves_the_row_in_no_file(
     held = files_containing(data, form)
     assert held and all(log_dir in p.resolve().parents for p in held), held
     assert took < 5, f"erasure took {took:.1f}s"
+    detached = "SELECT count() FROM system.detached_parts WHERE database = currentDatabase()"
+    assert raw.query(detached).result_rows == [(0,)]  # nothing set aside either
 
 
 def test_erase_everything_removes_rows_aggregates_and_the_logs_forms_from_disk(
