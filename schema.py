@@ -13,8 +13,10 @@ shutdown); they are recognised by their ``_control`` key and are never stored.
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
+from collections.abc import Container
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -207,6 +209,70 @@ def new_event_id() -> str:
     value |= 0b10 << 62  # variant
     value |= rand & ((1 << 62) - 1)  # rand_b
     return str(uuid.UUID(int=value))
+
+
+# --- dead letters ------------------------------------------------------------------------
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """What every stage writes to the dead-letter topic for a record it cannot process: why,
+    which event and where the record is, never its payload (which may hold clear metadata,
+    and the dead-letter topic keeps days): ``topic``/``partition``/``offset`` find it while
+    its own topic keeps it."""
+
+    reason: str
+    topic: str
+    partition: int
+    offset: int
+    event_id: str | None = None
+    customer_id: str | None = None
+
+    @classmethod
+    def of(
+        cls,
+        obj: object,
+        reason: str,
+        where: tuple[str, int, int],
+        customers: Container[str],
+    ) -> DeadLetter:
+        """The dead letter of ``obj`` (the record as decoded, if at all) at ``where`` (topic,
+        partition, offset). Its ids are kept only in the shape mailmeta mints (a UUID, one
+        of ``customers``), so a malformed record cannot smuggle a value into them."""
+        event_id = customer_id = None
+        if isinstance(obj, Event):
+            obj = {"event_id": obj.event_id, "customer_id": obj.customer_id}
+        if isinstance(obj, dict):
+            eid, cid = obj.get("event_id"), obj.get("customer_id")
+            if isinstance(eid, str) and _UUID.fullmatch(eid):
+                event_id = eid
+            if isinstance(cid, str) and cid in customers:
+                customer_id = cid
+        topic, partition, offset = where
+        return cls(reason[:500], topic, partition, offset, event_id, customer_id)
+
+    def value(self) -> bytes:
+        return orjson.dumps(
+            {
+                "reason": self.reason,
+                "event_id": self.event_id,
+                "customer_id": self.customer_id,
+                "topic": self.topic,
+                "partition": self.partition,
+                "offset": self.offset,
+            }
+        )
+
+    def key(self) -> bytes | None:
+        return self.event_id.encode() if self.event_id else None
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [
+            ("mailmeta-error", self.reason.encode()),
+            ("mailmeta-source", f"{self.topic}/{self.partition}@{self.offset}".encode()),
+        ]
 
 
 # --- control records ----------------------------------------------------------------------

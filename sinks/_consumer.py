@@ -28,7 +28,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from mailmeta.config import Customers, Settings
 from mailmeta.kafka import consumer_config, producer_config
-from mailmeta.schema import Event, SchemaError, control_of, decode_event
+from mailmeta.schema import DeadLetter, Event, SchemaError, control_of, decode_event
 from mailmeta.sinks import _metrics as metrics
 from mailmeta.sinks._drain import DrainState
 from mailmeta.store import Store
@@ -55,8 +55,7 @@ class _Batch:
     # Event records as they came: decoded all at once at flush (see _decode).
     records_in: list[Message] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
-    # (record, why, what to send instead of the record's value: None sends the record).
-    dead: list[tuple[Message, str, bytes | None]] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
     dead_kinds: dict[str, int] = field(default_factory=dict)  # metric reason -> records
     markers: list[tuple[str, int, int]] = field(default_factory=list)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -76,9 +75,13 @@ class _Batch:
         if ts > 0 and (not self.oldest_ms or ts < self.oldest_ms):
             self.oldest_ms = ts
 
-    def kill(self, msg: Message, why: str, kind: str, instead: bytes | None = None) -> None:
-        """Dead-letter ``msg`` (``kind``: the metric's reason label)."""
-        self.dead.append((msg, why, instead))
+    def kill(
+        self, msg: Message, why: str, kind: str, obj: object, customers: frozenset[str]
+    ) -> None:
+        """Dead-letter ``msg``: why, ``obj``'s ids (the record as far as it decoded) and
+        where, never its payload (``kind``: the metric's reason label)."""
+        where = (msg.topic() or "", msg.partition() or 0, msg.offset() or 0)
+        self.dead.append(DeadLetter.of(obj, why, where, customers))
         self.dead_kinds[kind] = self.dead_kinds.get(kind, 0) + 1
 
 
@@ -117,6 +120,8 @@ class SinkConsumer:
             else {c.id: r for c in customers if (r := customers.elsewhere(c)) is not None}
         )
         self._elsewhere_ids = pa.array(sorted(self._elsewhere), pa.string())
+        # The customer ids a dead letter may name (any other value there is the record's).
+        self._known = frozenset(c.id for c in customers) if customers is not None else frozenset()
         self._store = store
         self._drain = drain
         self._group_id = group_id
@@ -302,12 +307,12 @@ class SinkConsumer:
         batch.add(msg)
         value = msg.value()
         if not value:
-            batch.kill(msg, "empty record", "schema")
+            batch.kill(msg, "empty record", "schema", None, self._known)
             return
         try:
             control = control_of(value)
         except orjson.JSONDecodeError:
-            batch.kill(msg, "control record is not JSON", "schema")
+            batch.kill(msg, "control record is not JSON", "schema", None, self._known)
             return
         if control is not None:
             marker = _drain_marker(control, msg.partition() or 0)
@@ -324,7 +329,7 @@ class SinkConsumer:
             try:
                 event = decode_event(msg.value() or b"")
             except SchemaError as exc:
-                batch.kill(msg, str(exc), "schema")
+                batch.kill(msg, str(exc), "schema", _loose(msg.value()), self._known)
                 continue
             region = self._elsewhere.get(event.customer_id)
             if region is not None:
@@ -332,27 +337,13 @@ class SinkConsumer:
                     f"customer {event.customer_id!r} is served in region {region!r}, "
                     f"not in {self._region!r}"
                 )
-                batch.kill(msg, reason, "region", self._misdirected(msg, event, reason))
+                batch.kill(msg, reason, "region", event, self._known)
                 continue
             reason = self._store.check_event(event)
             if reason is not None:
-                batch.kill(msg, reason, "unstorable")
+                batch.kill(msg, reason, "unstorable", event, self._known)
                 continue
             batch.events.append(event)
-
-    def _misdirected(self, msg: Message, event: Event, reason: str) -> bytes:
-        """The dead letter of another region's event: why and where, not its (redacted)
-        metadata, which has no place in this region's topics at all."""
-        return orjson.dumps(
-            {
-                "reason": reason,
-                "event_id": event.event_id,
-                "customer_id": event.customer_id,
-                "topic": msg.topic(),
-                "partition": msg.partition(),
-                "offset": msg.offset(),
-            }
-        )
 
     def _insert(self, batch: _Batch) -> int:
         """Insert the batch's events; returns how many (duplicates within it count)."""
@@ -402,13 +393,15 @@ class SinkConsumer:
             self.stats.dead_lettered += len(batch.dead)
             for kind, n in batch.dead_kinds.items():
                 metrics.DEAD_LETTERS.labels(reason=kind).inc(n)
-            msg, reason, _ = batch.dead[0]
+            first = batch.dead[0]
             log.warning(
-                "sent %d record(s) to %s, first at %s: %s",
+                "sent %d record(s) to %s, first at %s/%s@%s: %s",
                 len(batch.dead),
                 self._settings.deadletter_topic,
-                _where(msg),
-                reason,
+                first.topic,
+                first.partition,
+                first.offset,
+                first.reason,
             )
         if batch.oldest_ms:
             metrics.DELAY_SECONDS.observe(max(0.0, time.time() - batch.oldest_ms / 1000))
@@ -447,7 +440,7 @@ class SinkConsumer:
                     raise _Aborted from exc
                 delay = min(delay * 2, _BACKOFF_MAX)
 
-    def _send_dead(self, dead: list[tuple[Message, str, bytes | None]]) -> None:
+    def _send_dead(self, dead: list[DeadLetter]) -> None:
         producer = self._producer
         assert producer is not None
         failures: list[str] = []
@@ -456,16 +449,13 @@ class SinkConsumer:
             if err is not None:
                 failures.append(str(err))
 
-        for msg, reason, instead in dead:
-            # Keep the original headers (a list when consumed) and say why and whence.
-            headers: list[tuple[str, Any]] = list(msg.headers() or [])  # type: ignore[arg-type]
-            headers.append(("mailmeta-error", reason.encode()[:500]))
-            headers.append(("mailmeta-source", _where(msg).encode()))
+        for letter in dead:
+            # Not the record's key, value or headers: any may hold what the record held.
             producer.produce(
                 self._settings.deadletter_topic,
-                value=msg.value() if instead is None else instead,
-                key=msg.key(),
-                headers=headers,
+                value=letter.value(),
+                key=letter.key(),
+                headers=letter.headers(),
                 on_delivery=delivered,
             )
         left = producer.flush(10.0)
@@ -509,6 +499,14 @@ def _drain_marker(control: dict[str, Any], partition: int) -> tuple[str, int, in
     if not isinstance(src, int) or isinstance(src, bool):
         return None
     return (str(nonce), partition, src)
+
+
+def _loose(value: bytes | None) -> object:
+    """The record as JSON if it parses at all (for its ids), else None."""
+    try:
+        return orjson.loads(value or b"")
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _where(msg: Message) -> str:

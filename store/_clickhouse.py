@@ -332,11 +332,8 @@ class ClickHouseStore(
         with self._write_lock:
             n = int(self._rows(f"SELECT count() FROM {AUDIT_TABLE} WHERE {where}", params)[0][0])
             if n:
-                self._command(
-                    f"ALTER TABLE {self._alter(AUDIT_TABLE)} DELETE WHERE {where} "
-                    "SETTINGS mutations_sync = 2",
-                    params,
-                )
+                self._delete(AUDIT_TABLE, where, params)
+            self._purge([AUDIT_TABLE])
         return n
 
     def force_ttl_merge(self) -> None:
@@ -346,6 +343,7 @@ class ClickHouseStore(
             f"ALTER TABLE {self._alter(TABLE)} MATERIALIZE TTL SETTINGS mutations_sync = 2"
         )
         self._command(f"OPTIMIZE TABLE {self._alter(TABLE)} FINAL")
+        self._purge([TABLE])  # the merged-away parts held the expired rows
 
     def ping(self) -> bool:
         try:

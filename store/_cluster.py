@@ -69,6 +69,7 @@ _CREATE = re.compile(
     re.DOTALL,
 )
 _ADD_INDEX = re.compile(r"\s*ALTER TABLE (\w+) (ADD INDEX IF NOT EXISTS .*)", re.DOTALL)
+_MODIFY_SETTING = re.compile(r"\s*ALTER TABLE (\w+) (MODIFY SETTING .*)", re.DOTALL)
 _VIEW = re.compile(
     r"\s*CREATE MATERIALIZED VIEW IF NOT EXISTS (\w+) TO (\w+)(\s+AS .* FROM )(\w+)(\s*.*)",
     re.DOTALL,
@@ -162,6 +163,9 @@ class Cluster:
             return self._create(m)
         if m := _ADD_INDEX.fullmatch(sql):
             return (f"ALTER TABLE {self.alter_target(m[1])} {m[2]}",)
+        if m := _MODIFY_SETTING.fullmatch(sql):
+            # Table settings are each replica's own metadata (not replicated): every server.
+            return (f"ALTER TABLE {self.local(m[1])}{self.on_cluster} {m[2]}",)
         if m := _VIEW.fullmatch(sql):
             view, target, select, source, tail = m.groups()
             # A view sees the blocks inserted into the table it reads: on each server that

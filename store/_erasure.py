@@ -28,6 +28,8 @@ log = logging.getLogger("mailmeta.store")
 # An HMAC as the redactor stores it (``k1:hex`` or bare hex): logged even when no stored row
 # holds it yet (the event may still be in a topic), as it reveals no clear value.
 _HASHED = re.compile(r"(?:[A-Za-z0-9_-]{1,16}:)?[0-9a-f]{64}")
+# Event ids per DELETE mutation (each rewrites the parts holding them; its text lists them).
+ERASE_IDS_PER_MUTATION = 10_000
 
 
 @dataclass
@@ -100,6 +102,9 @@ class ErasureMixin(StoreCore):
         events it names that were received before it, so a replay of a topic cannot bring
         them back. The log keeps the forms that matched stored rows, and hashes; a clear
         value no row held is not written down.
+
+        Returns once the deleted rows are off the disk, not only out of queries: the parts
+        the mutations replaced are removed before the call returns (``_purge``).
         """
         if everything == bool(addresses or message_ids):
             raise ValueError("give addresses or message ids, or everything, not both")
@@ -119,15 +124,32 @@ class ErasureMixin(StoreCore):
         # lands between the log entry and the deletion.
         with self._write_lock:
             rows = int(self._rows(f"SELECT count() FROM {TABLE} WHERE {where}", params)[0][0])
+            # ClickHouse keeps a mutation's text on disk (mutation_N.txt) long after it ran:
+            # a value-matching one would write the erased values down. Delete by event id
+            # (random, minted at ingest: they name no one) or by customer instead.
+            ids = (
+                []
+                if everything or not rows
+                else [
+                    r[0]
+                    for r in self._rows(
+                        f"SELECT DISTINCT toString(event_id) FROM {TABLE} WHERE {where}", params
+                    )
+                ]
+            )
             self._log_erasure(customer, params, rows, everything)
-            if rows:
-                self._command(
-                    f"ALTER TABLE {self._alter(TABLE)} DELETE WHERE {where} "
-                    "SETTINGS mutations_sync = 2",
-                    params,
+            if everything and rows:
+                self._delete(TABLE, "customer_id = {c:String}", {"c": customer})
+            for i in range(0, len(ids), ERASE_IDS_PER_MUTATION):
+                self._delete(
+                    TABLE,
+                    "customer_id = {c:String} AND event_id IN {ids:Array(UUID)}",
+                    {"c": customer, "ids": ids[i : i + ERASE_IDS_PER_MUTATION]},
                 )
             aggregates = 0
+            purge = [TABLE]
             if everything:
+                purge += [HOURLY_EVENTS_TABLE, HOURLY_TABLE, ERASURE_LOG_TABLE]
                 for table in (HOURLY_EVENTS_TABLE, HOURLY_TABLE):
                     n = int(
                         self._rows(
@@ -135,13 +157,10 @@ class ErasureMixin(StoreCore):
                         )[0][0]
                     )
                     if n:
-                        self._command(
-                            f"ALTER TABLE {self._alter(table)} DELETE "
-                            "WHERE customer_id = {c:String} "
-                            "SETTINGS mutations_sync = 2",
-                            params,
-                        )
+                        self._delete(table, "customer_id = {c:String}", {"c": customer})
                     aggregates += n
+            # Physically: the parts the mutations replaced still hold the erased rows.
+            self._purge(purge)
         return Erased(rows, aggregates)
 
     def _log_erasure(
@@ -180,10 +199,8 @@ class ErasureMixin(StoreCore):
             )
         if everything:
             # 'all' covers the customer's earlier entries: they need not keep their forms.
-            self._command(
-                f"ALTER TABLE {self._alter(ERASURE_LOG_TABLE)} DELETE WHERE customer_id = {{c:String}} "
-                "AND scope != 'all' SETTINGS mutations_sync = 2",
-                {"c": customer},
+            self._delete(
+                ERASURE_LOG_TABLE, "customer_id = {c:String} AND scope != 'all'", {"c": customer}
             )
         self._erasure_mark = None  # reload before the next insert
 

@@ -251,6 +251,20 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        8,
+        "erased rows leave the disk at once",
+        tuple(
+            # A mutation (erasure, a shortened retention, a TTL merge) writes new parts and
+            # leaves the old ones, erased rows included, for old_parts_lifetime (8 min on a
+            # server): 0 lets the store remove them before an erasure returns (store/_purge.py).
+            # The old parts are a server's guard against losing a merge it had not synced to
+            # disk yet, so merged and mutated parts are synced instead.
+            f"ALTER TABLE {t} MODIFY SETTING old_parts_lifetime = 0, "
+            "min_rows_to_fsync_after_merge = 1"
+            for t in (TABLE, HOURLY_EVENTS_TABLE, HOURLY_TABLE, ERASURE_LOG_TABLE, AUDIT_TABLE)
+        ),
+    ),
     # --- 30-39: API tokens and access logs -------------------------------------------------
     Migration(
         30,

@@ -83,11 +83,7 @@ class RetentionMixin(StoreCore):
             )
             if expired:
                 # Physically, now: a shortened promise must not wait for a TTL merge.
-                self._command(
-                    f"ALTER TABLE {self._alter(TABLE)} DELETE WHERE {expired_where} "
-                    "SETTINGS mutations_sync = 2",
-                    params,
-                )
+                self._delete(TABLE, expired_where, params)
             stale = f"{where} AND retention_days != {{d:UInt16}}"
             updated = int(self._rows(f"SELECT count() FROM {TABLE} WHERE {stale}", params)[0][0])
             if updated:
@@ -99,4 +95,6 @@ class RetentionMixin(StoreCore):
                     "SETTINGS mutations_sync = 2",
                     params,
                 )
+            # The parts the mutations replaced still hold the expired rows: off the disk too.
+            self._purge([TABLE])
         return RetentionChange(customer, previous, days, updated, expired)

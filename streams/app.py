@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,6 +34,7 @@ from mailmeta.policy import (
     report_invalid,
 )
 from mailmeta.schema import (
+    DeadLetter,
     SchemaError,
     control_of,
     encode_drain_marker,
@@ -51,9 +51,6 @@ log = logging.getLogger("mailmeta.streams")
 APP_ID = "mailmeta-redactor"
 # How long a worker waits for the policy table to catch up before it redacts anything.
 POLICY_CATCH_UP_S = 30.0
-
-
-_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
 class ElsewhereError(RedactionError):
@@ -213,32 +210,10 @@ class Transformer:
     def _dead_letter(
         self, obj: object, reason: str, partition: int, offset: int
     ) -> tuple[str, bytes | None, bytes, int | None, Any]:
-        """The dead letter of a raw record: why, which event and where, never its payload.
-
-        The dead-letter topic keeps days, the raw topic hours: the unredacted record stays
-        only in the raw topic, where ``raw_topic``/``partition``/``offset`` find it while it
-        is kept. The ids are kept only in the shape mailmeta mints (a UUID, a configured
-        customer), so a malformed record cannot smuggle a value into them.
-        """
-        event_id = customer_id = None
-        if isinstance(obj, dict):
-            eid, cid = obj.get("event_id"), obj.get("customer_id")
-            if isinstance(eid, str) and _UUID.fullmatch(eid):
-                event_id = eid
-            if isinstance(cid, str) and cid in self.customers.by_id:
-                customer_id = cid
-        body = orjson.dumps(
-            {
-                "reason": reason,
-                "event_id": event_id,
-                "customer_id": customer_id,
-                "raw_topic": self.raw,
-                "partition": partition,
-                "offset": offset,
-            }
-        )
-        key = event_id.encode() if event_id else None
-        return (self.deadletter, key, body, None, [("mailmeta-error", reason.encode())])
+        """The dead letter of a raw record: why, which event and where, never its payload
+        (the unredacted record stays only in the raw topic, kept hours)."""
+        letter = DeadLetter.of(obj, reason, (self.raw, partition, offset), self.customers.by_id)
+        return (self.deadletter, letter.key(), letter.value(), None, letter.headers())
 
 
 def create_app(settings: Settings) -> faust.App:

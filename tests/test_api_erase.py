@@ -4,6 +4,7 @@ something of the customer is checked after the erasure, and the other customer i
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.api_helpers import ApiServer, event, per_table
+from tests.test_storage_physical import files_containing
 
 
 @pytest.fixture
@@ -77,3 +79,28 @@ def test_erase_all_leaves_only_the_fact_of_the_erasure(api: ApiServer) -> None:
         assert len(c.get("/v1/messages").json()["messages"]) == 1
     globex_after = per_table(api, "globex")
     assert globex_after == globex_before
+
+
+def test_erase_and_shorter_retention_through_the_api_leave_the_rows_in_no_file(
+    api: ApiServer,
+) -> None:
+    """The routes return once the rows are off the disk (issue 21.4), not only out of queries."""
+    erased = f"ERASE-ME-SUBJECT-{uuid.uuid4().hex}"
+    expired = f"EXPIRE-ME-SUBJECT-{uuid.uuid4().hex}"
+    api.store.insert_events(
+        [
+            event("acme", mail_from="victim@sender.example", subject=erased),
+            event("acme", age=timedelta(days=40), subject=expired),
+            event("acme", subject="kept"),
+        ]
+    )
+    for canary in (erased, expired):  # positive controls: the scan sees the stored rows
+        assert files_containing(api.chdb_dir, canary.encode())
+    with api.client(api.operator) as op:
+        r = op.post("/v1/erase", json={"customer": "acme", "address": "victim@sender.example"})
+        assert r.status_code == 200 and r.json()["rows_removed"] == 1, r.text
+        assert files_containing(api.chdb_dir, erased.encode()) == []
+        assert op.put("/v1/retention/acme", json={"days": 30}).status_code == 200
+        assert files_containing(api.chdb_dir, expired.encode()) == []
+        subjects = [m["subject"] for m in op.get("/v1/messages?customer=acme").json()["messages"]]
+    assert subjects == ["kept"]

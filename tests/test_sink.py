@@ -6,7 +6,6 @@ uses its own customer or message ids, so tests do not see each other's rows.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -15,8 +14,9 @@ from typing import Any
 
 import clickhouse_connect
 import httpx
+import orjson
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Message, Producer
 
 from mailmeta.config import Customer, Customers
 from mailmeta.local.apache_kafka import KafkaNode
@@ -26,6 +26,7 @@ from mailmeta.service import SinkService
 from tests.event_helpers import Redacted, raw_event
 from tests.kafka_helpers import sink_settings
 from tests.kafka_helpers import wait_until as wait_for  # other sink tests import it from here
+from tests.test_streams_regions import read_to_end, record_bytes
 
 PARTITIONS = 3
 # A realistic policy: what is kept, masked, truncated or dropped, as in the example config.
@@ -88,24 +89,6 @@ def produce(producer: Producer, topic: str, values: list[bytes], partition: int 
     for v in values:
         producer.produce(topic, v, partition=partition)
     assert producer.flush(15) == 0, "broker did not acknowledge every record"
-
-
-def read_topic(bootstrap: str, topic: str, n: int, timeout: float = 20.0) -> list[Message]:
-    """The first ``n`` records of ``topic`` (assigned, not subscribed: no group join)."""
-    c = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": "unused", "enable.auto.commit": False}
-    )
-    out: list[Message] = []
-    try:
-        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
-        deadline = time.monotonic() + timeout
-        while len(out) < n and time.monotonic() < deadline:
-            m = c.poll(0.2)
-            if m is not None and m.error() is None:
-                out.append(m)
-    finally:
-        c.close()
-    return out
 
 
 @pytest.fixture
@@ -240,28 +223,68 @@ def test_expired_event_is_stored_but_never_returned(
         raw.close()
 
 
-def test_invalid_records_go_to_deadletter(
+def test_invalid_records_go_to_deadletter_without_their_payload(
     sink: SinkService, api: httpx.Client, producer: Producer
 ) -> None:
+    """A record the sink cannot store is dead-lettered as why, which event and where, never
+    its payload: the raw (unredacted) one holds clear metadata, and the dead-letter topic
+    keeps days."""
+    canary = f"canary{uuid.uuid4().hex}"
+    raw = raw_event(
+        "dead",
+        mail_from=f"{canary}@sender.example",
+        rcpt_to=[f"{canary}@dead.example"],
+        subject=f"Subject {canary}",
+        helo=f"{canary}.sender.example",
+        message_id=f"<{canary}@sender.example>",
+        sender_ip="203.0.113.77",
+    )
+    unknown = replace(redacted("dead"), customer_id="no-such-customer")
     bad = [
-        b"not json at all",
-        b'{"event_id": "x", "surprise": 1}',  # not schema v1
+        b"not json at all " + canary.encode(),
+        b'{"event_id": "x", "surprise": "' + canary.encode() + b'"}',  # not schema v1
         # Records no redactor writes: the sink must refuse them, not store them.
-        encode_event(replace(redacted("dead"), customer_id="no-such-customer")),  # no retention
-        encode_event(raw_event("dead")),  # never went through redaction
-        encode_event(replace(redacted("dead"), event_id="123")),
+        encode_event(unknown),  # no retention
+        encode_event(raw),  # never went through redaction
+        encode_event(replace(redacted("dead"), event_id="123", subject=canary)),
     ]
+    seen = read_to_end(sink.settings.kafka_bootstrap, sink.settings.deadletter_topic)
+    before = {(m.partition(), m.offset()) for m in seen}
     good = redacted("dead")
     produce(producer, sink.settings.redacted_topic, bad, partition=1)
     send(producer, sink, [good], partition=1)
     wait_for(lambda: visible(api, "dead", [good.event_id]), what="the good event")
 
-    letters = read_topic(sink.settings.kafka_bootstrap, sink.settings.deadletter_topic, len(bad))
-    assert sorted(m.value() or b"" for m in letters) == sorted(bad)  # verbatim
+    # A batch's dead letters are sent right after its insert: wait for five more, then read
+    # the topic to its end again: exactly five more, no copy, nothing else.
+    def dead_letters() -> list[Message]:
+        return read_to_end(sink.settings.kafka_bootstrap, sink.settings.deadletter_topic)
+
+    wait_for(lambda: len(dead_letters()) >= len(before) + len(bad), what="the dead letters")
+    letters = dead_letters()
+    assert len(letters) == len(before) + len(bad)
     for m in letters:
+        for secret in (canary.encode(), b"203.0.113"):
+            assert secret not in record_bytes(m), (secret, m.value())
+    new = [m for m in letters if (m.partition(), m.offset()) not in before]
+    mine = [orjson.loads(m.value() or b"") for m in new]
+    assert sorted((d["event_id"] or "", d["customer_id"] or "") for d in mine) == sorted(
+        [
+            ("", ""),  # not JSON: no ids
+            ("", ""),  # "x" is no event id
+            (unknown.event_id, ""),  # a customer not configured is not named
+            (raw.event_id, "dead"),
+            ("", "dead"),
+        ]
+    )
+    for m, d in zip(new, mine, strict=True):
+        assert set(d) == {"reason", "event_id", "customer_id", "topic", "partition", "offset"}
+        assert d["reason"] and d["topic"] == sink.settings.redacted_topic and d["partition"] == 1
         headers = dict(m.headers() or [])
-        assert headers["mailmeta-error"]
-        assert headers["mailmeta-source"].startswith(sink.settings.redacted_topic.encode())
+        assert headers["mailmeta-error"].decode() == d["reason"]
+        source = f"{sink.settings.redacted_topic}/1@{d['offset']}"
+        assert headers["mailmeta-source"].decode() == source
+    assert len({d["offset"] for d in mine}) == len(bad)
     assert [m["event_id"] for m in messages(api, customer="dead")] == [good.event_id]
 
 

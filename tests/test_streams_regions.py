@@ -152,7 +152,7 @@ def test_eu_worker_redacts_eu_events_and_dead_letters_the_default_regions(
         "reason": reason,
         "event_id": home.event_id,
         "customer_id": "home",
-        "raw_topic": s.raw_topic,
+        "topic": s.raw_topic,
         "partition": 0,
         "offset": 1,
     }
