@@ -24,7 +24,7 @@ from mailmeta.config._models import (
     parse_host_port,
     parse_networks,
 )
-from mailmeta.config._settings import Settings
+from mailmeta.config._settings import TOPIC_SETTINGS, Settings
 
 __all__ = [
     "DEFAULT_REGION",
@@ -33,6 +33,7 @@ __all__ = [
     "MAX_REPLACE_RULES",
     "POLICY_FIELDS",
     "STRICT_DEFAULT_POLICY",
+    "TOPIC_SETTINGS",
     "Action",
     "ConfigError",
     "Customer",

@@ -13,7 +13,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from mailmeta import schema
 from mailmeta.config._models import DEFAULT_REGION, REGION_RE, parse_networks
 
-_TOPICS = (
+# The settings that name a topic (a region's topics carry its name as a suffix).
+TOPIC_SETTINGS = (
     "raw_topic",
     "redacted_topic",
     "deadletter_topic",
@@ -156,7 +157,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _regional_topics(self) -> Settings:
         if self.region != DEFAULT_REGION:
-            for name in _TOPICS:
+            for name in TOPIC_SETTINGS:
                 if name not in self.model_fields_set:
                     setattr(self, name, f"{getattr(self, name)}.{self.region}")
         return self

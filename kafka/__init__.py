@@ -14,6 +14,7 @@ from mailmeta.kafka._clients import (
     faust_broker_options,
     producer_config,
 )
+from mailmeta.kafka._read import read_partition
 from mailmeta.kafka._topics import (
     TopicError,
     check_topic_retention,
@@ -38,6 +39,7 @@ __all__ = [
     "faust_broker_options",
     "group_backlog",
     "producer_config",
+    "read_partition",
     "replication",
     "topic_retention_ms",
 ]

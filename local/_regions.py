@@ -4,15 +4,8 @@ event of a customer pinned to a region is ever in another region's broker or sto
 
 from __future__ import annotations
 
-from mailmeta.config import ConfigError, Settings
+from mailmeta.config import TOPIC_SETTINGS, ConfigError, Settings
 
-_TOPICS = (
-    "raw_topic",
-    "redacted_topic",
-    "deadletter_topic",
-    "policies_topic",
-    "policy_status_topic",
-)
 _PORTS = ("smtp_port", "api_port", "ingest_metrics_port", "streams_metrics_port")
 
 
@@ -34,7 +27,7 @@ def cell_settings(base: Settings, region: str, index: int, port_step: int) -> Se
         region=region,
         data_dir=base.data_dir / "regions" / region,
         operator_token_file=None,
-        **{t: f"{getattr(base, t)}.{region}" for t in _TOPICS},
+        **{t: f"{getattr(base, t)}.{region}" for t in TOPIC_SETTINGS},
         **{p: getattr(base, p) + index * port_step for p in _PORTS if getattr(base, p)},
     )
     return Settings(**values)

@@ -16,16 +16,14 @@ newest, and fails closed: such events are dead-lettered). A digest names a docum
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from mailmeta.config import Settings
-from mailmeta.kafka import consumer_config
+from mailmeta.kafka import read_partition
 from mailmeta.schema import format_time
 
 STATUS_PARTITION = 0
@@ -92,56 +90,24 @@ def read_statuses(settings: Settings, within_s: float, timeout: float = 10.0) ->
     Reads only the topic's tail from ``within_s`` ago (ListOffsets by time): an older record
     cannot make a worker live, so what the topic holds of workers long gone is never read.
     """
-    now = time.time()
-    since_ms = int((now - within_s) * 1000)
-    consumer = Consumer(
-        consumer_config(
-            settings,
-            f"mailmeta-policy-status-reader-{uuid.uuid4().hex}",
-            **{"enable.partition.eof": True},
-        )
-    )
-    topic = settings.policy_status_topic
+    since_ms = int((time.time() - within_s) * 1000)
     latest: dict[str, WorkerStatus | None] = {}
     invalid = 0
-    try:
-        tp = TopicPartition(topic, STATUS_PARTITION)
-        low, high = consumer.get_watermark_offsets(tp, timeout=timeout, cached=False)
-        start = low
+    # Margin for the clocks of workers and broker: a little more than the window.
+    for msg in read_partition(
+        settings,
+        settings.policy_status_topic,
+        STATUS_PARTITION,
+        since_ms=since_ms - int(within_s * 1000),
+        timeout=timeout,
+        purpose="policy-status-reader",
+    ):
+        key = (msg.key() or b"").decode("utf-8", "replace")
         try:
-            # Margin for the clocks of workers and broker: a little more than the window.
-            tp_time = TopicPartition(topic, STATUS_PARTITION, since_ms - int(within_s * 1000))
-            [found] = consumer.offsets_for_times([tp_time], timeout=timeout)
-            start = high if found.offset < 0 else max(low, found.offset)
-        except KafkaException:
-            pass  # a broker without ListOffsets by time: read it all
-        if start < high:
-            consumer.assign([TopicPartition(topic, STATUS_PARTITION, start)])
-            deadline = time.monotonic() + timeout
-            while True:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"policy-status topic {topic} not read within {timeout}s")
-                msg = consumer.poll(0.2)
-                if msg is None:
-                    continue
-                err = msg.error()
-                offset = msg.offset() or 0
-                if err is not None:
-                    if err.code() == -191 and offset >= high:  # _PARTITION_EOF
-                        break
-                    if err.code() == -191:
-                        continue
-                    raise KafkaException(err)
-                key = (msg.key() or b"").decode("utf-8", "replace")
-                try:
-                    latest[key] = decode_status(msg.key(), msg.value())
-                except StatusRecordError:
-                    invalid += 1
-                    latest.pop(key, None)
-                if offset + 1 >= high:
-                    break
-    finally:
-        consumer.close()
+            latest[key] = decode_status(msg.key(), msg.value())
+        except StatusRecordError:
+            invalid += 1
+            latest.pop(key, None)
     live = {
         k: s for k, s in latest.items() if s is not None and s.at >= since_ms
     }  # fmt: skip

@@ -26,19 +26,17 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaException, Producer
 from prometheus_client import Counter
 from pydantic import ValidationError
 
 from mailmeta.config import MAX_POLICY_BYTES, Customer, Customers, Policy, Settings
-from mailmeta.kafka import consumer_config, producer_config
+from mailmeta.kafka import producer_config, read_partition
 from mailmeta.policy._redact import PolicyRecordError, compile_checked, named_field
 from mailmeta.schema import now_ms
 
@@ -273,40 +271,16 @@ class PolicyLog:
         return self.read().records
 
     def read(self) -> TopicState:
-        # A throwaway group: it only reads (assign, no commit), so it is never joined.
-        consumer = Consumer(
-            consumer_config(
-                self.settings,
-                f"mailmeta-policy-reader-{uuid.uuid4().hex}",
-                **{"enable.partition.eof": True},
-            )
-        )
         reader = TopicReader("api")
-        try:
-            tp = TopicPartition(self.topic, POLICY_PARTITION)
-            _low, high = consumer.get_watermark_offsets(tp, timeout=self.timeout, cached=False)
-            if high <= 0:
-                return reader.state
-            consumer.assign([TopicPartition(self.topic, POLICY_PARTITION, 0)])
-            deadline = time.monotonic() + self.timeout
-            while time.monotonic() < deadline:
-                msg = consumer.poll(0.2)
-                if msg is None:
-                    continue
-                err = msg.error()
-                offset = msg.offset() or 0
-                if err is not None:
-                    if err.code() == -191:  # _PARTITION_EOF
-                        if offset >= high:
-                            return reader.state
-                        continue
-                    raise KafkaException(err)
-                reader.add(msg.key(), msg.value(), offset)
-                if offset + 1 >= high:
-                    return reader.state
-            raise TimeoutError(f"policies topic {self.topic} not read within {self.timeout}s")
-        finally:
-            consumer.close()
+        for msg in read_partition(
+            self.settings,
+            self.topic,
+            POLICY_PARTITION,
+            timeout=self.timeout,
+            purpose="policy-reader",
+        ):
+            reader.add(msg.key(), msg.value(), msg.offset() or 0)
+        return reader.state
 
     def _produce(self, records: Iterable[PolicyRecord]) -> list[int]:
         """Produces and waits for the broker; the records' offsets."""

@@ -14,7 +14,7 @@ from confluent_kafka import (
     Message,
 )
 
-from mailmeta.config import Policy, Settings, load_customers
+from mailmeta.config import TOPIC_SETTINGS, Policy, Settings, load_customers
 from mailmeta.kafka import ensure_topics
 from mailmeta.local.brokers import free_port
 from mailmeta.policy import POLICY_PARTITION, PolicyLog, PolicyRecord
@@ -46,13 +46,6 @@ customers:
 HOME_SECRETS = (
     b"home.example", b"carol", b"dave", b"Board minutes", b"203.0.113", b"<q3@",
 )  # fmt: skip
-_TOPICS = (
-    "raw_topic",
-    "redacted_topic",
-    "deadletter_topic",
-    "policies_topic",
-    "policy_status_topic",
-)
 
 
 def customers_file(tmp_path: Path) -> Path:
@@ -63,7 +56,7 @@ def customers_file(tmp_path: Path) -> Path:
 
 def eu_settings(settings: Settings, config: Path) -> Settings:
     """The test's topics as a process of region eu names them (``<topic>.eu``), created."""
-    topics = {name: f"{getattr(settings, name)}.eu" for name in _TOPICS}
+    topics = {name: f"{getattr(settings, name)}.eu" for name in TOPIC_SETTINGS}
     s = settings.model_copy(update={"config": config, "region": "eu", **topics})
     ensure_topics(s, load_customers(config, "eu").shortest_retention_days)
     return s
