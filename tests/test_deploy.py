@@ -27,6 +27,7 @@ import jsonschema
 import pytest
 import typer.main
 import yaml
+from pydantic import SecretStr
 
 import mailmeta
 from mailmeta.cli import app as cli_app
@@ -232,10 +233,10 @@ def test_every_mailmeta_variable_named_in_deploy_is_a_setting() -> None:
     named: dict[str, set[str]] = {}
     for path in [*deploy_files(), REPO / ".dockerignore"]:
         for var in re.findall(r"MAILMETA_[A-Z0-9_]*[A-Z0-9]", path.read_text()):
-            named.setdefault(var.removesuffix("_FILE"), set()).add(str(path.relative_to(REPO)))
-    # MAILMETA_X_FILE is read by deploy/entrypoint.sh, whose own pattern names no setting.
-    named.pop("MAILMETA_", None)
-    unknown = {v: sorted(f) for v, f in named.items() if v not in KNOWN}
+            named.setdefault(var, set()).add(str(path.relative_to(REPO)))
+    # MAILMETA_X_FILE: a path setting of its own, or a value secret deploy/entrypoint.sh reads.
+    from_files = {f"{v}_FILE" for v in entrypoint_value_secrets()}
+    unknown = {v: sorted(f) for v, f in named.items() if v not in KNOWN | from_files}
     assert not unknown, f"not mailmeta settings: {unknown}"
     assert len(named) >= 8  # the scan did find the names in use
 
@@ -243,8 +244,10 @@ def test_every_mailmeta_variable_named_in_deploy_is_a_setting() -> None:
 def settings_from(env: dict[str, Any]) -> Settings:
     """The settings a container with this environment would run with."""
     values = {}
+    from_files = {f"{v}_FILE" for v in entrypoint_value_secrets()}
     for key, value in env.items():
-        key = key.removesuffix("_FILE")
+        # The entrypoint reads these from their files; every other *_FILE stays a path.
+        key = key.removesuffix("_FILE") if key in from_files else key
         if key == "MAILMETA_CLICKHOUSE_DSN":
             value = DUMMY_DSN  # from a secret file or a Secret in the real deployment
         values[key.removeprefix("MAILMETA_").lower()] = value
@@ -254,7 +257,7 @@ def settings_from(env: dict[str, Any]) -> Settings:
 def test_compose_environments_parse_as_settings() -> None:
     for name, spec in mailmeta_services(compose()).items():
         env = spec["environment"]
-        assert set(k.removesuffix("_FILE") for k in env) <= KNOWN, name
+        assert set(env) <= KNOWN | {f"{v}_FILE" for v in entrypoint_value_secrets()}, name
         settings = settings_from(env)
         assert settings.kafka_bootstrap.count(",") == 2, name
         if "MAILMETA_CLICKHOUSE_DSN_FILE" in env:
@@ -315,17 +318,94 @@ def test_every_command_is_a_stage_module_or_cli_command() -> None:
 # --- the entrypoint and the secrets script: run for real ----------------------------------
 
 
-def test_entrypoint_exports_settings_from_files(tmp_path: Path) -> None:
-    secret = tmp_path / "dsn"
-    secret.write_text(DUMMY_DSN)
-    probe = "import os; print(os.environ['MAILMETA_CLICKHOUSE_DSN'], 'MAILMETA_CLICKHOUSE_DSN_FILE' in os.environ)"
-    env = {"PATH": os.environ["PATH"], "MAILMETA_CLICKHOUSE_DSN_FILE": str(secret)}
-    res = run(DEPLOY / "entrypoint.sh", "python3", "-c", probe, env=env)
+def entrypoint_value_secrets() -> list[str]:
+    text = (DEPLOY / "entrypoint.sh").read_text()
+    (line,) = re.findall(r'^VALUE_SECRETS="([^"]*)"$', text, re.M)
+    return line.split()
+
+
+def run_entrypoint(env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], dict[str, str]]:
+    """Run the entrypoint on a command that prints the environment it was given, as JSON."""
+    probe = "import json, os; print(json.dumps(dict(os.environ)))"
+    full = {"PATH": os.environ["PATH"], **env}
+    res = run("sh", DEPLOY / "entrypoint.sh", "python3", "-c", probe, env=full)
+    seen = json.loads(res.stdout) if res.returncode == 0 else {}
+    return res, seen
+
+
+def test_entrypoint_reads_only_value_secrets_from_files() -> None:
+    """The allow-list holds settings whose value is a secret and that have no `_file`
+    setting of their own; every setting mailmeta reads as a path is outside it."""
+    listed = entrypoint_value_secrets()
+    assert listed == ["MAILMETA_CLICKHOUSE_DSN"]
+    for var in listed:
+        field = var.removeprefix("MAILMETA_").lower()
+        assert field in Settings.model_fields, var
+        assert f"{field}_file" not in Settings.model_fields, f"{var}_FILE is a path setting"
+    # Every secret-typed setting can come from a file: natively, or through the entrypoint.
+    for name, field in Settings.model_fields.items():
+        if field.annotation is SecretStr:
+            assert f"{name}_file" in Settings.model_fields or f"MAILMETA_{name.upper()}" in listed
+
+
+def test_entrypoint_keeps_path_settings_and_reads_value_secrets(tmp_path: Path) -> None:
+    dsn = tmp_path / "dsn"
+    dsn.write_text(DUMMY_DSN + "\n")
+    ca, password = tmp_path / "ca.pem", tmp_path / "sasl-password"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    password.write_text("hunter2")
+    paths = {
+        "MAILMETA_KAFKA_SSL_CA_FILE": str(ca),
+        "MAILMETA_KAFKA_SSL_CERT_FILE": str(tmp_path / "client.pem"),  # not there (yet): fine
+        "MAILMETA_KAFKA_SSL_KEY_FILE": str(tmp_path / "client.key"),
+        "MAILMETA_KAFKA_SASL_PASSWORD_FILE": str(password),
+        "MAILMETA_RELAY_TLS_CA_FILE": str(ca),
+        "MAILMETA_TLS_CERT": str(tmp_path / "smtp.pem"),
+        "MAILMETA_TLS_KEY": str(tmp_path / "smtp.key"),
+        # Written by the sink on its first start: absent when the container starts.
+        "MAILMETA_OPERATOR_TOKEN_FILE": str(tmp_path / "absent" / "operator-token"),
+    }
+    res, seen = run_entrypoint({**paths, "MAILMETA_CLICKHOUSE_DSN_FILE": str(dsn)})
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == [DUMMY_DSN, "False"]
-    env["MAILMETA_CLICKHOUSE_DSN_FILE"] = str(tmp_path / "absent")
-    res = run(DEPLOY / "entrypoint.sh", "true", env=env)
-    assert res.returncode == 2 and "cannot be read" in res.stderr
+    for var, value in paths.items():
+        assert seen[var] == value, var  # the path itself, not the file's content
+    assert seen["MAILMETA_CLICKHOUSE_DSN"] == DUMMY_DSN  # the value, trailing newline dropped
+    assert "MAILMETA_CLICKHOUSE_DSN_FILE" not in seen
+    assert "MAILMETA_KAFKA_SSL_CA" not in seen and "MAILMETA_KAFKA_SASL_PASSWORD" not in seen
+    # What the container's process then runs with: every path where mailmeta expects it.
+    settings = Settings(**{k.removeprefix("MAILMETA_").lower(): v for k, v in seen.items()
+                           if k.startswith("MAILMETA_")})  # fmt: skip
+    assert settings.kafka_ssl_ca_file == ca and settings.kafka_sasl_password_file == password
+    assert settings.relay_tls_ca_file == str(ca) and settings.resolved_dsn() == DUMMY_DSN
+    # Without any *_FILE the environment passes through unchanged.
+    res, seen = run_entrypoint({"MAILMETA_CLICKHOUSE_DSN": DUMMY_DSN})
+    assert res.returncode == 0 and seen["MAILMETA_CLICKHOUSE_DSN"] == DUMMY_DSN
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "absent",
+            "MAILMETA_CLICKHOUSE_DSN_FILE={file}: no readable file there (is the secret mounted?)",
+        ),
+        ("empty", "MAILMETA_CLICKHOUSE_DSN_FILE={file} is empty"),
+        ("both", "both MAILMETA_CLICKHOUSE_DSN and MAILMETA_CLICKHOUSE_DSN_FILE are set: give one"),
+    ],
+)
+def test_entrypoint_refuses_a_value_secret_it_cannot_read(
+    tmp_path: Path, case: str, message: str
+) -> None:
+    file = tmp_path / "dsn"
+    env = {"MAILMETA_CLICKHOUSE_DSN_FILE": str(file)}
+    if case == "empty":
+        file.write_text("")
+    elif case == "both":
+        file.write_text(DUMMY_DSN)
+        env["MAILMETA_CLICKHOUSE_DSN"] = DUMMY_DSN
+    res, _ = run_entrypoint(env)
+    assert res.returncode == 2 and res.stdout == ""  # the command never ran
+    assert res.stderr.splitlines() == [f"mailmeta-entrypoint: {message.format(file=file)}"]
 
 
 def test_make_secrets_creates_matching_secrets_once(tmp_path: Path) -> None:
