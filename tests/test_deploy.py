@@ -662,8 +662,47 @@ def test_dashboard_and_alerts_name_only_metrics_mailmeta_exports() -> None:
         "mailmeta_sink_oldest_unstored_age_seconds",
         "mailmeta_sink_insert_seconds_bucket",
         "mailmeta_sink_store_errors_total",
+        # The one that predicts losing acknowledged mail (raw retention deletes it).
+        "mailmeta_streams_raw_backlog_age_seconds",
     ):
         assert needed in used
+
+
+def test_raw_backlog_alerts_match_the_deployed_raw_retention() -> None:
+    """The raw-backlog alerts fire at shares of the raw retention compose and the chart
+    deploy: a warning where the worker itself warns (WARN_FRACTION), a page before the
+    retention deletes acknowledged, unredacted mail."""
+    from mailmeta.streams._metrics import WARN_FRACTION
+
+    hours = {compose()["services"]["streams"]["environment"]["MAILMETA_RAW_RETENTION_HOURS"]}
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    hours.add(values["settings"]["RAW_RETENTION_HOURS"])
+    (retention,) = {int(h) * 3600 for h in hours}
+    rules = {
+        r["alert"]: r
+        for g in yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())["groups"]
+        for r in g["rules"]
+    }
+    thresholds = {}
+    for name in ("MailmetaRawBacklogAging", "MailmetaRawBacklogNearRetention"):
+        expr = rules[name]["expr"].strip()
+        metric, threshold = re.fullmatch(r"max\((\w+)\) > (\d+)", expr).groups()  # type: ignore[union-attr]
+        assert metric == "mailmeta_streams_raw_backlog_age_seconds"
+        thresholds[name] = int(threshold)
+    assert thresholds["MailmetaRawBacklogAging"] == WARN_FRACTION * retention
+    assert rules["MailmetaRawBacklogAging"]["labels"]["severity"] == "warning"
+    page = thresholds["MailmetaRawBacklogNearRetention"]
+    assert thresholds["MailmetaRawBacklogAging"] < page < retention
+    assert rules["MailmetaRawBacklogNearRetention"]["labels"]["severity"] == "page"
+    # The dashboard draws the same lines.
+    dashboard = json.loads((DEPLOY / "grafana" / "mailmeta.json").read_text())
+    (panel,) = [
+        p
+        for p in dashboard["panels"]
+        if p["targets"][0]["expr"] == "max(mailmeta_streams_raw_backlog_age_seconds)"
+    ]
+    steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert [s["value"] for s in steps[1:]] == [thresholds["MailmetaRawBacklogAging"], page]
 
 
 def test_promtool_checks_the_alert_rules() -> None:
