@@ -16,6 +16,7 @@ import pkgutil
 import re
 import shlex
 import shutil
+import ssl
 import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -141,20 +142,17 @@ def test_compose_runs_a_production_shaped_cluster() -> None:
     services = doc["services"]
     brokers = {n: s for n, s in services.items() if s.get("image", "").startswith("apache/kafka")}
     assert len(brokers) == 3
+    props = kafka_properties()
     voters = {
         v.split("@")[1].split(":")[0]: int(v.split("@")[0])
-        for v in next(iter(brokers.values()))["environment"][
-            "KAFKA_CONTROLLER_QUORUM_VOTERS"
-        ].split(",")
+        for v in props["controller.quorum.voters"].split(",")
     }
     for name, spec in brokers.items():
         env = spec["environment"]
-        assert voters[name] == env["KAFKA_NODE_ID"]
-        assert env["KAFKA_ADVERTISED_LISTENERS"] == f"PLAINTEXT://{name}:9092"
-        assert (
-            env["KAFKA_DEFAULT_REPLICATION_FACTOR"] == 3 and env["KAFKA_MIN_INSYNC_REPLICAS"] == 2
-        )
-        assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+        assert voters[name] == env["NODE_ID"] and env["NODE_HOST"] == name
+        assert "./kafka:/etc/kafka/mailmeta:ro" in spec["volumes"]
+    assert props["default.replication.factor"] == "3" and props["min.insync.replicas"] == "2"
+    assert props["auto.create.topics.enable"] == "false"
     bootstrap = services["ingest"]["environment"]["MAILMETA_KAFKA_BOOTSTRAP"].split(",")
     assert sorted(h.split(":")[0] for h in bootstrap) == sorted(brokers)
 
@@ -200,6 +198,98 @@ def test_compose_runs_a_production_shaped_cluster() -> None:
     for spec in mailmeta_services(doc).values():
         assert "MAILMETA_CLICKHOUSE_DSN" not in spec["environment"]
     assert "PASSWORD:" not in (DEPLOY / "compose.yaml").read_text().replace("PASSWORD_FILE:", "")
+
+
+def kafka_properties() -> dict[str, str]:
+    lines = (DEPLOY / "kafka" / "server.properties").read_text().splitlines()
+    return dict(ln.split("=", 1) for ln in lines if ln and not ln.startswith("#"))
+
+
+def mounted_secret(spec: dict[str, Any], path: str) -> str:
+    """The compose secret a service mounts at ``path`` (/run/secrets/NAME)."""
+    name = path.removeprefix("/run/secrets/")
+    assert path.startswith("/run/secrets/") and name in spec.get("secrets", []), path
+    return name
+
+
+def test_compose_runs_kafka_with_sasl_ssl_and_ingest_with_starttls() -> None:
+    """Every connection to Kafka is SASL_SSL (SCRAM over TLS) or TLS; no PLAINTEXT listener
+    is left; every stage authenticates with files from secrets it mounts; ingest offers
+    STARTTLS with a mounted certificate and key."""
+    doc = compose()
+    props = kafka_properties()
+    protocols = dict(p.split(":") for p in props["listener.security.protocol.map"].split(","))
+    assert protocols == {"SASL_SSL": "SASL_SSL", "CONTROLLER": "SSL"}
+    listeners = props["listeners"] + "," + props["advertised.listeners"]
+    assert {x.split("://")[0] for x in listeners.split(",")} <= set(protocols)
+    assert props["inter.broker.listener.name"] == "SASL_SSL"
+    assert props["listener.name.controller.ssl.client.auth"] == "required"
+    assert props["sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
+    brokers = [s for s in doc["services"].values() if s["image"].startswith("apache/kafka")]
+    for spec in brokers:
+        for key in ("ssl.keystore.location", "ssl.truststore.location"):
+            mounted_secret(spec, props[key])
+    script = (DEPLOY / "kafka" / "broker.sh").read_text()
+    for path in re.findall(r"/run/secrets/\w+", script):
+        for spec in brokers:
+            mounted_secret(spec, path)
+    # The stages' user is one broker.sh creates, with the password file the stages read.
+    assert "name=mailmeta,password=$client_password" in script
+    assert 'client_password="$(cat /run/secrets/kafka_password)"' in script
+    for name, spec in mailmeta_services(doc).items():
+        settings = settings_from(spec["environment"])
+        assert settings.kafka_security_protocol == "SASL_SSL", name
+        assert settings.kafka_sasl_mechanism == props["sasl.enabled.mechanisms"], name
+        assert settings.kafka_sasl_username == "mailmeta", name
+        assert mounted_secret(spec, str(settings.kafka_sasl_password_file)) == "kafka_password"
+        assert mounted_secret(spec, str(settings.kafka_ssl_ca_file)) == "kafka_ca"
+    ingest = settings_from(doc["services"]["ingest"]["environment"])
+    assert mounted_secret(doc["services"]["ingest"], ingest.tls_cert) == "smtp_tls_cert"
+    assert mounted_secret(doc["services"]["ingest"], ingest.tls_key) == "smtp_tls_key"
+    assert doc["secrets"]["kafka_ca"]["file"] == "./secrets/kafka_ca"
+
+
+def test_compose_deploys_the_versions_the_tests_run() -> None:
+    """Kafka: the release tests/tools/kafka-pom.xml pins (the broker every test runs on);
+    ClickHouse and its Keeper: the engine release of chdb, the store's tests' engine."""
+    import chdb
+
+    pom = ET.parse(REPO / "tests" / "tools" / "kafka-pom.xml").getroot()
+    ns = {"m": "http://maven.apache.org/POM/4.0.0"}
+    kafka = pom.findtext("./m:properties/m:kafka.version", namespaces=ns)
+    assert kafka and re.fullmatch(r"\d+\.\d+\.\d+", kafka)
+    clickhouse = ".".join(chdb.engine_version.split(".")[:2])
+    images = {s["image"] for s in compose()["services"].values()}
+    assert {i for i in images if i.startswith("apache/kafka:")} == {f"apache/kafka:{kafka}"}
+    assert {i.split("/")[1] for i in images if i.startswith("clickhouse/")} == {
+        f"clickhouse-server:{clickhouse}",
+        f"clickhouse-keeper:{clickhouse}",
+    }
+
+
+def test_compose_serves_the_api_only_through_the_tls_proxy() -> None:
+    doc = compose()
+    services = doc["services"]
+    assert "ports" not in services["api"] and "ports" not in services["sinks"]
+    proxy = services["api-tls"]
+    assert proxy["ports"] == ["8443:8443"]
+    (config,) = proxy["configs"]
+    assert config["target"] == "/etc/nginx/nginx.conf"
+    conf = (DEPLOY / doc["configs"][config["source"]]["file"]).read_text()
+    assert conf == (CHART / "files" / "api-tls-nginx.conf").read_text()  # one configuration
+    assert re.findall(r"^\s*listen (\S+)( ssl)?;", conf, re.M) == [
+        ("8443", " ssl"),
+        ("127.0.0.1:8080", ""),
+    ]
+    for directive in ("ssl_certificate", "ssl_certificate_key"):
+        (path,) = re.findall(rf"^\s*{directive} (\S+);", conf, re.M)
+        assert mounted_secret(proxy, path).startswith("api_tls_")
+    # The upstream: the api replicas (a network alias), on the port their settings serve.
+    (upstream,) = re.findall(r"^\s*server ([\w-]+):(\d+);", conf, re.M)
+    assert upstream[0] in services["api"]["networks"]["default"]["aliases"]
+    port = services["api"]["environment"].get("MAILMETA_API_PORT", Settings().api_port)
+    assert int(upstream[1]) == int(port)
+    assert proxy["healthcheck"]["test"][-1] == "http://127.0.0.1:8080/healthz"
 
 
 def test_compose_health_checks_probe_the_ports_the_stages_serve() -> None:
@@ -420,9 +510,38 @@ def test_make_secrets_creates_matching_secrets_once(tmp_path: Path) -> None:
     assert Settings(clickhouse_dsn=dsn).resolved_dsn() == dsn
     cluster = (secrets / "clickhouse_cluster_secret").read_text()
     assert cluster != password
+    for name in ("kafka_password", "kafka_broker_password"):
+        assert re.fullmatch(r"[0-9a-f]{48}", (secrets / name).read_text())  # no escaping needed
+    # Certificates of one CA: the brokers' for each broker's name (and localhost, for the
+    # health check), STARTTLS and the API proxy's; each key matches its certificate.
+    ca = secrets / "ca.pem"
+    assert (secrets / "kafka_ca").read_text() == ca.read_text()
+    for pem, hosts in [
+        ("kafka_broker.pem", ["kafka-1", "kafka-2", "kafka-3", "localhost"]),
+        ("smtp_tls_cert.pem", ["localhost"]),
+        ("api_tls_cert.pem", ["localhost"]),
+    ]:
+        for host in hosts:
+            res = run("openssl", "verify", "-CAfile", ca, "-verify_hostname", host, secrets / pem)
+            assert res.returncode == 0, res.stdout + res.stderr
+    bad = run(
+        "openssl",
+        "verify",
+        "-CAfile",
+        ca,
+        "-verify_hostname",
+        "kafka-4",
+        secrets / "kafka_broker.pem",
+    )
+    assert bad.returncode != 0
+    ssl.create_default_context().load_cert_chain(secrets / "kafka_broker.pem")  # key + chain
+    for prefix in ("smtp_tls", "api_tls"):
+        ssl.create_default_context().load_cert_chain(
+            secrets / f"{prefix}_cert.pem", secrets / f"{prefix}_key.pem"
+        )
+    before = {f.name: f.read_bytes() for f in secrets.iterdir()}
     assert run("sh", script).returncode == 0
-    assert (secrets / "clickhouse_password").read_text() == password  # kept, not replaced
-    assert (secrets / "clickhouse_cluster_secret").read_text() == cluster
+    assert {f.name: f.read_bytes() for f in secrets.iterdir()} == before  # kept, not replaced
 
 
 def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
