@@ -402,7 +402,8 @@ def test_every_command_is_a_stage_module_or_cli_command() -> None:
         assert needed in flat
     for doc_ in helm_render():
         for container in containers(doc_):
-            check_command(container["command"], f"helm {doc_['kind']} {container['name']}")
+            if container["image"].startswith("mailmeta:"):  # not the TLS proxy's nginx
+                check_command(container["command"], f"helm {doc_['kind']} {container['name']}")
 
 
 # --- the entrypoint and the secrets script: run for real ----------------------------------
@@ -557,11 +558,25 @@ def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
 
 # --- Helm -----------------------------------------------------------------------------------
 
+# Every secret the chart can mount, each from an existing Secret.
+HELM_SECRETS = [
+    *("--set", "kafka.securityProtocol=SASL_SSL", "--set", "kafka.saslUsername=mailmeta"),
+    *("--set", "kafka.existingSecret=kafka", "--set", "kafka.keys.ca=ca.crt"),
+    *("--set", "kafka.keys.cert=tls.crt", "--set", "kafka.keys.key=tls.key"),
+    *("--set", "kafka.keys.saslPassword=sasl-password"),
+    *("--set", "hmacKeys.existingSecret=hmac", "--set", "smtp.tls.existingSecret=smtp-tls"),
+    *("--set", "api.tls.existingSecret=api-tls"),
+]
 HELM_SETS = [
     ["--set", f"clickhouse.dsn={DUMMY_DSN}"],
     [
         *("--set", "clickhouse.existingSecret=ch", "--set", "clickhouse.cluster=mailmeta"),
         *("--set-file", "customers=config/customers.example.yaml"),
+    ],
+    [
+        *("--set", f"clickhouse.dsn={DUMMY_DSN}"),
+        *("--set-file", "customers=config/customers.example.yaml"),
+        *HELM_SECRETS,
     ],
 ]
 
@@ -576,15 +591,16 @@ def helm_render(extra: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    if doc["kind"] not in ("Deployment", "Job"):
+    if doc["kind"] not in ("Deployment", "StatefulSet", "Job"):
         return []
     pod = doc["spec"]["template"]["spec"]
     return [*pod.get("initContainers", []), *pod["containers"]]
 
 
 def test_helm_lint() -> None:
-    res = run(tool("helm"), "lint", "--strict", CHART, "--set", f"clickhouse.dsn={DUMMY_DSN}")
-    assert res.returncode == 0, res.stdout + res.stderr
+    for sets in (HELM_SETS[0], HELM_SETS[2]):
+        res = run(tool("helm"), "lint", "--strict", CHART, *sets, cwd=REPO)
+        assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_helm_refuses_to_render_without_a_store() -> None:
@@ -615,6 +631,7 @@ def test_helm_template_passes_kubeconform_strict(tmp_path: Path) -> None:
     docs = helm_render()
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "Job", "PodDisruptionBudget", "Secret", "Service", "ConfigMap"} <= kinds
+    assert "StatefulSet" in kinds
     location = kubeconform_schemas(tmp_path, {(d["kind"], d["apiVersion"]) for d in docs})
     manifests = tmp_path / "rendered.yaml"
     manifests.write_text(yaml.safe_dump_all(docs))
@@ -681,6 +698,109 @@ def test_helm_chart_has_the_cluster_shape() -> None:
     assert smtp["spec"]["externalTrafficPolicy"] == "Local"
     assert (by_kind["Secret"]["r-mailmeta-store"]["stringData"]["dsn"]) == DUMMY_DSN
     assert "PROXY protocol" in (CHART / "values.yaml").read_text()
+
+
+def pods(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """name -> pod template of every workload (stages and the init Job)."""
+    return {
+        d["metadata"]["name"]: d["spec"]["template"]
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet", "Job")
+    }
+
+
+def test_helm_keeps_secrets_out_of_configmaps() -> None:
+    """A customers file with HMAC keys goes into a Secret; no ConfigMap holds a key, a
+    password, a private key or the customers file."""
+    customers = (REPO / "config" / "customers.example.yaml").read_text()
+    assert "hmac_key:" in customers  # the example holds a key: the case that matters
+    docs = helm_render(HELM_SETS[2])
+    configmaps = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert configmaps  # the TLS proxy's configuration: no secret in it
+    for cm in configmaps:
+        text = json.dumps(cm["data"])
+        for secret in ("hmac_key", "demo-hmac-key", "PRIVATE KEY", "password", DUMMY_DSN):
+            assert secret not in text, (cm["metadata"]["name"], secret)
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    assert secrets["r-mailmeta-customers"]["stringData"]["customers.yaml"].strip() == (
+        customers.strip()
+    )
+
+
+def test_helm_mounts_every_secret_read_only_where_the_settings_point() -> None:
+    docs = helm_render(HELM_SETS[2])
+    expected = {"kafka", "hmac", "r-mailmeta-customers", "smtp-tls", "api-tls"}
+    mounted: dict[str, set[str]] = {}
+    for name, pod in pods(docs).items():
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        files: set[str] = set()  # every file a Secret puts into this pod
+        for container in containers({"kind": "Job", "spec": {"template": pod}}):
+            for mount in container["volumeMounts"]:
+                # (the ingest spool's "state" comes from a claim template, not a volume)
+                secret = volumes.get(mount["name"], {}).get("secret")
+                if secret is None:
+                    continue
+                assert mount.get("readOnly") is True, (name, container["name"], mount)
+                mounted.setdefault(secret["secretName"], set()).add(name)
+                keys = [i["path"] for i in secret.get("items", [])] or ["*"]
+                base = mount["mountPath"]
+                files |= {f"{base}/{k}" for k in keys}
+            # Each path setting names a file of a mounted Secret.
+            env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
+            settings = settings_from(env)
+            for field in (
+                "kafka_ssl_ca_file",
+                "kafka_ssl_cert_file",
+                "kafka_ssl_key_file",
+                "kafka_sasl_password_file",
+                "tls_cert",
+                "tls_key",
+            ):
+                path = getattr(settings, field) if env else None
+                if path:
+                    star = str(path).rsplit("/", 1)[0] + "/*"
+                    assert str(path) in files or star in files, (name, field, path)
+            if env:
+                assert settings.kafka_sasl_password_file is not None, name
+                assert str(settings.config) == "/etc/mailmeta/customers.yaml", name
+    assert set(mounted) == expected
+    every = set(pods(docs))
+    for secret in ("kafka", "hmac", "r-mailmeta-customers"):
+        assert mounted[secret] == every, secret
+    assert mounted["smtp-tls"] == {"r-mailmeta-ingest"}
+    assert mounted["api-tls"] == {"r-mailmeta-api"}
+    # The API Service reaches the TLS proxy only.
+    (api,) = [
+        d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "r-mailmeta-api"
+    ]
+    assert [p["targetPort"] for p in api["spec"]["ports"]] == ["https"]
+    proxy = next(
+        c for c in pods(docs)["r-mailmeta-api"]["spec"]["containers"] if c["name"] == "api-tls"
+    )
+    assert {"name": "https", "containerPort": 8443} in proxy["ports"]
+    cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert cm["data"]["nginx.conf"] == (CHART / "files" / "api-tls-nginx.conf").read_text()
+
+
+def test_helm_checksum_annotation_rolls_the_pods_on_a_config_change(tmp_path: Path) -> None:
+    other_customers = tmp_path / "customers.yaml"
+    other_customers.write_text("customers: []\n")
+
+    def checksums(*extra: str) -> set[str]:
+        docs = helm_render([*HELM_SETS[2], *extra])
+        return {p["metadata"]["annotations"]["checksum/config"] for p in pods(docs).values()}
+
+    (base,) = checksums()  # one checksum, on every pod
+    assert checksums() == {base}  # the same values render the same
+    changed = [
+        ["--set-file", f"customers={other_customers}"],
+        ["--set", "settings.LOG_LEVEL=debug"],
+        ["--set", "clickhouse.dsn=http://mailmeta:other@clickhouse:8123/default"],
+        ["--set", "kafka.keys.saslPassword=other-key"],
+    ]
+    for extra in changed:
+        (other,) = checksums(*extra)
+        assert other != base, extra
 
 
 # --- Prometheus and Grafana -----------------------------------------------------------------
