@@ -18,6 +18,7 @@ import shlex
 import shutil
 import ssl
 import subprocess
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -290,6 +291,76 @@ def test_compose_serves_the_api_only_through_the_tls_proxy() -> None:
     port = services["api"]["environment"].get("MAILMETA_API_PORT", Settings().api_port)
     assert int(upstream[1]) == int(port)
     assert proxy["healthcheck"]["test"][-1] == "http://127.0.0.1:8080/healthz"
+
+
+def nginx() -> str:
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    if found is None:
+        pytest.skip("no nginx on this machine (apt-get install nginx-core to run this test)")
+    return found
+
+
+def test_api_tls_proxy_serves_the_api_over_https(tmp_path: Path) -> None:
+    """The proxy's configuration, run by a real nginx with make-secrets.sh's certificate in
+    front of a real API: HTTPS that verifies against the compose CA, the bearer token passed
+    through, the health check on the loopback port."""
+    import httpx
+
+    from mailmeta.local.brokers import free_port
+    from tests.api_helpers import ApiServer
+
+    shutil.copy(DEPLOY / "make-secrets.sh", tmp_path / "make-secrets.sh")
+    assert run("sh", tmp_path / "make-secrets.sh").returncode == 0
+    secrets = tmp_path / "secrets"
+    api = ApiServer(tmp_path)  # started once nginx accepts the configuration
+    https_port, health_port = free_port(), free_port()
+    conf = (CHART / "files" / "api-tls-nginx.conf").read_text()
+    # The deployment's paths, ports and upstream name, pointed at this machine's.
+    for old, new in [
+        ("/tmp/", f"{tmp_path}/"),
+        ("/run/secrets/api_tls_cert;", f"{secrets}/api_tls_cert.pem;"),
+        ("/run/secrets/api_tls_key;", f"{secrets}/api_tls_key.pem;"),
+        ("listen 8443 ssl;", f"listen 127.0.0.1:{https_port} ssl;"),
+        ("listen 127.0.0.1:8080;", f"listen 127.0.0.1:{health_port};"),
+        ("server mailmeta-api:8025;", f"server 127.0.0.1:{api.port};"),
+    ]:
+        assert conf.count(old) >= 1, old
+        conf = conf.replace(old, new)
+    (tmp_path / "nginx.conf").write_text(conf)
+    cmd = [nginx(), "-e", "stderr", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")]
+    check = run(*cmd, "-t")
+    assert check.returncode == 0, check.stderr
+    api.start()
+    log = tmp_path / "nginx.log"
+    with log.open("w") as err, subprocess.Popen([*cmd, "-g", "daemon off;"], stderr=err) as proc:
+        try:
+            base = f"https://localhost:{https_port}"
+            ca = ssl.create_default_context(cafile=secrets / "ca.pem")
+            deadline = time.monotonic() + 15
+            while True:
+                assert proc.poll() is None, log.read_text()
+                try:
+                    with httpx.Client(verify=ca, timeout=5) as c:
+                        r = c.get(
+                            f"{base}/v1/me", headers={"Authorization": f"Bearer {api.operator}"}
+                        )
+                    break
+                except httpx.ConnectError:
+                    assert time.monotonic() < deadline, "nginx not serving within 15 s"
+                    time.sleep(0.05)
+            assert r.status_code == 200, r.text
+            assert r.headers["strict-transport-security"] == "max-age=31536000"
+            with httpx.Client(verify=ca, timeout=5) as c:
+                assert c.get(f"{base}/v1/me").status_code == 401  # no token: the API's answer
+            # A client that does not trust the compose CA refuses the connection.
+            with pytest.raises(httpx.ConnectError), httpx.Client(timeout=5) as c:
+                c.get(f"{base}/v1/me")
+            health = httpx.get(f"http://127.0.0.1:{health_port}/healthz", timeout=5)
+            assert health.status_code == 200
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            api.stop()
 
 
 def test_compose_health_checks_probe_the_ports_the_stages_serve() -> None:
