@@ -16,7 +16,9 @@ import pkgutil
 import re
 import shlex
 import shutil
+import ssl
 import subprocess
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +29,7 @@ import jsonschema
 import pytest
 import typer.main
 import yaml
+from pydantic import SecretStr
 
 import mailmeta
 from mailmeta.cli import app as cli_app
@@ -140,20 +143,17 @@ def test_compose_runs_a_production_shaped_cluster() -> None:
     services = doc["services"]
     brokers = {n: s for n, s in services.items() if s.get("image", "").startswith("apache/kafka")}
     assert len(brokers) == 3
+    props = kafka_properties()
     voters = {
         v.split("@")[1].split(":")[0]: int(v.split("@")[0])
-        for v in next(iter(brokers.values()))["environment"][
-            "KAFKA_CONTROLLER_QUORUM_VOTERS"
-        ].split(",")
+        for v in props["controller.quorum.voters"].split(",")
     }
     for name, spec in brokers.items():
         env = spec["environment"]
-        assert voters[name] == env["KAFKA_NODE_ID"]
-        assert env["KAFKA_ADVERTISED_LISTENERS"] == f"PLAINTEXT://{name}:9092"
-        assert (
-            env["KAFKA_DEFAULT_REPLICATION_FACTOR"] == 3 and env["KAFKA_MIN_INSYNC_REPLICAS"] == 2
-        )
-        assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+        assert voters[name] == env["NODE_ID"] and env["NODE_HOST"] == name
+        assert "./kafka:/etc/kafka/mailmeta:ro" in spec["volumes"]
+    assert props["default.replication.factor"] == "3" and props["min.insync.replicas"] == "2"
+    assert props["auto.create.topics.enable"] == "false"
     bootstrap = services["ingest"]["environment"]["MAILMETA_KAFKA_BOOTSTRAP"].split(",")
     assert sorted(h.split(":")[0] for h in bootstrap) == sorted(brokers)
 
@@ -201,6 +201,168 @@ def test_compose_runs_a_production_shaped_cluster() -> None:
     assert "PASSWORD:" not in (DEPLOY / "compose.yaml").read_text().replace("PASSWORD_FILE:", "")
 
 
+def kafka_properties() -> dict[str, str]:
+    lines = (DEPLOY / "kafka" / "server.properties").read_text().splitlines()
+    return dict(ln.split("=", 1) for ln in lines if ln and not ln.startswith("#"))
+
+
+def mounted_secret(spec: dict[str, Any], path: str) -> str:
+    """The compose secret a service mounts at ``path`` (/run/secrets/NAME)."""
+    name = path.removeprefix("/run/secrets/")
+    assert path.startswith("/run/secrets/") and name in spec.get("secrets", []), path
+    return name
+
+
+def test_compose_runs_kafka_with_sasl_ssl_and_ingest_with_starttls() -> None:
+    """Every connection to Kafka is SASL_SSL (SCRAM over TLS) or TLS; no PLAINTEXT listener
+    is left; every stage authenticates with files from secrets it mounts; ingest offers
+    STARTTLS with a mounted certificate and key."""
+    doc = compose()
+    props = kafka_properties()
+    protocols = dict(p.split(":") for p in props["listener.security.protocol.map"].split(","))
+    assert protocols == {"SASL_SSL": "SASL_SSL", "CONTROLLER": "SSL"}
+    listeners = props["listeners"] + "," + props["advertised.listeners"]
+    assert {x.split("://")[0] for x in listeners.split(",")} <= set(protocols)
+    assert props["inter.broker.listener.name"] == "SASL_SSL"
+    assert props["listener.name.controller.ssl.client.auth"] == "required"
+    assert props["sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
+    brokers = [s for s in doc["services"].values() if s["image"].startswith("apache/kafka")]
+    for spec in brokers:
+        for key in ("ssl.keystore.location", "ssl.truststore.location"):
+            mounted_secret(spec, props[key])
+    script = (DEPLOY / "kafka" / "broker.sh").read_text()
+    for path in re.findall(r"/run/secrets/\w+", script):
+        for spec in brokers:
+            mounted_secret(spec, path)
+    # The stages' user is one broker.sh creates, with the password file the stages read.
+    assert "name=mailmeta,password=$client_password" in script
+    assert 'client_password="$(cat /run/secrets/kafka_password)"' in script
+    for name, spec in mailmeta_services(doc).items():
+        settings = settings_from(spec["environment"])
+        assert settings.kafka_security_protocol == "SASL_SSL", name
+        assert settings.kafka_sasl_mechanism == props["sasl.enabled.mechanisms"], name
+        assert settings.kafka_sasl_username == "mailmeta", name
+        assert mounted_secret(spec, str(settings.kafka_sasl_password_file)) == "kafka_password"
+        assert mounted_secret(spec, str(settings.kafka_ssl_ca_file)) == "kafka_ca"
+    ingest = settings_from(doc["services"]["ingest"]["environment"])
+    assert mounted_secret(doc["services"]["ingest"], ingest.tls_cert) == "smtp_tls_cert"
+    assert mounted_secret(doc["services"]["ingest"], ingest.tls_key) == "smtp_tls_key"
+    assert doc["secrets"]["kafka_ca"]["file"] == "./secrets/kafka_ca"
+
+
+def test_compose_deploys_the_versions_the_tests_run() -> None:
+    """Kafka: the release tests/tools/kafka-pom.xml pins (the broker every test runs on);
+    ClickHouse and its Keeper: the engine release of chdb, the store's tests' engine."""
+    import chdb
+
+    pom = ET.parse(REPO / "tests" / "tools" / "kafka-pom.xml").getroot()
+    ns = {"m": "http://maven.apache.org/POM/4.0.0"}
+    kafka = pom.findtext("./m:properties/m:kafka.version", namespaces=ns)
+    assert kafka and re.fullmatch(r"\d+\.\d+\.\d+", kafka)
+    clickhouse = ".".join(chdb.engine_version.split(".")[:2])
+    images = {s["image"] for s in compose()["services"].values()}
+    assert {i for i in images if i.startswith("apache/kafka:")} == {f"apache/kafka:{kafka}"}
+    assert {i.split("/")[1] for i in images if i.startswith("clickhouse/")} == {
+        f"clickhouse-server:{clickhouse}",
+        f"clickhouse-keeper:{clickhouse}",
+    }
+
+
+def test_compose_serves_the_api_only_through_the_tls_proxy() -> None:
+    doc = compose()
+    services = doc["services"]
+    assert "ports" not in services["api"] and "ports" not in services["sinks"]
+    proxy = services["api-tls"]
+    assert proxy["ports"] == ["8443:8443"]
+    (config,) = proxy["configs"]
+    assert config["target"] == "/etc/nginx/nginx.conf"
+    conf = (DEPLOY / doc["configs"][config["source"]]["file"]).read_text()
+    assert conf == (CHART / "files" / "api-tls-nginx.conf").read_text()  # one configuration
+    assert re.findall(r"^\s*listen (\S+)( ssl)?;", conf, re.M) == [
+        ("8443", " ssl"),
+        ("127.0.0.1:8080", ""),
+    ]
+    for directive in ("ssl_certificate", "ssl_certificate_key"):
+        (path,) = re.findall(rf"^\s*{directive} (\S+);", conf, re.M)
+        assert mounted_secret(proxy, path).startswith("api_tls_")
+    # The upstream: the api replicas (a network alias), on the port their settings serve.
+    (upstream,) = re.findall(r"^\s*server ([\w-]+):(\d+);", conf, re.M)
+    assert upstream[0] in services["api"]["networks"]["default"]["aliases"]
+    port = services["api"]["environment"].get("MAILMETA_API_PORT", Settings().api_port)
+    assert int(upstream[1]) == int(port)
+    assert proxy["healthcheck"]["test"][-1] == "http://127.0.0.1:8080/healthz"
+
+
+def nginx() -> str:
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    if found is None:
+        pytest.skip("no nginx on this machine (apt-get install nginx-core to run this test)")
+    return found
+
+
+def test_api_tls_proxy_serves_the_api_over_https(tmp_path: Path) -> None:
+    """The proxy's configuration, run by a real nginx with make-secrets.sh's certificate in
+    front of a real API: HTTPS that verifies against the compose CA, the bearer token passed
+    through, the health check on the loopback port."""
+    import httpx
+
+    from mailmeta.local.brokers import free_port
+    from tests.api_helpers import ApiServer
+
+    shutil.copy(DEPLOY / "make-secrets.sh", tmp_path / "make-secrets.sh")
+    assert run("sh", tmp_path / "make-secrets.sh").returncode == 0
+    secrets = tmp_path / "secrets"
+    api = ApiServer(tmp_path)  # started once nginx accepts the configuration
+    https_port, health_port = free_port(), free_port()
+    conf = (CHART / "files" / "api-tls-nginx.conf").read_text()
+    # The deployment's paths, ports and upstream name, pointed at this machine's.
+    for old, new in [
+        ("/tmp/", f"{tmp_path}/"),
+        ("/run/secrets/api_tls_cert;", f"{secrets}/api_tls_cert.pem;"),
+        ("/run/secrets/api_tls_key;", f"{secrets}/api_tls_key.pem;"),
+        ("listen 8443 ssl;", f"listen 127.0.0.1:{https_port} ssl;"),
+        ("listen 127.0.0.1:8080;", f"listen 127.0.0.1:{health_port};"),
+        ("server mailmeta-api:8025;", f"server 127.0.0.1:{api.port};"),
+    ]:
+        assert conf.count(old) >= 1, old
+        conf = conf.replace(old, new)
+    (tmp_path / "nginx.conf").write_text(conf)
+    cmd = [nginx(), "-e", "stderr", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")]
+    check = run(*cmd, "-t")
+    assert check.returncode == 0, check.stderr
+    api.start()
+    log = tmp_path / "nginx.log"
+    with log.open("w") as err, subprocess.Popen([*cmd, "-g", "daemon off;"], stderr=err) as proc:
+        try:
+            base = f"https://localhost:{https_port}"
+            ca = ssl.create_default_context(cafile=secrets / "ca.pem")
+            deadline = time.monotonic() + 15
+            while True:
+                assert proc.poll() is None, log.read_text()
+                try:
+                    with httpx.Client(verify=ca, timeout=5) as c:
+                        r = c.get(
+                            f"{base}/v1/me", headers={"Authorization": f"Bearer {api.operator}"}
+                        )
+                    break
+                except httpx.ConnectError:
+                    assert time.monotonic() < deadline, "nginx not serving within 15 s"
+                    time.sleep(0.05)
+            assert r.status_code == 200, r.text
+            assert r.headers["strict-transport-security"] == "max-age=31536000"
+            with httpx.Client(verify=ca, timeout=5) as c:
+                assert c.get(f"{base}/v1/me").status_code == 401  # no token: the API's answer
+            # A client that does not trust the compose CA refuses the connection.
+            with pytest.raises(httpx.ConnectError), httpx.Client(timeout=5) as c:
+                c.get(f"{base}/v1/me")
+            health = httpx.get(f"http://127.0.0.1:{health_port}/healthz", timeout=5)
+            assert health.status_code == 200
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            api.stop()
+
+
 def test_compose_health_checks_probe_the_ports_the_stages_serve() -> None:
     """Each stage's health check targets the port its settings make it serve."""
     services = compose()["services"]
@@ -232,10 +394,10 @@ def test_every_mailmeta_variable_named_in_deploy_is_a_setting() -> None:
     named: dict[str, set[str]] = {}
     for path in [*deploy_files(), REPO / ".dockerignore"]:
         for var in re.findall(r"MAILMETA_[A-Z0-9_]*[A-Z0-9]", path.read_text()):
-            named.setdefault(var.removesuffix("_FILE"), set()).add(str(path.relative_to(REPO)))
-    # MAILMETA_X_FILE is read by deploy/entrypoint.sh, whose own pattern names no setting.
-    named.pop("MAILMETA_", None)
-    unknown = {v: sorted(f) for v, f in named.items() if v not in KNOWN}
+            named.setdefault(var, set()).add(str(path.relative_to(REPO)))
+    # MAILMETA_X_FILE: a path setting of its own, or a value secret deploy/entrypoint.sh reads.
+    from_files = {f"{v}_FILE" for v in entrypoint_value_secrets()}
+    unknown = {v: sorted(f) for v, f in named.items() if v not in KNOWN | from_files}
     assert not unknown, f"not mailmeta settings: {unknown}"
     assert len(named) >= 8  # the scan did find the names in use
 
@@ -243,8 +405,10 @@ def test_every_mailmeta_variable_named_in_deploy_is_a_setting() -> None:
 def settings_from(env: dict[str, Any]) -> Settings:
     """The settings a container with this environment would run with."""
     values = {}
+    from_files = {f"{v}_FILE" for v in entrypoint_value_secrets()}
     for key, value in env.items():
-        key = key.removesuffix("_FILE")
+        # The entrypoint reads these from their files; every other *_FILE stays a path.
+        key = key.removesuffix("_FILE") if key in from_files else key
         if key == "MAILMETA_CLICKHOUSE_DSN":
             value = DUMMY_DSN  # from a secret file or a Secret in the real deployment
         values[key.removeprefix("MAILMETA_").lower()] = value
@@ -254,7 +418,7 @@ def settings_from(env: dict[str, Any]) -> Settings:
 def test_compose_environments_parse_as_settings() -> None:
     for name, spec in mailmeta_services(compose()).items():
         env = spec["environment"]
-        assert set(k.removesuffix("_FILE") for k in env) <= KNOWN, name
+        assert set(env) <= KNOWN | {f"{v}_FILE" for v in entrypoint_value_secrets()}, name
         settings = settings_from(env)
         assert settings.kafka_bootstrap.count(",") == 2, name
         if "MAILMETA_CLICKHOUSE_DSN_FILE" in env:
@@ -309,23 +473,101 @@ def test_every_command_is_a_stage_module_or_cli_command() -> None:
         assert needed in flat
     for doc_ in helm_render():
         for container in containers(doc_):
-            check_command(container["command"], f"helm {doc_['kind']} {container['name']}")
+            if container["image"].startswith("mailmeta:"):  # not the TLS proxy's nginx
+                check_command(container["command"], f"helm {doc_['kind']} {container['name']}")
 
 
 # --- the entrypoint and the secrets script: run for real ----------------------------------
 
 
-def test_entrypoint_exports_settings_from_files(tmp_path: Path) -> None:
-    secret = tmp_path / "dsn"
-    secret.write_text(DUMMY_DSN)
-    probe = "import os; print(os.environ['MAILMETA_CLICKHOUSE_DSN'], 'MAILMETA_CLICKHOUSE_DSN_FILE' in os.environ)"
-    env = {"PATH": os.environ["PATH"], "MAILMETA_CLICKHOUSE_DSN_FILE": str(secret)}
-    res = run(DEPLOY / "entrypoint.sh", "python3", "-c", probe, env=env)
+def entrypoint_value_secrets() -> list[str]:
+    text = (DEPLOY / "entrypoint.sh").read_text()
+    (line,) = re.findall(r'^VALUE_SECRETS="([^"]*)"$', text, re.M)
+    return line.split()
+
+
+def run_entrypoint(env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], dict[str, str]]:
+    """Run the entrypoint on a command that prints the environment it was given, as JSON."""
+    probe = "import json, os; print(json.dumps(dict(os.environ)))"
+    full = {"PATH": os.environ["PATH"], **env}
+    res = run("sh", DEPLOY / "entrypoint.sh", "python3", "-c", probe, env=full)
+    seen = json.loads(res.stdout) if res.returncode == 0 else {}
+    return res, seen
+
+
+def test_entrypoint_reads_only_value_secrets_from_files() -> None:
+    """The allow-list holds settings whose value is a secret and that have no `_file`
+    setting of their own; every setting mailmeta reads as a path is outside it."""
+    listed = entrypoint_value_secrets()
+    assert listed == ["MAILMETA_CLICKHOUSE_DSN"]
+    for var in listed:
+        field = var.removeprefix("MAILMETA_").lower()
+        assert field in Settings.model_fields, var
+        assert f"{field}_file" not in Settings.model_fields, f"{var}_FILE is a path setting"
+    # Every secret-typed setting can come from a file: natively, or through the entrypoint.
+    for name, field in Settings.model_fields.items():
+        if field.annotation is SecretStr:
+            assert f"{name}_file" in Settings.model_fields or f"MAILMETA_{name.upper()}" in listed
+
+
+def test_entrypoint_keeps_path_settings_and_reads_value_secrets(tmp_path: Path) -> None:
+    dsn = tmp_path / "dsn"
+    dsn.write_text(DUMMY_DSN + "\n")
+    ca, password = tmp_path / "ca.pem", tmp_path / "sasl-password"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    password.write_text("hunter2")
+    paths = {
+        "MAILMETA_KAFKA_SSL_CA_FILE": str(ca),
+        "MAILMETA_KAFKA_SSL_CERT_FILE": str(tmp_path / "client.pem"),  # not there (yet): fine
+        "MAILMETA_KAFKA_SSL_KEY_FILE": str(tmp_path / "client.key"),
+        "MAILMETA_KAFKA_SASL_PASSWORD_FILE": str(password),
+        "MAILMETA_RELAY_TLS_CA_FILE": str(ca),
+        "MAILMETA_TLS_CERT": str(tmp_path / "smtp.pem"),
+        "MAILMETA_TLS_KEY": str(tmp_path / "smtp.key"),
+        # Written by the sink on its first start: absent when the container starts.
+        "MAILMETA_OPERATOR_TOKEN_FILE": str(tmp_path / "absent" / "operator-token"),
+    }
+    res, seen = run_entrypoint({**paths, "MAILMETA_CLICKHOUSE_DSN_FILE": str(dsn)})
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == [DUMMY_DSN, "False"]
-    env["MAILMETA_CLICKHOUSE_DSN_FILE"] = str(tmp_path / "absent")
-    res = run(DEPLOY / "entrypoint.sh", "true", env=env)
-    assert res.returncode == 2 and "cannot be read" in res.stderr
+    for var, value in paths.items():
+        assert seen[var] == value, var  # the path itself, not the file's content
+    assert seen["MAILMETA_CLICKHOUSE_DSN"] == DUMMY_DSN  # the value, trailing newline dropped
+    assert "MAILMETA_CLICKHOUSE_DSN_FILE" not in seen
+    assert "MAILMETA_KAFKA_SSL_CA" not in seen and "MAILMETA_KAFKA_SASL_PASSWORD" not in seen
+    # What the container's process then runs with: every path where mailmeta expects it.
+    settings = Settings(**{k.removeprefix("MAILMETA_").lower(): v for k, v in seen.items()
+                           if k.startswith("MAILMETA_")})  # fmt: skip
+    assert settings.kafka_ssl_ca_file == ca and settings.kafka_sasl_password_file == password
+    assert settings.relay_tls_ca_file == str(ca) and settings.resolved_dsn() == DUMMY_DSN
+    # Without any *_FILE the environment passes through unchanged.
+    res, seen = run_entrypoint({"MAILMETA_CLICKHOUSE_DSN": DUMMY_DSN})
+    assert res.returncode == 0 and seen["MAILMETA_CLICKHOUSE_DSN"] == DUMMY_DSN
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "absent",
+            "MAILMETA_CLICKHOUSE_DSN_FILE={file}: no readable file there (is the secret mounted?)",
+        ),
+        ("empty", "MAILMETA_CLICKHOUSE_DSN_FILE={file} is empty"),
+        ("both", "both MAILMETA_CLICKHOUSE_DSN and MAILMETA_CLICKHOUSE_DSN_FILE are set: give one"),
+    ],
+)
+def test_entrypoint_refuses_a_value_secret_it_cannot_read(
+    tmp_path: Path, case: str, message: str
+) -> None:
+    file = tmp_path / "dsn"
+    env = {"MAILMETA_CLICKHOUSE_DSN_FILE": str(file)}
+    if case == "empty":
+        file.write_text("")
+    elif case == "both":
+        file.write_text(DUMMY_DSN)
+        env["MAILMETA_CLICKHOUSE_DSN"] = DUMMY_DSN
+    res, _ = run_entrypoint(env)
+    assert res.returncode == 2 and res.stdout == ""  # the command never ran
+    assert res.stderr.splitlines() == [f"mailmeta-entrypoint: {message.format(file=file)}"]
 
 
 def test_make_secrets_creates_matching_secrets_once(tmp_path: Path) -> None:
@@ -340,9 +582,38 @@ def test_make_secrets_creates_matching_secrets_once(tmp_path: Path) -> None:
     assert Settings(clickhouse_dsn=dsn).resolved_dsn() == dsn
     cluster = (secrets / "clickhouse_cluster_secret").read_text()
     assert cluster != password
+    for name in ("kafka_password", "kafka_broker_password"):
+        assert re.fullmatch(r"[0-9a-f]{48}", (secrets / name).read_text())  # no escaping needed
+    # Certificates of one CA: the brokers' for each broker's name (and localhost, for the
+    # health check), STARTTLS and the API proxy's; each key matches its certificate.
+    ca = secrets / "ca.pem"
+    assert (secrets / "kafka_ca").read_text() == ca.read_text()
+    for pem, hosts in [
+        ("kafka_broker.pem", ["kafka-1", "kafka-2", "kafka-3", "localhost"]),
+        ("smtp_tls_cert.pem", ["localhost"]),
+        ("api_tls_cert.pem", ["localhost"]),
+    ]:
+        for host in hosts:
+            res = run("openssl", "verify", "-CAfile", ca, "-verify_hostname", host, secrets / pem)
+            assert res.returncode == 0, res.stdout + res.stderr
+    bad = run(
+        "openssl",
+        "verify",
+        "-CAfile",
+        ca,
+        "-verify_hostname",
+        "kafka-4",
+        secrets / "kafka_broker.pem",
+    )
+    assert bad.returncode != 0
+    ssl.create_default_context().load_cert_chain(secrets / "kafka_broker.pem")  # key + chain
+    for prefix in ("smtp_tls", "api_tls"):
+        ssl.create_default_context().load_cert_chain(
+            secrets / f"{prefix}_cert.pem", secrets / f"{prefix}_key.pem"
+        )
+    before = {f.name: f.read_bytes() for f in secrets.iterdir()}
     assert run("sh", script).returncode == 0
-    assert (secrets / "clickhouse_password").read_text() == password  # kept, not replaced
-    assert (secrets / "clickhouse_cluster_secret").read_text() == cluster
+    assert {f.name: f.read_bytes() for f in secrets.iterdir()} == before  # kept, not replaced
 
 
 def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
@@ -358,11 +629,25 @@ def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
 
 # --- Helm -----------------------------------------------------------------------------------
 
+# Every secret the chart can mount, each from an existing Secret.
+HELM_SECRETS = [
+    *("--set", "kafka.securityProtocol=SASL_SSL", "--set", "kafka.saslUsername=mailmeta"),
+    *("--set", "kafka.existingSecret=kafka", "--set", "kafka.keys.ca=ca.crt"),
+    *("--set", "kafka.keys.cert=tls.crt", "--set", "kafka.keys.key=tls.key"),
+    *("--set", "kafka.keys.saslPassword=sasl-password"),
+    *("--set", "hmacKeys.existingSecret=hmac", "--set", "smtp.tls.existingSecret=smtp-tls"),
+    *("--set", "api.tls.existingSecret=api-tls"),
+]
 HELM_SETS = [
     ["--set", f"clickhouse.dsn={DUMMY_DSN}"],
     [
         *("--set", "clickhouse.existingSecret=ch", "--set", "clickhouse.cluster=mailmeta"),
         *("--set-file", "customers=config/customers.example.yaml"),
+    ],
+    [
+        *("--set", f"clickhouse.dsn={DUMMY_DSN}"),
+        *("--set-file", "customers=config/customers.example.yaml"),
+        *HELM_SECRETS,
     ],
 ]
 
@@ -377,15 +662,16 @@ def helm_render(extra: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    if doc["kind"] not in ("Deployment", "Job"):
+    if doc["kind"] not in ("Deployment", "StatefulSet", "Job"):
         return []
     pod = doc["spec"]["template"]["spec"]
     return [*pod.get("initContainers", []), *pod["containers"]]
 
 
 def test_helm_lint() -> None:
-    res = run(tool("helm"), "lint", "--strict", CHART, "--set", f"clickhouse.dsn={DUMMY_DSN}")
-    assert res.returncode == 0, res.stdout + res.stderr
+    for sets in (HELM_SETS[0], HELM_SETS[2]):
+        res = run(tool("helm"), "lint", "--strict", CHART, *sets, cwd=REPO)
+        assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_helm_refuses_to_render_without_a_store() -> None:
@@ -416,6 +702,7 @@ def test_helm_template_passes_kubeconform_strict(tmp_path: Path) -> None:
     docs = helm_render()
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "Job", "PodDisruptionBudget", "Secret", "Service", "ConfigMap"} <= kinds
+    assert "StatefulSet" in kinds
     location = kubeconform_schemas(tmp_path, {(d["kind"], d["apiVersion"]) for d in docs})
     manifests = tmp_path / "rendered.yaml"
     manifests.write_text(yaml.safe_dump_all(docs))
@@ -482,6 +769,109 @@ def test_helm_chart_has_the_cluster_shape() -> None:
     assert smtp["spec"]["externalTrafficPolicy"] == "Local"
     assert (by_kind["Secret"]["r-mailmeta-store"]["stringData"]["dsn"]) == DUMMY_DSN
     assert "PROXY protocol" in (CHART / "values.yaml").read_text()
+
+
+def pods(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """name -> pod template of every workload (stages and the init Job)."""
+    return {
+        d["metadata"]["name"]: d["spec"]["template"]
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet", "Job")
+    }
+
+
+def test_helm_keeps_secrets_out_of_configmaps() -> None:
+    """A customers file with HMAC keys goes into a Secret; no ConfigMap holds a key, a
+    password, a private key or the customers file."""
+    customers = (REPO / "config" / "customers.example.yaml").read_text()
+    assert "hmac_key:" in customers  # the example holds a key: the case that matters
+    docs = helm_render(HELM_SETS[2])
+    configmaps = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert configmaps  # the TLS proxy's configuration: no secret in it
+    for cm in configmaps:
+        text = json.dumps(cm["data"])
+        for secret in ("hmac_key", "demo-hmac-key", "PRIVATE KEY", "password", DUMMY_DSN):
+            assert secret not in text, (cm["metadata"]["name"], secret)
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    assert secrets["r-mailmeta-customers"]["stringData"]["customers.yaml"].strip() == (
+        customers.strip()
+    )
+
+
+def test_helm_mounts_every_secret_read_only_where_the_settings_point() -> None:
+    docs = helm_render(HELM_SETS[2])
+    expected = {"kafka", "hmac", "r-mailmeta-customers", "smtp-tls", "api-tls"}
+    mounted: dict[str, set[str]] = {}
+    for name, pod in pods(docs).items():
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        files: set[str] = set()  # every file a Secret puts into this pod
+        for container in containers({"kind": "Job", "spec": {"template": pod}}):
+            for mount in container["volumeMounts"]:
+                # (the ingest spool's "state" comes from a claim template, not a volume)
+                secret = volumes.get(mount["name"], {}).get("secret")
+                if secret is None:
+                    continue
+                assert mount.get("readOnly") is True, (name, container["name"], mount)
+                mounted.setdefault(secret["secretName"], set()).add(name)
+                keys = [i["path"] for i in secret.get("items", [])] or ["*"]
+                base = mount["mountPath"]
+                files |= {f"{base}/{k}" for k in keys}
+            # Each path setting names a file of a mounted Secret.
+            env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
+            settings = settings_from(env)
+            for field in (
+                "kafka_ssl_ca_file",
+                "kafka_ssl_cert_file",
+                "kafka_ssl_key_file",
+                "kafka_sasl_password_file",
+                "tls_cert",
+                "tls_key",
+            ):
+                path = getattr(settings, field) if env else None
+                if path:
+                    star = str(path).rsplit("/", 1)[0] + "/*"
+                    assert str(path) in files or star in files, (name, field, path)
+            if env:
+                assert settings.kafka_sasl_password_file is not None, name
+                assert str(settings.config) == "/etc/mailmeta/customers.yaml", name
+    assert set(mounted) == expected
+    every = set(pods(docs))
+    for secret in ("kafka", "hmac", "r-mailmeta-customers"):
+        assert mounted[secret] == every, secret
+    assert mounted["smtp-tls"] == {"r-mailmeta-ingest"}
+    assert mounted["api-tls"] == {"r-mailmeta-api"}
+    # The API Service reaches the TLS proxy only.
+    (api,) = [
+        d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "r-mailmeta-api"
+    ]
+    assert [p["targetPort"] for p in api["spec"]["ports"]] == ["https"]
+    proxy = next(
+        c for c in pods(docs)["r-mailmeta-api"]["spec"]["containers"] if c["name"] == "api-tls"
+    )
+    assert {"name": "https", "containerPort": 8443} in proxy["ports"]
+    cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert cm["data"]["nginx.conf"] == (CHART / "files" / "api-tls-nginx.conf").read_text()
+
+
+def test_helm_checksum_annotation_rolls_the_pods_on_a_config_change(tmp_path: Path) -> None:
+    other_customers = tmp_path / "customers.yaml"
+    other_customers.write_text("customers: []\n")
+
+    def checksums(*extra: str) -> set[str]:
+        docs = helm_render([*HELM_SETS[2], *extra])
+        return {p["metadata"]["annotations"]["checksum/config"] for p in pods(docs).values()}
+
+    (base,) = checksums()  # one checksum, on every pod
+    assert checksums() == {base}  # the same values render the same
+    changed = [
+        ["--set-file", f"customers={other_customers}"],
+        ["--set", "settings.LOG_LEVEL=debug"],
+        ["--set", "clickhouse.dsn=http://mailmeta:other@clickhouse:8123/default"],
+        ["--set", "kafka.keys.saslPassword=other-key"],
+    ]
+    for extra in changed:
+        (other,) = checksums(*extra)
+        assert other != base, extra
 
 
 # --- Prometheus and Grafana -----------------------------------------------------------------
@@ -582,8 +972,47 @@ def test_dashboard_and_alerts_name_only_metrics_mailmeta_exports() -> None:
         "mailmeta_sink_oldest_unstored_age_seconds",
         "mailmeta_sink_insert_seconds_bucket",
         "mailmeta_sink_store_errors_total",
+        # The one that predicts losing acknowledged mail (raw retention deletes it).
+        "mailmeta_streams_raw_backlog_age_seconds",
     ):
         assert needed in used
+
+
+def test_raw_backlog_alerts_match_the_deployed_raw_retention() -> None:
+    """The raw-backlog alerts fire at shares of the raw retention compose and the chart
+    deploy: a warning where the worker itself warns (WARN_FRACTION), a page before the
+    retention deletes acknowledged, unredacted mail."""
+    from mailmeta.streams._metrics import WARN_FRACTION
+
+    hours = {compose()["services"]["streams"]["environment"]["MAILMETA_RAW_RETENTION_HOURS"]}
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    hours.add(values["settings"]["RAW_RETENTION_HOURS"])
+    (retention,) = {int(h) * 3600 for h in hours}
+    rules = {
+        r["alert"]: r
+        for g in yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())["groups"]
+        for r in g["rules"]
+    }
+    thresholds = {}
+    for name in ("MailmetaRawBacklogAging", "MailmetaRawBacklogNearRetention"):
+        expr = rules[name]["expr"].strip()
+        metric, threshold = re.fullmatch(r"max\((\w+)\) > (\d+)", expr).groups()  # type: ignore[union-attr]
+        assert metric == "mailmeta_streams_raw_backlog_age_seconds"
+        thresholds[name] = int(threshold)
+    assert thresholds["MailmetaRawBacklogAging"] == WARN_FRACTION * retention
+    assert rules["MailmetaRawBacklogAging"]["labels"]["severity"] == "warning"
+    page = thresholds["MailmetaRawBacklogNearRetention"]
+    assert thresholds["MailmetaRawBacklogAging"] < page < retention
+    assert rules["MailmetaRawBacklogNearRetention"]["labels"]["severity"] == "page"
+    # The dashboard draws the same lines.
+    dashboard = json.loads((DEPLOY / "grafana" / "mailmeta.json").read_text())
+    (panel,) = [
+        p
+        for p in dashboard["panels"]
+        if p["targets"][0]["expr"] == "max(mailmeta_streams_raw_backlog_age_seconds)"
+    ]
+    steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert [s["value"] for s in steps[1:]] == [thresholds["MailmetaRawBacklogAging"], page]
 
 
 def test_promtool_checks_the_alert_rules() -> None:
