@@ -22,7 +22,7 @@ $(TSTAMP): pyproject.toml | $(BIN)/python
 up: $(STAMP) .tools/kafka.fetched
 	$(BIN)/mailmeta up $(ARGS)
 
-test: $(TSTAMP) .tools/usr/sbin/smtp-source .tools/kafka.fetched .tools/deploy-tools.fetched
+test: $(TSTAMP) .tools/usr/sbin/smtp-source .tools/usr/sbin/nginx .tools/kafka.fetched .tools/deploy-tools.fetched
 	tests/tools/browser.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -44,7 +44,7 @@ lint: $(TSTAMP)
 bench: $(TSTAMP) .tools/usr/sbin/smtp-source .tools/kafka.fetched
 	$(BIN)/python bench/smtp_ingest.py
 
-.tools/usr/sbin/smtp-source:
+.tools/usr/sbin/smtp-source .tools/usr/sbin/nginx: tests/tools/fetch.sh
 	tests/tools/fetch.sh .tools
 
 # Apache Kafka (KRaft) jars for tests and benchmarks; refetched when the pinned version changes.

@@ -294,10 +294,11 @@ def test_compose_serves_the_api_only_through_the_tls_proxy() -> None:
 
 
 def nginx() -> str:
-    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
-    if found is None:
-        pytest.skip("no nginx on this machine (apt-get install nginx-core to run this test)")
-    return found
+    """Debian's nginx, unpacked into .tools/ by tests/tools/fetch.sh (make test runs it)."""
+    found = TOOLS / "usr" / "sbin" / "nginx"
+    if not found.exists():
+        pytest.fail("no .tools/usr/sbin/nginx: run tests/tools/fetch.sh .tools (make test does)")
+    return str(found)
 
 
 def test_api_tls_proxy_serves_the_api_over_https(tmp_path: Path) -> None:
