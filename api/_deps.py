@@ -43,20 +43,13 @@ def known(customers: Customers, customer: str, message: str = "unknown customer"
 
 def served_here(customers: Customers, customer: Customer) -> None:
     """421 naming the region (and its API) that serves ``customer`` when it is not this one."""
-    region = customers.elsewhere(customer)
-    if region is not None:
-        where = customers.regions.get(region)
+    away = customers.served_elsewhere(customer.id)
+    if away is not None:
         raise Misdirected(
-            f"customer {customer.id!r} is served in {customers.where_to(region)}; "
-            "ask that region's API",
-            region,
-            where.api_url if where else None,
+            f"customer {customer.id!r} is served in {away.where()}; ask that region's API",
+            away.region,
+            away.api_url,
         )
-
-
-def regional(customers: Customers) -> Customers:
-    """Only this region's customers (what listings show and what the store may hold)."""
-    return Customers(customers.here(), customers.source, customers.regions, customers.region)
 
 
 def time_range(since: datetime | None, until: datetime | None) -> tuple[datetime | None, ...]:

@@ -26,7 +26,6 @@ from typing import Annotated, Any, cast
 
 from fastapi import Depends, HTTPException, Request
 
-from mailmeta.api._deps import regional
 from mailmeta.api._policy_ops import newest_stored, stored_policies
 from mailmeta.config import POLICY_FIELDS, Customers, Policy
 from mailmeta.policy import PolicyLog, PolicyRecord, effective
@@ -80,7 +79,7 @@ class PoliciesInForce:
                 if strict:
                     raise HTTPException(503, "policies topic unavailable") from None
                 # The durable record of every published version; the file's when none.
-                self._topic = newest_stored(self.store, regional(customers))
+                self._topic = newest_stored(self.store, customers.regional())
                 self._topic_until = now + RETRY_S
             return self._topic
 

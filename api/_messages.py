@@ -26,7 +26,6 @@ from mailmeta.api._deps import (
     CustomersDep,
     StoreDep,
     known,
-    regional,
     served_here,
     time_range,
 )
@@ -86,7 +85,7 @@ def me(
     own = customers.by_id.get(principal.customer or "")
     if own is not None:
         served_here(customers, own)  # a token of a customer pinned elsewhere: 421
-    here = regional(customers)
+    here = customers.regional()
     visible = [c for c in here if principal.customer in (None, c.id)]
     policies = live.records(here)
     return JSONResponse(

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from mailmeta.api._applied import AppliedDep, AppliedStatus
-from mailmeta.api._deps import Admin, CustomersDep, StoreDep, known, regional
+from mailmeta.api._deps import Admin, CustomersDep, StoreDep, known
 from mailmeta.api._in_force import InForceDep, PoliciesInForce
 from mailmeta.api._policy_ops import (
     PolicyInvalid,
@@ -75,7 +75,7 @@ def install_policies(
     app.state.policies = PoliciesInForce(store, policy_log)
     app.state.applied = AppliedStatus(settings)
     # This region's policies topic and store hold only this region's customers.
-    mine = regional(customers)
+    mine = customers.regional()
     try:
         for rec in policy_log.seed(mine, newest_stored(store, mine)):
             if rec.source == "config":  # a restored version is in the history already
@@ -112,7 +112,7 @@ def list_policies(
     _p: Admin, customers: CustomersDep, _pl: PolicyLogDep, live: InForceDep, applied: AppliedDep
 ) -> JSONResponse:
     # Other regions' policies are theirs to list.
-    recs = live.records(regional(customers), strict=True)
+    recs = live.records(customers.regional(), strict=True)
     by_workers = applied.of(recs)
     return JSONResponse(
         {"policies": [{**{k: v for k, v in describe(customers, r).items() if k != "policy"},

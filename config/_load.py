@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,31 @@ def load_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
 
 
+@dataclass(frozen=True, slots=True)
+class Elsewhere:
+    """Where a customer pinned to another region than the one asking (``here``) is served,
+    with the addresses that region declares: what every stage refuses such a customer with
+    (ingest 450 at RCPT, workers and sinks a dead letter, the API 421)."""
+
+    customer_id: str
+    region: str
+    here: str
+    api_url: str | None = None
+    smtp_host: str | None = None
+
+    def where(self) -> str:
+        """How a client reaches the serving region: its API URL / SMTP host when declared."""
+        hints = [h for h in (self.api_url, self.smtp_host) if h]
+        return f"region {self.region!r}" + (f" ({', '.join(hints)})" if hints else "")
+
+    def reason(self) -> str:
+        """Why a record of this customer is dead-lettered here (worker and sink)."""
+        return (
+            f"customer {self.customer_id!r} is served in region {self.region!r}, "
+            f"not in {self.here!r}"
+        )
+
+
 class Customers:
     """The validated customers, indexed by id and by recipient domain, as seen from the region
     a process serves (``region``): every stage knows every customer, to tell a misdirected
@@ -81,6 +107,12 @@ class Customers:
         self.region = region
         self.by_id: dict[str, Customer] = {c.id: c for c in customers}
         self._by_domain: dict[str, Customer] = {d: c for c in customers for d in c.domains}
+        self._elsewhere: dict[str, Elsewhere] = {}
+        for c in customers:
+            if c.region != region:
+                r = self.regions.get(c.region)
+                api_url, smtp_host = (r.api_url, r.smtp_host) if r is not None else (None, None)
+                self._elsewhere[c.id] = Elsewhere(c.id, c.region, region, api_url, smtp_host)
 
     def serving(self, region: str) -> Customers:
         """The same customers as seen by a process of ``region`` (MAILMETA_REGION)."""
@@ -91,23 +123,24 @@ class Customers:
             )
         return Customers(list(self.by_id.values()), self.source, self.regions, region)
 
-    def elsewhere(self, customer: Customer) -> str | None:
-        """The region ``customer`` is pinned to when it is not this one, else None."""
-        return customer.region if customer.region != self.region else None
+    def served_elsewhere(self, customer_id: str) -> Elsewhere | None:
+        """Where the customer ``customer_id`` is served when it is pinned to another region;
+        None when this region serves it (or no customer has that id: not this file's to
+        judge). The one region check of every stage."""
+        return self._elsewhere.get(customer_id)
 
     def here(self) -> list[Customer]:
         """The customers of this region: the only ones whose data this process may handle."""
         return [c for c in self.by_id.values() if c.region == self.region]
 
+    def regional(self) -> Customers:
+        """Only this region's customers, as seen from it (what a redactor may hold, what
+        listings show and what the store may hold)."""
+        return Customers(self.here(), self.source, self.regions, self.region)
+
     def region_names(self) -> list[str]:
         """Every region of the file: the default one first, then the declared ones by name."""
         return [DEFAULT_REGION, *sorted(r for r in self.regions if r != DEFAULT_REGION)]
-
-    def where_to(self, region: str) -> str:
-        """How a client reaches ``region``: its API URL / SMTP host when declared."""
-        r = self.regions.get(region)
-        hints = [h for h in ((r.api_url, r.smtp_host) if r else ()) if h]
-        return f"region {region!r}" + (f" ({', '.join(hints)})" if hints else "")
 
     def __iter__(self) -> Iterator[Customer]:
         return iter(self.by_id.values())

@@ -15,7 +15,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailmeta import schema
-from mailmeta.config import Customer, Customers
+from mailmeta.config import Customer, Customers, Elsewhere
 from mailmeta.ingest import _metrics as metrics
 from mailmeta.ingest._auth import AuthUser, RelayAccess
 from mailmeta.ingest._dsn import (
@@ -57,13 +57,12 @@ REPLY_DEFERRED = "451 4.3.0 Temporary failure, try again later"
 REPLY_TLS_REQUIRED = "530 5.7.0 Must issue a STARTTLS command first"
 
 
-def other_region_reply(customers: Customers, region: str) -> str:
-    """The refusal of a recipient whose customer is pinned to ``region``: a 4xx, since mail
+def other_region_reply(away: Elsewhere) -> str:
+    """The refusal of a recipient whose customer is served elsewhere: a 4xx, since mail
     still arriving here after a customer moved (MX records have TTLs) must be retried, not
     bounced. Names the region and its SMTP host only: no address, nothing internal."""
-    r = customers.regions.get(region)
-    host = f" ({r.smtp_host})" if r is not None and r.smtp_host else ""
-    return f"450 4.7.1 Recipient is served in region {region!r}{host}; not accepted here"
+    host = f" ({away.smtp_host})" if away.smtp_host else ""
+    return f"450 4.7.1 Recipient is served in region {away.region!r}{host}; not accepted here"
 
 
 # Precomputed children: ``labels()`` takes a lock and a dict lookup on every call.
@@ -92,11 +91,6 @@ class IngestHandler:
         self.relay_to = relay_to or None
         self.access = access or RelayAccess(customers, "")
         self.bounces = BounceRoutes(customers)
-        self._elsewhere = {
-            c.region: other_region_reply(customers, c.region)
-            for c in customers
-            if customers.elsewhere(c) is not None
-        }
         self.spool_after = spool_after
         self.relay_timeout = relay_timeout
         # STARTTLS to next hops that offer it (the server passes the configured context).
@@ -207,14 +201,14 @@ class IngestHandler:
                 metrics.RECIPIENTS_REJECTED.labels(reason).inc()
                 return f"550 5.1.1 <{address}>: recipient domain not served here"
             customer = relay_for
-        away = self.customers.elsewhere(customer)
+        away = self.customers.served_elsewhere(customer.id)
         if away is not None:
             # Pinned to another region: refused before DATA, so not one byte of its mail and
             # no event of it exists in this region (spool and DSN events included).
             metrics.RECIPIENTS_REJECTED.labels("other_region").inc()
             log.info("refused a recipient of customer %r on %r: served in region %r",
-                     customer.id, session.peer, away)  # fmt: skip
-            return self._elsewhere[away]
+                     customer.id, session.peer, away.region)  # fmt: skip
+            return other_region_reply(away)
         if customer.require_tls and not session.ssl:
             metrics.RECIPIENTS_REJECTED.labels("tls_required").inc()
             return REPLY_TLS_REQUIRED

@@ -276,8 +276,10 @@ class IngestServer:
             customer_id = orjson.loads(value).get("customer_id")
         except (orjson.JSONDecodeError, AttributeError):
             return None  # not ours to judge: replayed as it was spooled
-        customer = self.customers.by_id.get(customer_id) if isinstance(customer_id, str) else None
-        return self.customers.elsewhere(customer) if customer is not None else None
+        away = (
+            self.customers.served_elsewhere(customer_id) if isinstance(customer_id, str) else None
+        )
+        return away.region if away is not None else None
 
     async def stop(
         self, grace: float = SHUTDOWN_GRACE, flush_timeout: float = FLUSH_TIMEOUT

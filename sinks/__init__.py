@@ -1,6 +1,7 @@
 """Stage 3: land redacted events in the store (ClickHouse, per-row TTL), exactly once per event.
 
-``SinkConsumer`` consumes, batches, inserts, and commits offsets only after the insert;
+``SinkConsumer`` consumes, batches (``_batch``, pure), inserts (``_writer``, with the retry of
+``_retry``), and commits offsets only after the insert;
 ``DrainState`` tells when everything produced before a shutdown request is stored;
 ``LagMonitor`` and ``serve_metrics``: Prometheus metrics (MAILMETA_SINK_METRICS_PORT).
 """

@@ -53,6 +53,12 @@ DELAY_SECONDS = Histogram(
 STORE_ERRORS = Counter(
     "mailmeta_sink_store_errors", "Failed attempts to insert a batch (each is retried)"
 )
+FAILURES = Counter(
+    "mailmeta_sink_failures",
+    "Times the consumer stopped on an error that is not retried (a bug, not the store or "
+    "Kafka failing: see the log's traceback), by exception type",
+    ["error"],
+)
 LAG = Gauge(
     "mailmeta_sink_consumer_lag",
     "Records of the redacted topic not yet stored and committed by the sink's group, per "

@@ -60,9 +60,7 @@ class ElsewhereError(RedactionError):
 def regional_redactor(customers: Customers) -> Redactor:
     """A redactor of the region's own customers only: it holds no policy (nor key) of a
     customer served elsewhere, so such an event cannot be redacted here even by mistake."""
-    return Redactor(
-        Customers(customers.here(), customers.source, customers.regions, customers.region)
-    )
+    return Redactor(customers.regional())
 
 
 # Records transformed between yields to the event loop (~20-50 ms of work here).
@@ -106,15 +104,14 @@ class PolicyTable(GlobalTable):
                 continue
             if rec is None:
                 continue
-            customer = self.customers.by_id.get(rec.customer_id)
-            region = self.customers.elsewhere(customer) if customer is not None else None
-            if region is not None:
+            away = self.customers.served_elsewhere(rec.customer_id)
+            if away is not None:
                 # This region's topic holds only its customers' policies: a record of another
                 # region's customer is a mistake to report, never a policy to hold here.
                 log.warning(
                     "ignoring policy record at offset %s: customer %r is served in region %r, "
                     "not in this one (%r)",
-                    ev.message.offset, rec.customer_id, region, self.customers.region,
+                    ev.message.offset, rec.customer_id, away.region, self.customers.region,
                 )  # fmt: skip
                 continue
             try:
@@ -147,10 +144,6 @@ class Transformer:
         self.redactor = redactor
         # Every customer (the redactor may know only this region's): ids in dead letters.
         self.customers = customers if customers is not None else redactor.customers
-        # Customers pinned to another region, by id -> their region (region pinning).
-        self.elsewhere = {
-            c.id: r for c in self.customers if (r := self.customers.elsewhere(c)) is not None
-        }
         self.redacted = settings.redacted_topic
         self.deadletter = settings.deadletter_topic
         self.raw = settings.raw_topic
@@ -164,7 +157,7 @@ class Transformer:
         append = out.append
         compiled = self.redactor.compiled
         loads, dumps, JSONDecodeError = orjson.loads, orjson.dumps, orjson.JSONDecodeError
-        elsewhere = self.elsewhere
+        served_elsewhere = self.customers.served_elsewhere  # region pinning
         n_ok = 0
         for key, value, partition, offset in records:
             if value[:11] == b'{"_control"':
@@ -187,11 +180,9 @@ class Transformer:
                 if not plainly_valid(obj):
                     event_from_dict(obj)  # raises with the reason (and is the authority)
                 cid = obj["customer_id"]
-                if cid in elsewhere:
-                    raise ElsewhereError(
-                        f"customer {cid!r} is served in region {elsewhere[cid]!r}, "
-                        f"not in {self.customers.region!r}"
-                    )
+                away = served_elsewhere(cid)
+                if away is not None:
+                    raise ElsewhereError(away.reason())
                 out_value = dumps(compiled(cid).apply_dict(obj))
             except (SchemaError, RedactionError) as exc:
                 kind = "schema" if isinstance(exc, SchemaError) else "redaction"

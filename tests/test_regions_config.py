@@ -25,13 +25,20 @@ def test_each_process_sees_every_customer_and_serves_only_its_region() -> None:
     customers = parse_customers(_file(), "c.yaml")
     assert customers.region == DEFAULT_REGION
     assert [c.id for c in customers.here()] == ["here"]
-    assert customers.elsewhere(customers.by_id["acme"]) == "eu"
-    assert customers.elsewhere(customers.by_id["here"]) is None
+    acme = customers.served_elsewhere("acme")
+    assert acme is not None and acme.region == "eu"
+    assert customers.served_elsewhere("here") is None
+    assert customers.served_elsewhere("nobody") is None  # not this file's to judge
     eu = customers.serving("eu")
     assert [c.id for c in eu.here()] == ["acme"]
-    assert eu.elsewhere(eu.by_id["here"]) == DEFAULT_REGION
+    here = eu.served_elsewhere("here")
+    assert here is not None and here.region == DEFAULT_REGION
+    assert here.reason() == "customer 'here' is served in region 'default', not in 'eu'"
+    assert eu.served_elsewhere("acme") is None
+    assert [c.id for c in eu.regional()] == ["acme"]
     assert eu.shortest_retention_days == 60  # its own customers' (the EU topics' retention)
-    assert customers.where_to("eu") == "region 'eu' (https://eu.api.example, mx.eu.example)"
+    assert acme.where() == "region 'eu' (https://eu.api.example, mx.eu.example)"
+    assert (acme.api_url, acme.smtp_host) == ("https://eu.api.example", "mx.eu.example")
 
 
 def test_a_customer_in_an_undeclared_region_is_refused_naming_it() -> None:
@@ -53,9 +60,8 @@ def test_the_default_region_may_declare_where_it_is() -> None:
     data = _file(regions={"eu": {}, "default": {"smtp_host": "mx.example"}})
     customers = parse_customers(data, "c.yaml").serving("eu")
     assert customers.region_names() == ["default", "eu"]
-    assert customers.where_to(customers.elsewhere(customers.by_id["here"]) or "") == (
-        "region 'default' (mx.example)"
-    )
+    here = customers.served_elsewhere("here")
+    assert here is not None and here.where() == "region 'default' (mx.example)"
 
 
 def test_a_process_of_an_unknown_region_is_refused() -> None:
