@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import uuid
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from confluent_kafka import Consumer, TopicPartition
+from prometheus_client import REGISTRY
 
 from mailmeta.config import Customer, Customers, Settings
 from mailmeta.local.apache_kafka import KafkaNode
@@ -215,4 +217,59 @@ def test_a_batch_is_committed_only_once_the_writer_stored_it(settings: Settings)
             assert store.count("idem", visible_only=True) == 30
     finally:
         store.gate.set()
+        store.close()
+
+
+class BuggyStore(RestartableStore):
+    """The real store behind a programming error: its columnwise path declines (as it does
+    for any batch it cannot vouch for) and its per-event insert is handed the records as
+    dicts instead of events, so the real store's insert fails on them (an AttributeError,
+    like the TypeError of a bad row: nothing a retry can fix)."""
+
+    def __init__(self, dsn: str, retention: dict[str, int]) -> None:
+        super().__init__(dsn, retention)
+        self.inserts = 0
+
+    def insert_prepared(self, prepared: Any) -> int | None:
+        return None
+
+    def insert_events(self, events: Any) -> int:
+        self.inserts += 1
+        assert self.inner is not None
+        return self.inner.insert_events([dataclasses.asdict(e) for e in events])
+
+
+def test_a_bug_fails_the_sink_loudly_instead_of_retrying_forever(settings: Settings) -> None:
+    store = BuggyStore(settings.resolved_dsn(), {"idem": 60})
+    group = f"buggy-{uuid.uuid4().hex}"
+    failures = REGISTRY.get_sample_value(
+        "mailmeta_sink_failures_total", {"error": "AttributeError"}
+    )
+    try:
+        with SinkService(settings, CUSTOMERS, store=store, group_id=group) as service:  # type: ignore[arg-type]
+            consumer = service.consumer
+            assert consumer is not None
+            produce(
+                settings.kafka_bootstrap,
+                settings.redacted_topic,
+                [encode_event(redacted("idem")) for _ in range(5)],
+            )
+            # Not "retrying" forever: the consumer stops, and says why.
+            wait_until(lambda: not consumer.alive, what="the consumer to stop")
+            assert consumer.stats.state == "failed"
+            assert (consumer.stats.last_error or "").startswith("AttributeError:")
+            assert store.inserts == 1  # tried once, not retried
+            assert (
+                REGISTRY.get_sample_value(
+                    "mailmeta_sink_failures_total", {"error": "AttributeError"}
+                )
+                == (failures or 0) + 1
+            )
+            with httpx.Client(base_url=service.url, timeout=10, headers=operator(settings)) as api:
+                health = api.get("/healthz").json()
+            assert health["consumer"]["state"] == "failed"
+            # Nothing committed: a restarted sink (the bug fixed) reads the batch again.
+            assert committed(settings, group) == 0
+            assert store.count("idem") == 0
+    finally:
         store.close()
