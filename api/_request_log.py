@@ -7,21 +7,16 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from mailmeta.api import _metrics as metrics
+from mailmeta.api._asgi import HttpMiddleware
 from mailmeta.api._token_authority import TokenAuthority
 from mailmeta.store import AccessRecord
 
 
-class RequestLogMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+class RequestLogMiddleware(HttpMiddleware):
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = time.perf_counter()
         status = 500  # what the client gets when the app raises before answering
 

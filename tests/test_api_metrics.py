@@ -6,6 +6,7 @@ sink's metrics on (MAILMETA_SINK_METRICS_PORT)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -21,12 +22,9 @@ from tests.metrics_helpers import Samples, scrape, value
 
 
 @pytest.fixture
-def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    server = ApiServer(tmp_path_factory.mktemp("metrics")).start()
-    try:
+def api(tmp_path: Path) -> Iterator[ApiServer]:
+    with ApiServer(tmp_path) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
