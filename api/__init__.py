@@ -2,13 +2,11 @@
 dashboard. Reads and writes storage only through ``mailmeta.store``; never imports a stage."""
 
 from mailmeta.api._app import create_api, export_slots, server_config
-from mailmeta.api._auth import (
-    SCOPES,
-    RateLimiter,
-    TokenAuthority,
-    ensure_operator_token,
-)
+from mailmeta.api._operator_token import ensure_operator_token
 from mailmeta.api._policies import install_policies
+from mailmeta.api._principals import SCOPES
+from mailmeta.api._ratelimit import RateLimiter
+from mailmeta.api._token_authority import TokenAuthority
 
 __all__ = [
     "SCOPES",

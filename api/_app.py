@@ -10,13 +10,14 @@ import uvicorn
 from fastapi import FastAPI
 
 from mailmeta.api import _erase, _export, _messages, _retention, _stats, _tokens
-from mailmeta.api._auth import AccessLogMiddleware, TokenAuthority
 from mailmeta.api._errors import install_error_handlers
 from mailmeta.api._export import ExportSlots
 from mailmeta.api._headers import SecurityHeadersMiddleware
 from mailmeta.api._health import DrainStatus, Health, drain_router, health_router
 from mailmeta.api._in_force import PoliciesInForce
 from mailmeta.api._openapi import openapi_of
+from mailmeta.api._request_log import RequestLogMiddleware
+from mailmeta.api._token_authority import TokenAuthority
 from mailmeta.api._web import mount_web, web_router
 from mailmeta.config import Customers, Settings
 from mailmeta.store import Store
@@ -44,7 +45,7 @@ def create_api(
     app.state.export_slots = exports or export_slots(Settings.model_construct())
     # The customers file's policies until install_policies gives it the policies topic.
     app.state.policies = PoliciesInForce(store, None)
-    app.add_middleware(AccessLogMiddleware)
+    app.add_middleware(RequestLogMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)  # outermost: errors get the headers too
     app.openapi = lambda: openapi_of(app)  # type: ignore[method-assign]
     install_error_handlers(app)

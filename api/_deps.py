@@ -8,8 +8,8 @@ from typing import Annotated, cast
 
 from fastapi import Depends, HTTPException, Query, Request
 
-from mailmeta.api._auth import Principal, require
 from mailmeta.api._errors import Misdirected
+from mailmeta.api._principals import Principal, require
 from mailmeta.config import Customer, Customers
 from mailmeta.schema import to_utc
 from mailmeta.store import Store

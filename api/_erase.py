@@ -14,8 +14,9 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mailmeta.api._auth import TokenAuthority, authority_of
 from mailmeta.api._deps import Admin, CustomersDep, StoreDep, known
+from mailmeta.api._principals import authority_of
+from mailmeta.api._token_authority import TokenAuthority
 from mailmeta.config import Customers
 from mailmeta.policy import stored_forms
 from mailmeta.store import Erased, Store

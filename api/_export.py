@@ -19,8 +19,9 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from mailmeta.api._auth import Principal, require
+from mailmeta.api import _metrics as metrics
 from mailmeta.api._deps import CustomerQuery, CustomersDep, StoreDep, known, time_range
+from mailmeta.api._principals import Principal, require
 from mailmeta.schema import FIELD_NAMES
 
 router = APIRouter()
@@ -65,6 +66,7 @@ class ExportSlots:
 
 
 def _busy(message: str) -> HTTPException:
+    metrics.RATE_LIMITED.labels(limit="export").inc()
     return HTTPException(429, message, {"Retry-After": str(RETRY_AFTER_S)})
 
 

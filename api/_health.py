@@ -11,8 +11,8 @@ from typing import Annotated, Any, Protocol, cast
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from mailmeta.api._auth import Principal, require_operator
 from mailmeta.api._deps import StoreDep
+from mailmeta.api._principals import Principal, require_operator
 
 
 class DrainStatus(Protocol):

@@ -20,7 +20,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import JSONResponse
 
-from mailmeta.api._auth import Principal, current_principal, require
 from mailmeta.api._deps import (
     CustomerQuery,
     CustomersDep,
@@ -30,6 +29,7 @@ from mailmeta.api._deps import (
     time_range,
 )
 from mailmeta.api._in_force import InForceDep, redaction_info
+from mailmeta.api._principals import Principal, current_principal, require
 from mailmeta.config import Action, Customer, Customers, Policy
 from mailmeta.policy import UnsearchableField, search_forms, stored_as
 from mailmeta.schema import STATUSES

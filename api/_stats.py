@@ -9,8 +9,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import JSONResponse
 
-from mailmeta.api._auth import Principal, require
 from mailmeta.api._deps import CustomerQuery, CustomersDep, StoreDep, known, time_range
+from mailmeta.api._principals import Principal, require
 from mailmeta.schema import format_time
 
 MAX_STATS_DAYS = 400

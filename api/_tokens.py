@@ -8,14 +8,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from mailmeta.api._auth import (
-    SCOPES,
-    Principal,
-    TokenAuthority,
-    authority_of,
-    require_operator,
-)
 from mailmeta.api._deps import CustomersDep, StoreDep, known
+from mailmeta.api._principals import SCOPES, Principal, authority_of, require_operator
+from mailmeta.api._token_authority import TokenAuthority
 
 Operator = Annotated[Principal, Depends(require_operator)]
 

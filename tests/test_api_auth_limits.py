@@ -108,7 +108,7 @@ def test_rate_limiter_memory_is_bounded_and_idle_buckets_are_evicted() -> None:
         capped.take(f"key-{i}")
         assert len(capped) <= 100
     # The most recent keys are the ones kept, with their charge.
-    assert capped.wait("key-4999") == 0 and len(capped) == 100
+    assert capped.retry_after("key-4999") == 0 and len(capped) == 100
 
     fast = RateLimiter(rate=1000.0, burst=2, max_keys=10_000)
     for i in range(1000):

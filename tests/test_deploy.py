@@ -975,6 +975,9 @@ def test_dashboard_and_alerts_name_only_metrics_mailmeta_exports() -> None:
         "mailmeta_sink_store_errors_total",
         # The one that predicts losing acknowledged mail (raw retention deletes it).
         "mailmeta_streams_raw_backlog_age_seconds",
+        # The API: its 5xx share and bursts of failed token checks.
+        "mailmeta_api_requests_total",
+        "mailmeta_api_token_failures_total",
     ):
         assert needed in used
 
@@ -1018,6 +1021,105 @@ def test_raw_backlog_alerts_match_the_deployed_raw_retention() -> None:
 
 def test_promtool_checks_the_alert_rules() -> None:
     res = run(tool("promtool"), "check", "rules", DEPLOY / "prometheus" / "alerts.yaml")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "SUCCESS" in res.stdout
+
+
+def test_api_alerts_fire_on_5xx_and_token_failure_bursts(tmp_path: Path) -> None:
+    """`promtool test rules`: the API alerts fire on a 5xx share and a burst of failed token
+    checks, and stay quiet on a healthy API that refuses a few bad tokens."""
+    rules = {
+        r["alert"]: r
+        for g in yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())["groups"]
+        for r in g["rules"]
+    }
+
+    def annotations(alert: str, instance: str = "") -> dict[str, str]:
+        texts = rules[alert]["annotations"].items()
+        return {k: v.replace("{{ $labels.instance }}", instance) for k, v in texts}
+
+    tests = {
+        "rule_files": [str(DEPLOY / "prometheus" / "alerts.yaml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {  # 100 req/min, 10 of them 500 from minute 0 on the failing instance
+                        "series": 'mailmeta_api_requests_total{instance="a",route="/v1/messages",'
+                        'method="GET",status="200"}',
+                        "values": "0+90x20",
+                    },
+                    {
+                        "series": 'mailmeta_api_requests_total{instance="a",route="/v1/messages",'
+                        'method="GET",status="500"}',
+                        "values": "0+10x20",
+                    },
+                    {  # 40 failures a minute on instance a, 1 on b
+                        "series": 'mailmeta_api_token_failures_total{instance="a",reason="invalid"}',
+                        "values": "0+40x20",
+                    },
+                    {
+                        "series": 'mailmeta_api_token_failures_total{instance="b",reason="invalid"}',
+                        "values": "0+1x20",
+                    },
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "4m", "alertname": "MailmetaApiErrors", "exp_alerts": []},
+                    {
+                        "eval_time": "12m",
+                        "alertname": "MailmetaApiErrors",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "page"},
+                                "exp_annotations": annotations("MailmetaApiErrors"),
+                            }
+                        ],
+                    },
+                    {
+                        "eval_time": "10m",
+                        "alertname": "MailmetaApiTokenFailureBurst",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "warning", "instance": "a"},
+                                "exp_annotations": annotations("MailmetaApiTokenFailureBurst", "a"),
+                            }
+                        ],
+                    },
+                ],
+            },
+            {
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": 'mailmeta_api_requests_total{instance="a",route="/v1/messages",'
+                        'method="GET",status="200"}',
+                        "values": "0+100x20",
+                    },
+                    {
+                        "series": 'mailmeta_api_requests_total{instance="a",route="/v1/messages",'
+                        'method="GET",status="401"}',
+                        "values": "0+20x20",
+                    },
+                    {
+                        "series": 'mailmeta_api_token_failures_total{instance="a",reason="invalid"}',
+                        "values": "0+10x20",
+                    },
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "15m", "alertname": "MailmetaApiErrors", "exp_alerts": []},
+                    {
+                        "eval_time": "15m",
+                        "alertname": "MailmetaApiTokenFailureBurst",
+                        "exp_alerts": [],
+                    },
+                ],
+            },
+        ],
+    }
+    path = tmp_path / "api-alerts-test.yaml"
+    path.write_text(yaml.safe_dump(tests))
+    res = run(tool("promtool"), "test", "rules", path)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "SUCCESS" in res.stdout
 

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import uuid
 
-import httpx
-from prometheus_client.parser import text_string_to_metric_families
-
 from mailmeta.config import Settings, load_customers
 from mailmeta.local.apache_kafka import KafkaNode
 from mailmeta.local.brokers import LocalBroker, free_port
@@ -17,23 +14,7 @@ from mailmeta.schema import encode_event
 from mailmeta.service import SinkService
 from tests.event_helpers import Redacted
 from tests.kafka_helpers import produce, wait_until
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(url: str) -> Samples:
-    r = httpx.get(url, timeout=5)
-    assert r.status_code == 200, r.text
-    assert r.headers["content-type"].startswith("text/plain")
-    out: Samples = {}
-    for family in text_string_to_metric_families(r.text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+from tests.metrics_helpers import Samples, scrape, value
 
 
 def lags(samples: Samples, partitions: int) -> list[float | None]:
