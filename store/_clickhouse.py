@@ -20,19 +20,12 @@ import orjson
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 
-from mailmeta.config import Settings
 from mailmeta.schema import Event, format_time
 from mailmeta.store._base import MAX_LIMIT, StoreError, UnstorableEvent
-from mailmeta.store._cluster import Cluster
 from mailmeta.store._core import FINAL_SETTINGS, VISIBLE
 from mailmeta.store._erasure import ErasureMixin, Erasures
-from mailmeta.store._migrations import (
-    AUDIT_TABLE,
-    MIGRATIONS,
-    TABLE,
-    applied_versions,
-    migrate,
-)
+from mailmeta.store._layout import SINGLE_NODE, Cluster
+from mailmeta.store._migrations import MIGRATIONS, applied_versions, migrate
 from mailmeta.store._policies import PolicyStoreMixin
 from mailmeta.store._protocol import PreparedBatch
 from mailmeta.store._reads import ReadsMixin
@@ -43,6 +36,7 @@ from mailmeta.store._rows import (
     to_arrow,
 )
 from mailmeta.store._search import SearchFilter, SearchMixin
+from mailmeta.store._tables import AUDIT_TABLE, TABLE
 from mailmeta.store._tokens import TokensMixin
 
 log = logging.getLogger("mailmeta.store")
@@ -79,16 +73,13 @@ class ClickHouseStore(
         retention_days: Mapping[str, int] | None = None,
         *,
         apply_migrations: bool = True,
-        cluster: str | Cluster | None = None,
+        cluster: str | Cluster = "",
     ) -> None:
         """``cluster``: the ClickHouse cluster to create and use the schema on (cluster mode,
-        store/_cluster.py); None takes MAILMETA_CLICKHOUSE_CLUSTER, "" means one server."""
+        store/_layout.py; the caller passes MAILMETA_CLICKHOUSE_CLUSTER), "" means one server."""
         self.dsn = dsn
-        if cluster is None:
-            cluster = Settings().clickhouse_cluster
-        self._cluster = (
-            Cluster(cluster) if isinstance(cluster, str) and cluster else cluster or None
-        )
+        self._cluster = Cluster(cluster) if isinstance(cluster, str) and cluster else cluster or None
+        self._layout = self._cluster or SINGLE_NODE
         # The customers file's values; overrides from `retention set` apply on top.
         self._seed_retention = dict(retention_days or {})
         self._retention = dict(self._seed_retention)
@@ -166,7 +157,7 @@ class ClickHouseStore(
     def migrate(self) -> list[int]:
         """Apply pending schema migrations; returns the versions applied (empty: none due)."""
         self._check_layout()
-        return migrate(self._command, self._rows, MIGRATIONS, self._cluster)
+        return migrate(self._command, self._rows, MIGRATIONS, self._layout)
 
     def _check_layout(self) -> None:
         """Refuse a database laid out for the other mode: queries would miss the tables."""

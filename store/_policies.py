@@ -18,7 +18,7 @@ from mailmeta.config import Policy
 from mailmeta.schema import Event, format_time
 from mailmeta.store._base import StoreError
 from mailmeta.store._core import FINAL_SETTINGS, StoreCore
-from mailmeta.store._migrations import POLICY_VERSIONS_TABLE, TABLE
+from mailmeta.store._tables import POLICY_VERSIONS_TABLE, TABLE
 from mailmeta.store._rows import SELECT_COLUMNS, row_to_message, to_arrow
 
 POLICY_VERSIONS = POLICY_VERSIONS_TABLE

@@ -8,7 +8,7 @@ from typing import Any
 
 from mailmeta.schema import format_time
 from mailmeta.store._core import FINAL_SETTINGS, VISIBLE, StoreCore, ms
-from mailmeta.store._migrations import HOURLY_EVENTS_TABLE, HOURLY_TABLE, TABLE
+from mailmeta.store._tables import HOURLY_EVENTS_TABLE, HOURLY_TABLE, TABLE
 from mailmeta.store._rows import SELECT_COLUMNS, row_to_message
 
 _COLS = ", ".join(SELECT_COLUMNS)

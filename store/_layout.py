@@ -1,6 +1,8 @@
-"""ClickHouse cluster mode (``MAILMETA_CLICKHOUSE_CLUSTER``): which table is what, the DDL.
+"""Where the store's tables live: one server (``SINGLE_NODE``) or a ClickHouse cluster.
 
-Two kinds of table:
+Migrations (store/_migrations.py) and the store ask the layout for names, engines and DDL;
+nothing else knows which mode it runs in. Cluster mode (``MAILMETA_CLICKHOUSE_CLUSTER``) has
+two kinds of table:
 
 - **Sharded** (the big ones): a ``Replicated…MergeTree`` ``<name>_local`` on every server,
   under ``/clickhouse/tables/{shard}/…`` (one replica set per shard), and a ``Distributed``
@@ -24,20 +26,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
-from mailmeta.store._migrations import (
+from mailmeta.store._tables import (
     ACCESS_LOG_TABLE,
     AUDIT_TABLE,
     ERASURE_LOG_TABLE,
     HOURLY_EVENTS_TABLE,
     HOURLY_TABLE,
-    HOURLY_VIEW,
     LEDGER_TABLE,
     POLICY_VERSIONS_TABLE,
     RETENTION_TABLE,
     TABLE,
     TOKENS_TABLE,
-    Migration,
 )
 
 # Sharded tables and their sharding keys (each a function of columns all copies share).
@@ -64,32 +65,65 @@ EVERY_NODE: tuple[str, ...] = (
 LOCAL_SUFFIX = "_local"
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,99}")
-_CREATE = re.compile(
-    r"\s*CREATE TABLE IF NOT EXISTS (\w+)\s*(\(.*\))\s*ENGINE = (\w*MergeTree)(?:\(([^)]*)\))?(.*)",
-    re.DOTALL,
-)
-_ADD_INDEX = re.compile(r"\s*ALTER TABLE (\w+) (ADD INDEX IF NOT EXISTS .*)", re.DOTALL)
-_MODIFY_SETTING = re.compile(r"\s*ALTER TABLE (\w+) (MODIFY SETTING .*)", re.DOTALL)
-_VIEW = re.compile(
-    r"\s*CREATE MATERIALIZED VIEW IF NOT EXISTS (\w+) TO (\w+)(\s+AS .* FROM )(\w+)(\s*.*)",
-    re.DOTALL,
-)
-_DROP_VIEW = re.compile(r"\s*DROP VIEW IF EXISTS (\w+)\s*", re.DOTALL)
-_INSERT_SELECT = re.compile(r"\s*INSERT INTO (\w+)\s.*", re.DOTALL)
-# Single-node history a cluster schema never had: every cluster schema is created whole by
-# code that has migration 6, before any event is stored, so the legacy summing table is empty
-# there. Its backfill and view are left out (a replica still running migration 5 while
-# another has run 6 must not bring the dropped view back), and so is 6's clean-up of it
-# (a mutation with a subquery, which replicated tables refuse).
-_SINGLE_NODE_ONLY = (
-    re.compile(rf"\s*INSERT INTO {HOURLY_TABLE}\b"),
-    re.compile(rf"\s*CREATE MATERIALIZED VIEW IF NOT EXISTS {HOURLY_VIEW}\b"),
-    re.compile(rf"\s*ALTER TABLE {HOURLY_TABLE} DELETE\b"),
-)
 
 
-@dataclass(frozen=True, slots=True)
-class Cluster:
+class Layout:
+    """One server: every table is itself, DDL as written. The cluster overrides each answer."""
+
+    # Whether the schema may have the history of single-node databases created before
+    # migration 6 (the legacy summing table's backfill, view and clean-up).
+    has_legacy_history = True
+
+    @property
+    def on_cluster(self) -> str:
+        return ""
+
+    def local(self, table: str) -> str:
+        """The table holding the rows of ``table`` on this server."""
+        return table
+
+    def alter_target(self, table: str) -> str:
+        """What an ALTER (DELETE, UPDATE, MATERIALIZE TTL) or OPTIMIZE of ``table`` names."""
+        return table
+
+    @property
+    def insert_settings(self) -> dict[str, Any] | None:
+        return None
+
+    # --- DDL ---------------------------------------------------------------------------
+
+    def create_table(
+        self, name: str, columns: str, engine: str, args: str, tail: str
+    ) -> tuple[str, ...]:
+        eng = f"{engine}({args})" if args else engine
+        return (f"CREATE TABLE IF NOT EXISTS {name}\n{columns}\nENGINE = {eng}\n{tail}",)
+
+    def add_index(self, table: str, index: str) -> tuple[str, ...]:
+        return (f"ALTER TABLE {self.alter_target(table)} ADD INDEX IF NOT EXISTS {index}",)
+
+    def modify_setting(self, table: str, settings: str) -> tuple[str, ...]:
+        return (f"ALTER TABLE {table} MODIFY SETTING {settings}",)
+
+    def create_view(
+        self, view: str, target: str, select: str, source: str, tail: str
+    ) -> tuple[str, ...]:
+        return (
+            f"CREATE MATERIALIZED VIEW IF NOT EXISTS {view} TO {target}\n"
+            f"AS {select}\nFROM {source}\n{tail}",
+        )
+
+    def drop_view(self, view: str) -> tuple[str, ...]:
+        return (f"DROP VIEW IF EXISTS {view}",)
+
+    def insert_select(self, table: str, select: str) -> tuple[str, ...]:
+        return (f"INSERT INTO {table}\n{select}",)
+
+
+SINGLE_NODE = Layout()
+
+
+@dataclass(frozen=True)  # no slots: super() in the overrides
+class Cluster(Layout):
     """A ClickHouse cluster (a ``remote_servers`` name) to create and use the schema on.
 
     ``emulated`` is for tests only: chdb has neither Keeper nor a distributed DDL queue, so
@@ -99,6 +133,13 @@ class Cluster:
 
     name: str
     emulated: bool = False
+
+    # Every cluster schema is created whole by code that has migration 6, before any event
+    # is stored, so the legacy summing table is empty there. Its backfill and view are left
+    # out (a replica still running migration 5 while another has run 6 must not bring the
+    # dropped view back), and so is 6's clean-up of it (a mutation with a subquery, which
+    # replicated tables refuse).
+    has_legacy_history = False
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -114,34 +155,40 @@ class Cluster:
         return "" if self.emulated else f" ON CLUSTER `{self.name}`"
 
     def local(self, table: str) -> str:
-        """The table holding the rows of ``table`` on this server."""
         return table + LOCAL_SUFFIX if table in SHARDING_KEYS else table
 
     def alter_target(self, table: str) -> str:
-        """What an ALTER (DELETE, UPDATE, MATERIALIZE TTL) or OPTIMIZE of ``table`` names."""
         if table in SHARDING_KEYS:
             return self.local(table) + self.on_cluster
         if table in EVERY_NODE:
             return table  # one replica set over all servers: Keeper carries the mutation
         raise KeyError(f"{table!r} is neither sharded nor on every node")
 
+    @property
+    def insert_settings(self) -> dict[str, Any] | None:
+        # A Distributed insert returns only once every shard holds its rows (not queued on
+        # this server): what the sink commits and what a rewrite then deletes is stored.
+        return {"distributed_foreground_insert": 1}
+
     # --- DDL ---------------------------------------------------------------------------
 
-    def _engine(self, engine: str, args: str | None, path: str, replica: str) -> str:
-        extra = f", {args}" if args else ""
+    def _engine(self, engine: str, args: str, path: str, replica: str) -> str:
         if self.emulated:
-            return f"{engine}({args or ''})"
+            return f"{engine}({args})"
+        extra = f", {args}" if args else ""
         return f"Replicated{engine}('{path}', '{replica}'{extra})"
 
-    def _create(self, m: re.Match[str]) -> tuple[str, ...]:
-        name, body, engine, args, rest = m.groups()
+    def create_table(
+        self, name: str, columns: str, engine: str, args: str, tail: str
+    ) -> tuple[str, ...]:
+        on = self.on_cluster
         if name in SHARDING_KEYS:
             local = self.local(name)
             path = f"/clickhouse/tables/{{shard}}/{{database}}/{local}"
             eng = self._engine(engine, args, path, "{replica}")
             return (
-                f"CREATE TABLE IF NOT EXISTS {local}{self.on_cluster}\n{body}\nENGINE = {eng}{rest}",
-                f"CREATE TABLE IF NOT EXISTS {name}{self.on_cluster} AS {local} "
+                f"CREATE TABLE IF NOT EXISTS {local}{on}\n{columns}\nENGINE = {eng}\n{tail}",
+                f"CREATE TABLE IF NOT EXISTS {name}{on} AS {local} "
                 f"ENGINE = Distributed('{self.name}', currentDatabase(), {local}, "
                 f"{SHARDING_KEYS[name]})",
             )
@@ -150,37 +197,26 @@ class Cluster:
             # by shard and replica so the names are unique across the cluster.
             path = f"/clickhouse/tables/all/{{database}}/{name}"
             eng = self._engine(engine, args, path, "{shard}-{replica}")
-            return (
-                f"CREATE TABLE IF NOT EXISTS {name}{self.on_cluster}\n{body}\nENGINE = {eng}{rest}",
-            )
-        raise ValueError(f"table {name!r} has no cluster layout: add it to store/_cluster.py")
+            return (f"CREATE TABLE IF NOT EXISTS {name}{on}\n{columns}\nENGINE = {eng}\n{tail}",)
+        raise ValueError(f"table {name!r} has no cluster layout: add it to store/_layout.py")
 
-    def statement(self, sql: str) -> tuple[str, ...]:
-        """The cluster form of one single-node migration statement (none, one or two)."""
-        if any(p.match(sql) for p in _SINGLE_NODE_ONLY):
-            return ()
-        if m := _CREATE.fullmatch(sql):
-            return self._create(m)
-        if m := _ADD_INDEX.fullmatch(sql):
-            return (f"ALTER TABLE {self.alter_target(m[1])} {m[2]}",)
-        if m := _MODIFY_SETTING.fullmatch(sql):
-            # Table settings are each replica's own metadata (not replicated): every server.
-            return (f"ALTER TABLE {self.local(m[1])}{self.on_cluster} {m[2]}",)
-        if m := _VIEW.fullmatch(sql):
-            view, target, select, source, tail = m.groups()
-            # A view sees the blocks inserted into the table it reads: on each server that
-            # is the local table, and it writes the local (replicated) target beside it.
-            return (
-                f"CREATE MATERIALIZED VIEW IF NOT EXISTS {view}{self.on_cluster} TO "
-                f"{self.local(target)}{select}{self.local(source)}{tail}",
-            )
-        if m := _DROP_VIEW.fullmatch(sql):
-            return (f"DROP VIEW IF EXISTS {m[1]}{self.on_cluster}",)
-        if (m := _INSERT_SELECT.fullmatch(sql)) and m[1] in SHARDING_KEYS:
-            return (sql,)  # through the Distributed tables, as the queries
-        raise ValueError(f"no cluster form for migration statement: {sql.strip()[:80]!r}")
+    def modify_setting(self, table: str, settings: str) -> tuple[str, ...]:
+        # Table settings are each replica's own metadata (not replicated): every server.
+        return (f"ALTER TABLE {self.local(table)}{self.on_cluster} MODIFY SETTING {settings}",)
 
-    def migration(self, m: Migration) -> Migration:
-        return Migration(
-            m.version, m.name, tuple(s for sql in m.statements for s in self.statement(sql))
+    def create_view(
+        self, view: str, target: str, select: str, source: str, tail: str
+    ) -> tuple[str, ...]:
+        # A view sees the blocks inserted into the table it reads: on each server that is
+        # the local table, and it writes the local (replicated) target beside it.
+        return super().create_view(
+            view + self.on_cluster, self.local(target), select, self.local(source), tail
         )
+
+    def drop_view(self, view: str) -> tuple[str, ...]:
+        return (f"DROP VIEW IF EXISTS {view}{self.on_cluster}",)
+
+    def insert_select(self, table: str, select: str) -> tuple[str, ...]:
+        if table not in SHARDING_KEYS:
+            raise ValueError(f"no cluster form for a backfill of {table!r}")
+        return super().insert_select(table, select)  # through the Distributed table
