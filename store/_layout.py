@@ -99,7 +99,14 @@ class Layout:
         return (f"CREATE TABLE IF NOT EXISTS {name}\n{columns}\nENGINE = {eng}\n{tail}",)
 
     def add_index(self, table: str, index: str) -> tuple[str, ...]:
-        return (f"ALTER TABLE {self.alter_target(table)} ADD INDEX IF NOT EXISTS {index}",)
+        return self.alter(table, f"ADD INDEX IF NOT EXISTS {index}")
+
+    def alter(self, table: str, clause: str) -> tuple[str, ...]:
+        """An ALTER of the table's rows or parts (a projection, a mutation)."""
+        return (f"ALTER TABLE {self.alter_target(table)} {clause}",)
+
+    def optimize_final(self, table: str) -> tuple[str, ...]:
+        return (f"OPTIMIZE TABLE {self.alter_target(table)} FINAL",)
 
     def modify_setting(self, table: str, settings: str) -> tuple[str, ...]:
         return (f"ALTER TABLE {table} MODIFY SETTING {settings}",)

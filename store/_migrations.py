@@ -22,6 +22,7 @@ from mailmeta.store._tables import (
     ERASURE_LOG_TABLE,
     HOURLY_EVENTS_TABLE,
     HOURLY_EVENTS_VIEW,
+    HOURLY_PROJECTION,
     HOURLY_RETENTION_DAYS,
     HOURLY_TABLE,
     HOURLY_VIEW,
@@ -52,7 +53,9 @@ class CreateTable:
     engine_args: str = ""
 
     def ddl(self, layout: Layout) -> tuple[str, ...]:
-        return layout.create_table(self.name, self.columns, self.engine, self.engine_args, self.tail)
+        return layout.create_table(
+            self.name, self.columns, self.engine, self.engine_args, self.tail
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,27 @@ class ModifySetting:
 
     def ddl(self, layout: Layout) -> tuple[str, ...]:
         return layout.modify_setting(self.table, self.settings)
+
+
+@dataclass(frozen=True, slots=True)
+class Alter:
+    """An ALTER of a table's data or parts (add or materialize a projection)."""
+
+    table: str
+    clause: str
+
+    def ddl(self, layout: Layout) -> tuple[str, ...]:
+        return layout.alter(self.table, self.clause)
+
+
+@dataclass(frozen=True, slots=True)
+class OptimizeFinal:
+    """Merge every partition of the table into one part (collapses duplicate keys)."""
+
+    table: str
+
+    def ddl(self, layout: Layout) -> tuple[str, ...]:
+        return layout.optimize_final(self.table)
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,6 +398,30 @@ MIGRATIONS: tuple[Migration, ...] = (
             # disk yet, so merged and mutated parts are synced instead.
             ModifySetting(t, "old_parts_lifetime = 0, min_rows_to_fsync_after_merge = 1")
             for t in (TABLE, HOURLY_EVENTS_TABLE, HOURLY_TABLE, ERASURE_LOG_TABLE, AUDIT_TABLE)
+        ),
+    ),
+    Migration(
+        9,
+        "hourly stats exact without FINAL",
+        (
+            # The store writes the per-event hourly rows itself, only for events it has not
+            # counted yet (ClickHouseStore._insert_rows): at most one row per event, so
+            # the per-hour sums of a projection are exact and the stats read no FINAL.
+            DropView(HOURLY_EVENTS_VIEW),
+            # Copies counted before now collapse: one row per event from here on.
+            OptimizeFinal(HOURLY_EVENTS_TABLE),
+            # A projection on a ReplacingMergeTree must say what merges do with it: rebuilt
+            # from the merged rows, it stays the sums of the table's rows.
+            ModifySetting(HOURLY_EVENTS_TABLE, "deduplicate_merge_projection_mode = 'rebuild'"),
+            Alter(
+                HOURLY_EVENTS_TABLE,
+                f"ADD PROJECTION IF NOT EXISTS {HOURLY_PROJECTION} (SELECT customer_id, hour, "
+                "status, count(), sum(bytes) GROUP BY customer_id, hour, status)",
+            ),
+            Alter(
+                HOURLY_EVENTS_TABLE,
+                f"MATERIALIZE PROJECTION {HOURLY_PROJECTION} SETTINGS mutations_sync = 2",
+            ),
         ),
     ),
     # --- 30-39: API tokens and access logs -------------------------------------------------

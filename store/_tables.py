@@ -15,7 +15,8 @@ HOURLY_RETENTION_DAYS = 400
 # up. The event id is a random UUID minted at ingest: it names no person. The summing
 # table above stays only for hours whose rows had expired before migration 6.
 HOURLY_EVENTS_TABLE = "hourly_events"
-HOURLY_EVENTS_VIEW = "hourly_events_mv"
+HOURLY_EVENTS_VIEW = "hourly_events_mv"  # until migration 9; the store writes it since
+HOURLY_PROJECTION = "per_hour"  # its per-hour sums (migration 9): the stats read these
 # What was erased (customer, time, the stored forms matched), kept while a topic may still
 # hold the erased events (the redacted topic keeps at most 7 days): every insert drops the
 # events it names, so a replay cannot bring them back.

@@ -34,4 +34,5 @@ def test_each_migration_generates_the_ddl_it_always_did(layout: str) -> None:
     got = {"0": [norm(s) for s in LEDGER.ddl(LAYOUTS[layout])]}
     for m in MIGRATIONS:
         got[str(m.version)] = [norm(s) for s in m.ddl(LAYOUTS[layout])]
-    assert got == GOLDEN[layout]
+    # Migrations added since are not pinned here; none of those recorded may change.
+    assert {v: got[v] for v in GOLDEN[layout]} == GOLDEN[layout]
