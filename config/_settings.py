@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     # "chdb:///abs/dir" (embedded) or "http(s)://user:pass@host:8123/db" (server).
     clickhouse_dsn: str = ""
     # A ClickHouse cluster (remote_servers name): replicated local tables ON CLUSTER behind
-    # Distributed ones (store/_cluster.py). Empty: one server, plain tables.
+    # Distributed ones (store/_layout.py). Empty: one server, plain tables.
     clickhouse_cluster: str = ""
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 2525

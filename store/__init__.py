@@ -11,10 +11,11 @@ from mailmeta.store._base import (
     UnstorableEvent,
 )
 from mailmeta.store._clickhouse import ClickHouseStore, safe_dsn
-from mailmeta.store._migrations import MIGRATIONS, TABLE, Migration, migrate
+from mailmeta.store._migrations import MIGRATIONS, Migration, migrate
 from mailmeta.store._protocol import PolicyStore, PreparedBatch, Store
 from mailmeta.store._rows import ARROW_SCHEMA, arrow_from_json, to_arrow
 from mailmeta.store._search import Cursor, SearchFilter, SearchStore
+from mailmeta.store._tables import TABLE
 from mailmeta.store._tokens import AccessRecord, TokenRecord, TokenStore
 
 __all__ = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,21 +19,15 @@ from urllib.parse import urlsplit
 import clickhouse_connect
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 from clickhouse_connect.driver.client import Client
 
-from mailmeta.config import Settings
 from mailmeta.schema import Event, format_time
 from mailmeta.store._base import MAX_LIMIT, StoreError, UnstorableEvent
-from mailmeta.store._cluster import Cluster
 from mailmeta.store._core import FINAL_SETTINGS, VISIBLE
 from mailmeta.store._erasure import ErasureMixin, Erasures
-from mailmeta.store._migrations import (
-    AUDIT_TABLE,
-    MIGRATIONS,
-    TABLE,
-    applied_versions,
-    migrate,
-)
+from mailmeta.store._layout import SINGLE_NODE, Cluster
+from mailmeta.store._migrations import MIGRATIONS, applied_versions, migrate
 from mailmeta.store._policies import PolicyStoreMixin
 from mailmeta.store._protocol import PreparedBatch
 from mailmeta.store._reads import ReadsMixin
@@ -43,12 +38,28 @@ from mailmeta.store._rows import (
     to_arrow,
 )
 from mailmeta.store._search import SearchFilter, SearchMixin
+from mailmeta.store._tables import AUDIT_TABLE, HOURLY_EVENTS_TABLE, TABLE
 from mailmeta.store._tokens import TokensMixin
 
 log = logging.getLogger("mailmeta.store")
 
 # The longest retention a customer may have (config caps it); bounds the time-range filter.
 MAX_RETENTION_DAYS = 3650
+
+# The per-event hourly rows the store writes (migration 9): one per event, its first copy.
+_HOUR = pa.timestamp("s", tz="UTC")
+HOURLY_ARROW_SCHEMA = pa.schema(
+    [
+        ("customer_id", pa.string()),
+        ("hour", _HOUR),
+        ("status", pa.string()),
+        ("event_id", pa.binary(16)),
+        ("bytes", pa.uint64()),
+        ("policy_version", pa.uint32()),
+    ]
+)
+# Event ids per "already counted?" query (bound as one Array(UUID) parameter).
+_IDS_PER_CHECK = 100_000
 
 _VISIBLE = VISIBLE
 _FINAL_SETTINGS = FINAL_SETTINGS
@@ -79,16 +90,15 @@ class ClickHouseStore(
         retention_days: Mapping[str, int] | None = None,
         *,
         apply_migrations: bool = True,
-        cluster: str | Cluster | None = None,
+        cluster: str | Cluster = "",
     ) -> None:
         """``cluster``: the ClickHouse cluster to create and use the schema on (cluster mode,
-        store/_cluster.py); None takes MAILMETA_CLICKHOUSE_CLUSTER, "" means one server."""
+        store/_layout.py; the caller passes MAILMETA_CLICKHOUSE_CLUSTER), "" means one server."""
         self.dsn = dsn
-        if cluster is None:
-            cluster = Settings().clickhouse_cluster
         self._cluster = (
             Cluster(cluster) if isinstance(cluster, str) and cluster else cluster or None
         )
+        self._layout = self._cluster or SINGLE_NODE
         # The customers file's values; overrides from `retention set` apply on top.
         self._seed_retention = dict(retention_days or {})
         self._retention = dict(self._seed_retention)
@@ -166,7 +176,7 @@ class ClickHouseStore(
     def migrate(self) -> list[int]:
         """Apply pending schema migrations; returns the versions applied (empty: none due)."""
         self._check_layout()
-        return migrate(self._command, self._rows, MIGRATIONS, self._cluster)
+        return migrate(self._command, self._rows, MIGRATIONS, self._layout)
 
     def _check_layout(self) -> None:
         """Refuse a database laid out for the other mode: queries would miss the tables."""
@@ -217,14 +227,7 @@ class ClickHouseStore(
         # The lock orders inserts against retention changes and erasures (see _retention).
         with self._write_lock:
             table = to_arrow(events, self._retention)  # UnstorableEvent before any write
-            table = self._without_erased(table)
-            if table.num_rows:
-                with self._client() as c:
-                    try:
-                        c.insert_arrow(TABLE, table, settings=self._insert_settings())
-                    except Exception as exc:
-                        raise StoreError(f"insert of {len(events)} rows failed: {exc}") from exc
-        return int(table.num_rows)
+            return self._insert_rows(table)
 
     def prepare_json(self, values: Sequence[bytes]) -> PreparedBatch | None:
         """Schema-v1 JSON records decoded and checked columnwise, for insert_prepared.
@@ -249,16 +252,71 @@ class ClickHouseStore(
                 table = arrow_from_json(prepared.values, self._retention)
                 if table is None:
                     return None
-            table = self._without_erased(table)
-            if table.num_rows:
-                with self._client() as c:
-                    try:
-                        c.insert_arrow(TABLE, table, settings=self._insert_settings())
-                    except Exception as exc:
-                        raise StoreError(
-                            f"insert of {len(prepared.values)} rows failed: {exc}"
-                        ) from exc
+            return self._insert_rows(table)
+
+    def _insert_rows(self, table: pa.Table) -> int:
+        """Store a batch of distinct events (ARROW_SCHEMA; call with the write lock held):
+        the rows, then the per-event hourly rows of the events not counted yet.
+
+        Deduplicated here, at insert, so the stats read hourly_events without FINAL (its
+        projection's per-hour sums): an event is counted by its first stored copy, and a
+        copy (redelivery, a sink restart mid-batch, a retroactive rewrite) finds it counted.
+        The rows go first: a crash between the two inserts leaves the event uncounted until
+        its redelivery counts it, never counted twice.
+        """
+        table = self._without_erased(table)
+        if not table.num_rows:
+            return 0
+        settings = self._insert_settings()
+        with self._client() as c:
+            try:
+                c.insert_arrow(TABLE, table, settings=settings)
+                hourly = self._uncounted(table)
+                if hourly.num_rows:
+                    c.insert_arrow(HOURLY_EVENTS_TABLE, hourly, settings=settings)
+            except StoreError:
+                raise
+            except Exception as exc:
+                raise StoreError(f"insert of {table.num_rows} rows failed: {exc}") from exc
         return int(table.num_rows)
+
+    def _uncounted(self, table: pa.Table) -> pa.Table:
+        """The hourly rows (HOURLY_ARROW_SCHEMA) of the batch's events the stats lack."""
+        hour = pc.floor_temporal(table["received_at"], 1, "hour").cast(_HOUR)
+        ids = table["event_id"].to_pylist()
+        counted: set[bytes] = set()
+        for i in range(0, len(ids), _IDS_PER_CHECK):
+            chunk = ids[i : i + _IDS_PER_CHECK]
+            counted.update(
+                r[0].bytes
+                for r in self._rows(
+                    f"SELECT event_id FROM {HOURLY_EVENTS_TABLE} "
+                    "WHERE customer_id IN {c:Array(String)} "
+                    "AND hour BETWEEN {lo:DateTime('UTC')} AND {hi:DateTime('UTC')} "
+                    "AND event_id IN {ids:Array(UUID)}",
+                    {
+                        "c": pc.unique(table["customer_id"]).to_pylist(),
+                        "lo": pc.min(hour).as_py(),
+                        "hi": pc.max(hour).as_py(),
+                        "ids": [str(uuid.UUID(bytes=b)) for b in chunk],
+                    },
+                )
+            )
+        hourly = pa.Table.from_arrays(
+            [
+                table["customer_id"],
+                hour,
+                table["status"],
+                table["event_id"],
+                pc.fill_null(table["size_bytes"], 0),
+                table["policy_version"],
+            ],
+            schema=HOURLY_ARROW_SCHEMA,
+        )
+        if counted:
+            fresh = pc.invert(pc.is_in(table["event_id"], pa.array(counted, pa.binary(16))))
+            hourly = hourly.filter(fresh)
+        return hourly
 
     def _days(self, customer: str | None) -> int:
         if customer is None:

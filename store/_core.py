@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from mailmeta.store._base import StoreError
-from mailmeta.store._cluster import Cluster
+from mailmeta.store._layout import SINGLE_NODE, Cluster, Layout
 
 # A row is visible while younger than the shorter of the retention it was stored with and
 # the customer's current one: a shortened promise applies at once, before any rewrite. The
@@ -40,17 +40,17 @@ class StoreCore:
     _retention: dict[str, int]
     _seed_retention: dict[str, int]
     _write_lock: threading.RLock
+    # Where the tables live; ``_cluster`` is the same object when it is a cluster.
+    _layout: Layout = SINGLE_NODE
     _cluster: Cluster | None = None
 
     def _alter(self, table: str) -> str:
         """What an ALTER … DELETE/UPDATE/MATERIALIZE or OPTIMIZE of ``table`` names: the table
         itself, or in cluster mode its local table (with ON CLUSTER where sharded)."""
-        return table if self._cluster is None else self._cluster.alter_target(table)
+        return self._layout.alter_target(table)
 
     def _insert_settings(self) -> dict[str, Any] | None:
-        # A Distributed insert returns only once every shard holds its rows (not queued on
-        # this server): what the sink commits and what a rewrite then deletes is stored.
-        return None if self._cluster is None else {"distributed_foreground_insert": 1}
+        return self._layout.insert_settings
 
     def _delete(self, table: str, where: str, parameters: Mapping[str, Any]) -> None:
         """A DELETE mutation, waited for. ``where`` must hold no personal data once bound:
@@ -71,7 +71,7 @@ class StoreCore:
         long query still reads an old part: the rows are deleted, the call may be repeated.
         """
         cluster = self._cluster
-        names = [table if cluster is None else cluster.local(table) for table in tables]
+        names = [self._layout.local(table) for table in tables]
         server_wide = cluster is not None and not cluster.emulated
         source = "system.parts"
         if cluster is not None and server_wide:
@@ -106,3 +106,5 @@ class StoreCore:
         def _rows(self, sql: str, parameters: Mapping[str, Any] | None = None) -> list[Any]: ...
 
         def _days(self, customer: str | None) -> int: ...
+
+        def _insert_rows(self, table: Any) -> int: ...

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from mailmeta.store._base import Erased
 from mailmeta.store._core import StoreCore, ms
-from mailmeta.store._migrations import (
+from mailmeta.store._tables import (
     ERASURE_LOG_DAYS,
     ERASURE_LOG_TABLE,
     HOURLY_EVENTS_TABLE,

@@ -8,8 +8,8 @@ from typing import Any
 
 from mailmeta.schema import format_time
 from mailmeta.store._core import FINAL_SETTINGS, VISIBLE, StoreCore, ms
-from mailmeta.store._migrations import HOURLY_EVENTS_TABLE, HOURLY_TABLE, TABLE
 from mailmeta.store._rows import SELECT_COLUMNS, row_to_message
+from mailmeta.store._tables import HOURLY_EVENTS_TABLE, HOURLY_TABLE, TABLE
 
 _COLS = ", ".join(SELECT_COLUMNS)
 EXPORT_PAGE = 5000
@@ -30,8 +30,10 @@ class ReadsMixin(StoreCore):
     def hourly_stats(self, customer: str, since: datetime, until: datetime) -> list[dict[str, Any]]:
         """Event counts and bytes per hour and status, each event counted once.
 
-        FINAL collapses copies of an event (a redelivery, a rewrite) to one row. The summing
-        table holds only hours from before per-event counting whose rows had expired.
+        hourly_events holds one row per event (the store counts an event's first copy
+        only, store/_clickhouse.py ``_insert_rows``), so its projection's per-hour sums are
+        exact without FINAL. The summing table holds only hours from before per-event
+        counting whose rows had expired.
         """
         hours = (
             "customer_id = {c:String} "
@@ -40,11 +42,11 @@ class ReadsMixin(StoreCore):
         )
         rows = self._rows(
             "SELECT hour, status, sum(n), sum(b) FROM ("
-            f"SELECT hour, status, count() AS n, sum(bytes) AS b FROM {HOURLY_EVENTS_TABLE} FINAL "
+            f"SELECT hour, status, count() AS n, sum(bytes) AS b FROM {HOURLY_EVENTS_TABLE} "
             f"WHERE {hours} GROUP BY hour, status UNION ALL "
             f"SELECT hour, status, sum(messages), sum(bytes) FROM {HOURLY_TABLE} "
             f"WHERE {hours} GROUP BY hour, status"
-            ") GROUP BY hour, status ORDER BY hour, status" + FINAL_SETTINGS,
+            ") GROUP BY hour, status ORDER BY hour, status",
             {"c": customer, "since": ms(since), "until": ms(until)},
         )
         return [

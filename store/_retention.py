@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 from mailmeta.store._base import RetentionChange, StoreError
 from mailmeta.store._core import StoreCore, ms
-from mailmeta.store._migrations import RETENTION_TABLE, TABLE
+from mailmeta.store._tables import RETENTION_TABLE, TABLE
 
 log = logging.getLogger("mailmeta.store")
 

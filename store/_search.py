@@ -15,8 +15,8 @@ from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
 from mailmeta.store._core import FINAL_SETTINGS, VISIBLE, StoreCore, ms
-from mailmeta.store._migrations import TABLE
 from mailmeta.store._rows import SELECT_COLUMNS, row_to_message
+from mailmeta.store._tables import TABLE
 
 _COLS = ", ".join(SELECT_COLUMNS)
 _T = "fromUnixTimestamp64Milli({cur_at:Int64}, 'UTC')"

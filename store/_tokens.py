@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from mailmeta.schema import format_time, to_utc
 from mailmeta.store._core import StoreCore
-from mailmeta.store._migrations import ACCESS_LOG_TABLE, TOKENS_TABLE
+from mailmeta.store._tables import ACCESS_LOG_TABLE, TOKENS_TABLE
 
 _TOKEN_COLUMNS = (
     "token_id, name, customer_id, scopes, secret_hash, created_at, revoked_at, updated_at"
