@@ -13,7 +13,8 @@ from pathlib import Path
 from types import TracebackType
 
 from mailmeta.local.apache_kafka import THROUGHPUT_JVM_OPTS, KafkaNode
-from mailmeta.local.brokers import LocalBroker, free_port
+from mailmeta.local.brokers import LocalBroker
+from mailmeta.local.process import free_port
 from mailmeta.local.supervisor import local_kafka
 
 KINDS = ("kafka", "tansu", "noida")

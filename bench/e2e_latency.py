@@ -55,7 +55,7 @@ from _brokers import parse_kinds
 from _report import header, loadavg
 from prometheus_client.parser import text_string_to_metric_families
 
-from mailmeta.local.brokers import die_with_parent, free_port
+from mailmeta.local.process import die_with_parent, free_port
 
 TICK = os.sysconf("SC_CLK_TCK")
 RCPT = "user@demo.example"

@@ -20,7 +20,7 @@ from pathlib import Path
 from _brokers import parse_kinds
 from _report import header, loadavg
 
-from mailmeta.local.brokers import free_port
+from mailmeta.local.process import free_port
 
 TICK = os.sysconf("SC_CLK_TCK")
 

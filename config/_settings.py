@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     session_timeout_ms: int = Field(default=45000, ge=1000)
     log_level: str = "info"
 
-    # --- query API access (sinks/_auth.py) -------------------------------------------------
+    # --- query API access (api/) -----------------------------------------------------------
     # Bearer tokens required on the API (`mailmeta up` and any deployment: keep it on).
     api_auth: bool = True
     # When set (and api_auth is on), the sink creates an operator token on start unless the
