@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from types import TracebackType
 
-from mailmeta.local.apache_kafka import THROUGHPUT_JVM_OPTS, KafkaNode
-from mailmeta.local.brokers import LocalBroker, free_port
+from mailmeta.local.apache_kafka import THROUGHPUT_JVM_OPTS
+from mailmeta.local.brokers import Broker, LocalBroker
+from mailmeta.local.process import free_port
 from mailmeta.local.supervisor import local_kafka
 
 KINDS = ("kafka", "tansu", "noida")
@@ -40,8 +41,7 @@ class BenchBroker:
         self.kind = kind
         self.base_dir = base_dir
         self.jvm = jvm
-        self._node: KafkaNode | None = None
-        self._toy: LocalBroker | None = None
+        self._broker: Broker | None = None
 
     @property
     def label(self) -> str:
@@ -52,39 +52,36 @@ class BenchBroker:
 
     def start(self) -> BenchBroker:
         self.base_dir.mkdir(parents=True, exist_ok=True)
+        broker: Broker
         if self.kind == "kafka":
             node = local_kafka(self.base_dir / "kafka", free_port())
             if self.jvm == "throughput":
                 node.jvm_opts = list(THROUGHPUT_JVM_OPTS)
-            self._node = node.start(timeout=120)
+            broker = node
         else:
             data = self.base_dir / "noida" if self.kind == "noida" else None
-            self._toy = LocalBroker(
+            broker = LocalBroker(
                 self.kind,  # type: ignore[arg-type]
                 free_port(),
                 data_dir=data,
                 log_path=self.base_dir / f"{self.kind}.log",
-            ).start()
+            )
+        broker.start(timeout=120)
+        self._broker = broker
         return self
 
     @property
     def bootstrap(self) -> str:
-        if self._node is not None:
-            return self._node.bootstrap
-        assert self._toy is not None, "broker not started"
-        return self._toy.bootstrap
+        assert self._broker is not None, "broker not started"
+        return self._broker.bootstrap
 
     @property
     def pid(self) -> int | None:
-        if self._node is not None:
-            return self._node.pid
-        return self._toy.proc.pid if self._toy is not None and self._toy.proc else None
+        return self._broker.pid if self._broker is not None else None
 
     def stop(self) -> None:
-        if self._node is not None:
-            self._node.stop(30)
-        if self._toy is not None:
-            self._toy.stop()
+        if self._broker is not None:
+            self._broker.stop(30)
 
     def __enter__(self) -> BenchBroker:
         return self.start()

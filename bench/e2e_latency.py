@@ -36,12 +36,10 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -55,7 +53,7 @@ from _brokers import parse_kinds
 from _report import header, loadavg
 from prometheus_client.parser import text_string_to_metric_families
 
-from mailmeta.local.brokers import die_with_parent, free_port
+from mailmeta.local.process import Spawned, free_port
 
 TICK = os.sysconf("SC_CLK_TCK")
 RCPT = "user@demo.example"
@@ -84,39 +82,28 @@ class Up:
             self.env["MAILMETA_SINK_MAX_WAIT_MS"] = str(sink_wait_ms)
         self.lines: list[str] = []
         self.parts: dict[str, int] = {}
-        self._ready = threading.Event()
-        self.proc: subprocess.Popen[str] | None = None
+        self.child: Spawned | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.child.proc if self.child else None
 
     def start(self, timeout: float) -> None:
         argv = [sys.executable, "-m", "mailmeta", "up", "--data-dir", str(self.data_dir),
                 "--smtp-port", str(self.smtp_port), "--api-port", str(self.api_port),
                 "--broker-port", str(free_port()), "--broker", self.broker]  # fmt: skip
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=self.env,
-            preexec_fn=die_with_parent,  # if this script dies, `mailmeta up` stops too
-        )
-        threading.Thread(target=self._pump, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while not self._ready.wait(0.2):
-            if self.proc.poll() is not None:
-                raise BenchError(f"mailmeta up exited ({self.proc.returncode}):\n{self.tail()}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"mailmeta up not up within {timeout:.0f} s:\n{self.tail()}")
+        # Own session, and if this script dies, `mailmeta up` stops too.
+        child = self.child = Spawned(
+            argv, ready_text="mailmeta is up", env=self.env, on_line=self.lines.append,
+            own_session=True,
+        )  # fmt: skip
+        if not child.wait_ready(timeout):
+            if not child.alive():
+                raise BenchError(f"mailmeta up exited ({child.proc.returncode}):\n{self.tail()}")
+            raise BenchError(f"mailmeta up not up within {timeout:.0f} s:\n{self.tail()}")
         for line in self.lines:  # "  sink     API http://… pid 1234  up"
             if " pid " in line:
                 self.parts[line.split()[0]] = int(line.split(" pid ")[1].split()[0])
-
-    def _pump(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if "mailmeta is up" in line:
-                self._ready.set()
 
     def tail(self, n: int = 30) -> str:
         return "".join(self.lines[-n:])
@@ -125,15 +112,8 @@ class Up:
         return (self.data_dir / "operator-token").read_text().strip()
 
     def stop(self) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(40)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        if self.child is not None:
+            self.child.stop(40)
 
 
 def sink_metrics(url: str) -> dict[str, float]:

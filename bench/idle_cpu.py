@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 from _brokers import parse_kinds
 from _report import header, loadavg
 
-from mailmeta.local.brokers import free_port
+from mailmeta.local.process import Spawned, free_port
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -47,27 +45,17 @@ def main() -> None:
 
 def measure(broker: str, settle: float, seconds: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.Popen(
+        lines: list[str] = []
+        child = Spawned(
             [sys.executable, "-m", "mailmeta", "up", "--data-dir", tmp,
              "--smtp-port", str(free_port()), "--api-port", str(free_port()),
              "--broker-port", str(free_port()), "--broker", broker],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            ready_text="mailmeta is up", on_line=lines.append,
         )  # fmt: skip
-        lines: list[str] = []
-        ready = threading.Event()
-
-        def pump() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.append(line)
-                if "mailmeta is up" in line:
-                    ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
         try:
-            if not ready.wait(240):
+            if not child.wait_ready(240):
                 raise SystemExit("mailmeta up did not start:\n" + "".join(lines))
-            parts = {"supervisor": proc.pid}
+            parts = {"supervisor": child.pid}
             for line in lines:
                 if " pid " in line:
                     parts[line.split()[0]] = int(line.split(" pid ")[1].split()[0])
@@ -76,12 +64,7 @@ def measure(broker: str, settle: float, seconds: float) -> None:
             time.sleep(seconds)
             after = {n: cpu_seconds(p) for n, p in parts.items()}
         finally:
-            proc.terminate()  # by PID: it drains and stops its parts by PID
-            try:
-                proc.wait(40)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            child.stop(40)  # by PID: it drains and stops its parts by PID
     total = 0.0
     print(f"mailmeta up --broker {broker}: idle CPU over {seconds:.0f} s (percent of one core):")
     for name in parts:

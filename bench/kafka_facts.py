@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -30,14 +31,12 @@ from _report import header
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from mailmeta.local.apache_kafka import (
-    DEFAULT_JVM_OPTS,
-    THROUGHPUT_JVM_OPTS,
-    KafkaCluster,
-    KafkaNode,
-    kafka_home,
-)
-from mailmeta.local.brokers import LocalBroker, free_port
+from mailmeta.local.apache_kafka import DEFAULT_JVM_OPTS, THROUGHPUT_JVM_OPTS, KafkaNode, kafka_home
+from mailmeta.local.brokers import LocalBroker
+from mailmeta.local.process import free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.kafka_cluster
+from tests.kafka_cluster import KafkaCluster
 
 TICK = os.sysconf("SC_CLK_TCK")
 

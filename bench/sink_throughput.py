@@ -24,7 +24,8 @@ from confluent_kafka import Producer
 
 from mailmeta.config import Customer, Customers, Settings
 from mailmeta.kafka import ensure_topics
-from mailmeta.local.brokers import LocalBroker, free_port
+from mailmeta.local.brokers import LocalBroker
+from mailmeta.local.process import free_port
 from mailmeta.schema import Event, encode_event, format_time, new_event_id
 from mailmeta.service import SinkService
 from mailmeta.sinks import MAX_ROWS

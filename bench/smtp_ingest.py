@@ -192,7 +192,7 @@ def main() -> int:
 
     from mailmeta.config import Settings, load_customers
     from mailmeta.kafka import ensure_topics
-    from mailmeta.local.brokers import free_port
+    from mailmeta.local.process import free_port
 
     procs: list[subprocess.Popen[str]] = []
     data_dir = tempfile.TemporaryDirectory(prefix="mailmeta-bench-")

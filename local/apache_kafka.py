@@ -1,4 +1,5 @@
-"""Apache Kafka (KRaft) on 127.0.0.1 for tests and benchmarks: one node or a small cluster.
+"""Apache Kafka (KRaft) on 127.0.0.1: the node `mailmeta up` runs, and tests and benchmarks too
+(the tests' 3-node cluster, ``KafkaCluster``, is in tests/kafka_cluster.py).
 
 The broker is the pinned release that ``tests/tools/fetch_kafka.sh`` puts in
 ``.tools/kafka-<version>/`` (``make test`` runs it; docs/kafka.md has the pin and measured
@@ -10,10 +11,10 @@ SIGTERM then, after a bounded wait, SIGKILL.
 
 Example::
 
-    with KafkaCluster(tmp_path, n=3) as cluster:
-        admin = AdminClient({"bootstrap.servers": cluster.bootstrap})
+    with KafkaNode(tmp_path) as node:
+        admin = AdminClient({"bootstrap.servers": node.bootstrap})
         ...
-        cluster.leader_of("raw", 0).kill()
+        node.kill()
 
 Opt-in SCRAM: ``KafkaNode(path, scram_users={"alice": "secret"})`` adds a SASL_PLAINTEXT listener
 (:attr:`KafkaNode.sasl_bootstrap`) that accepts SCRAM-SHA-512 for those users; the credentials are
@@ -24,33 +25,32 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
 import logging
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import ClusterMetadata
+
+from mailmeta.local.brokers import wait_answering
+from mailmeta.local.process import die_with_parent, free_ports
 
 __all__ = [
     "DEFAULT_JVM_OPTS",
     "SCRAM_MECHANISM",
     "THROUGHPUT_JVM_OPTS",
-    "KafkaCluster",
     "KafkaNode",
     "KafkaNotFound",
-    "free_ports",
     "java_bin",
     "kafka_home",
+    "new_cluster_id",
 ]
 
 SCRAM_MECHANISM = "SCRAM-SHA-512"
@@ -71,11 +71,6 @@ DEFAULT_JVM_OPTS: tuple[str, ...] = (*THROUGHPUT_JVM_OPTS, "-XX:TieredStopAtLeve
 
 _REPO = Path(__file__).resolve().parent.parent
 _log = logging.getLogger(__name__)
-
-# Connection-refused noise while a broker boots or after it was killed is expected.
-_probe_log = logging.getLogger("mailmeta.local.apache_kafka.probe")
-_probe_log.addHandler(logging.NullHandler())
-_probe_log.propagate = False
 
 
 class KafkaNotFound(RuntimeError):
@@ -124,26 +119,7 @@ def java_bin() -> Path:
     return Path(found)
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct loopback ports that are free now.
-
-    All are held open together, so none is handed out twice; SO_REUSEADDR lets the broker bind a
-    port whose previous connections are still in TIME_WAIT (Java sets it on its listeners too).
-    """
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _new_cluster_id() -> str:
+def new_cluster_id() -> str:
     """Kafka's Uuid text form: 16 random bytes, URL-safe base64 without padding.
 
     Like Kafka's ``Uuid.randomUuid`` it never starts with ``-``, which command lines would take
@@ -155,17 +131,6 @@ def _new_cluster_id() -> str:
             return cid
 
 
-def _die_with_parent() -> None:
-    # If the Python process that started the broker dies, the broker gets SIGTERM (Linux only).
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _admin(bootstrap: str, **extra: Any) -> AdminClient:
-    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _probe_log, **extra}
-    return AdminClient(conf)
-
-
 class KafkaNode:
     """One Apache Kafka KRaft node (broker + controller) on 127.0.0.1, stopped by PID.
 
@@ -175,7 +140,7 @@ class KafkaNode:
     :param port: PLAINTEXT client port (a free one if ``None``).
     :param controller_port: KRaft controller port (a free one if ``None``).
     :param voters: ``controller.quorum.voters`` (``id@host:port,...``); ``None`` for a
-        single node that is its own quorum. :class:`KafkaCluster` sets it.
+        single node that is its own quorum (a cluster sets it).
     :param cluster_id: the KRaft cluster id written at format time (new if ``None``).
     :param replication: the cluster's broker count: internal topics get replication factor
         ``min(3, replication)`` and min.insync.replicas ``min(2, replication)``.
@@ -227,7 +192,7 @@ class KafkaNode:
         self.scram_users: dict[str, str] = dict(scram_users or {})
         self.sasl_port: int | None = (sasl_port or next(picked)) if self.scram_users else None
         self.voters = voters or f"{node_id}@127.0.0.1:{self.controller_port}"
-        self.cluster_id = cluster_id or _new_cluster_id()
+        self.cluster_id = cluster_id or new_cluster_id()
         self.replication = replication
         self.overrides: dict[str, str | int | bool] = dict(overrides or {})
         self.jvm_opts: list[str] = list(DEFAULT_JVM_OPTS if jvm_opts is None else jvm_opts)
@@ -268,6 +233,14 @@ class KafkaNode:
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def label(self) -> str:
+        return "apache kafka (local, durable)"
+
+    @property
+    def memory_only(self) -> bool:
+        return False
 
     def sasl_client_config(self, username: str, password: str) -> dict[str, str]:
         """confluent-kafka settings for the SCRAM listener (add ``group.id`` etc. yourself)."""
@@ -395,7 +368,7 @@ class KafkaNode:
                 cwd=self.base_dir,
                 # Own session: a Ctrl-C in a terminal does not reach the broker directly.
                 start_new_session=True,
-                preexec_fn=_die_with_parent if self.die_with_parent else None,
+                preexec_fn=die_with_parent if self.die_with_parent else None,
             )
         _log.debug("kafka node %s pid %s on %s", self.node_id, self._proc.pid, self.bootstrap)
         if wait:
@@ -412,26 +385,21 @@ class KafkaNode:
         Raises ``RuntimeError`` if the JVM exits and ``TimeoutError`` at the deadline, both with
         the tail of :attr:`log_path`.
         """
-        admin = _admin(self.bootstrap)
-        deadline = time.monotonic() + timeout
-        last: object = None
-        while time.monotonic() < deadline:
-            if self._proc is None or self._proc.poll() is not None:
-                code = None if self._proc is None else self._proc.returncode
-                raise RuntimeError(
-                    f"kafka node {self.node_id} exited with code {code}\n{self.log_tail()}"
-                )
-            try:
-                md = admin.list_topics(timeout=1)
-                if self.node_id in md.brokers:
-                    return
-                last = f"node {self.node_id} not yet in metadata brokers {sorted(md.brokers)}"
-            except Exception as exc:  # KafkaException while the listener is not yet open
-                last = exc
-            time.sleep(0.1)
-        raise TimeoutError(
-            f"kafka node {self.node_id} on {self.bootstrap} not ready within {timeout}s: {last}\n"
-            f"{self.log_tail()}"
+        if self._proc is None:
+            raise RuntimeError(f"kafka node {self.node_id} is not started")
+
+        def lists_itself(md: ClusterMetadata) -> str | None:
+            if self.node_id in md.brokers:
+                return None
+            return f"node {self.node_id} not yet in metadata brokers {sorted(md.brokers)}"
+
+        wait_answering(
+            self.bootstrap,
+            timeout,
+            proc=self._proc,
+            name=f"kafka node {self.node_id}",
+            until=lists_itself,
+            detail=lambda: "\n" + self.log_tail(),
         )
 
     def log_tail(self, lines: int = 40) -> str:
@@ -497,155 +465,3 @@ class KafkaNode:
 
     def __repr__(self) -> str:
         return f"KafkaNode(id={self.node_id}, bootstrap={self.bootstrap}, pid={self.pid})"
-
-
-class KafkaCluster:
-    """``n`` KRaft combined nodes on 127.0.0.1 forming one cluster (every node is a voter).
-
-    Internal topics get replication factor ``min(3, n)`` and min.insync.replicas ``min(2, n)``.
-    Keyword arguments other than ``n`` are passed to every :class:`KafkaNode`.
-    """
-
-    def __init__(
-        self,
-        base_dir: Path,
-        n: int = 3,
-        *,
-        scram_users: Mapping[str, str] | None = None,
-        overrides: Mapping[str, str | int | bool] | None = None,
-        jvm_opts: Sequence[str] | None = None,
-        home: Path | None = None,
-        die_with_parent: bool = True,
-    ) -> None:
-        if n < 1:
-            raise ValueError(f"a cluster needs at least one node, got n={n}")
-        per_node = 3 if scram_users else 2
-        ports = iter(free_ports(n * per_node))
-        plan = [(i + 1, next(ports), next(ports)) for i in range(n)]
-        voters = ",".join(f"{i}@127.0.0.1:{cport}" for i, _, cport in plan)
-        cluster_id = _new_cluster_id()
-        home = home if home is not None else kafka_home()
-        self.nodes: list[KafkaNode] = [
-            KafkaNode(
-                Path(base_dir) / f"node-{i}",
-                node_id=i,
-                port=port,
-                controller_port=cport,
-                voters=voters,
-                cluster_id=cluster_id,
-                replication=n,
-                scram_users=scram_users,
-                sasl_port=next(ports) if scram_users else None,
-                overrides=overrides,
-                jvm_opts=jvm_opts,
-                home=home,
-                die_with_parent=die_with_parent,
-            )
-            for i, port, cport in plan
-        ]
-
-    @property
-    def bootstrap(self) -> str:
-        """Comma-separated PLAINTEXT addresses of all nodes."""
-        return ",".join(n.bootstrap for n in self.nodes)
-
-    @property
-    def sasl_bootstrap(self) -> str | None:
-        """Comma-separated SCRAM listener addresses, if the cluster has them."""
-        addrs = [n.sasl_bootstrap for n in self.nodes if n.sasl_bootstrap]
-        return ",".join(addrs) or None
-
-    def node(self, node_id: int) -> KafkaNode:
-        """The node with KRaft ``node.id`` ``node_id``."""
-        for n in self.nodes:
-            if n.node_id == node_id:
-                return n
-        raise KeyError(f"no node with id {node_id} in {[n.node_id for n in self.nodes]}")
-
-    def start(self, timeout: float = 90.0) -> KafkaCluster:
-        """Start every node, then wait until each answers and all brokers are registered."""
-        try:
-            for n in self.nodes:
-                if not n.running:
-                    n.start(wait=False)
-            self.wait_ready(timeout)
-        except BaseException:
-            self.stop(timeout=10)
-            raise
-        return self
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        """Every running node answers metadata and lists every running node as a broker."""
-        deadline = time.monotonic() + timeout
-        for n in self.nodes:
-            if n.running:
-                n.wait_ready(max(1.0, deadline - time.monotonic()))
-        want = {n.node_id for n in self.nodes if n.running}
-        admin = _admin(self.bootstrap)
-        seen: set[int] = set()
-        while time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                seen = set(admin.list_topics(timeout=1).brokers)
-                if want <= seen:
-                    return
-            time.sleep(0.1)
-        raise TimeoutError(f"cluster brokers {sorted(seen)} within {timeout}s, want {want}")
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM every node at once, wait (bounded) for all, SIGKILL any still running.
-
-        All at once: stopped one by one, the last nodes would wait for a controller quorum
-        that is already gone.
-        """
-        for n in self.nodes:
-            n.signal_stop()
-        deadline = time.monotonic() + timeout
-        for n in self.nodes:
-            n.stop(max(0.1, deadline - time.monotonic()))
-
-    def leader_of(self, topic: str, partition: int = 0, timeout: float = 10.0) -> KafkaNode:
-        """The node that leads ``topic``/``partition`` now (asked of the running nodes).
-
-        Polls (bounded) while the partition has no leader, e.g. right after a leader was killed.
-        """
-        running = ",".join(n.bootstrap for n in self.nodes if n.running)
-        if not running:
-            raise RuntimeError("no node of the cluster is running")
-        admin = _admin(running)
-        deadline = time.monotonic() + timeout
-        last: object = None
-        while time.monotonic() < deadline:
-            try:
-                md = admin.list_topics(topic, timeout=2)
-                part = md.topics[topic].partitions.get(partition)
-                if md.topics[topic].error is not None:
-                    last = md.topics[topic].error
-                elif part is None:
-                    raise ValueError(f"topic {topic!r} has no partition {partition}")
-                elif part.leader >= 0:
-                    return self.node(part.leader)
-                else:
-                    last = f"{topic}/{partition} has no leader"
-            except ValueError:
-                raise
-            except Exception as exc:
-                last = exc
-            time.sleep(0.1)
-        raise TimeoutError(f"no leader for {topic}/{partition} within {timeout}s: {last}")
-
-    def isr_of(self, topic: str, partition: int = 0) -> list[int]:
-        """In-sync replica ids of ``topic``/``partition`` as the running nodes report them."""
-        running = ",".join(n.bootstrap for n in self.nodes if n.running)
-        md = _admin(running).list_topics(topic, timeout=5)
-        return list(md.topics[topic].partitions[partition].isrs)
-
-    def __iter__(self) -> Iterator[KafkaNode]:
-        return iter(self.nodes)
-
-    def __enter__(self) -> KafkaCluster:
-        return self.start()
-
-    def __exit__(
-        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()

@@ -1,14 +1,15 @@
-"""The bundled local Kafka-protocol brokers (see DESIGN.md), started and stopped by PID.
+"""The local brokers' common face (:class:`Broker`), the metadata probe that waits for one,
+and the bundled Kafka-protocol brokers, started and stopped by PID.
 
-Tansu (memory-only, idle-quiet) is the default; noida-db is durable and supports
-transactions. Both speak only standard Kafka APIs to mailmeta, which runs unchanged on
-Apache Kafka, Redpanda or a managed Kafka.
+`mailmeta up` runs Apache Kafka (:mod:`mailmeta.local.apache_kafka`) by default; Tansu
+(memory-only, idle-quiet) only with ``--broker tansu``; noida-db (durable, transactions) is
+for the broker-compatibility tests. mailmeta speaks only standard Kafka APIs to each, and runs
+unchanged on Redpanda or a managed Kafka (docs/kafka.md).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -16,11 +17,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, ClusterMetadata
+
+from mailmeta.local.process import die_with_parent, stop_process
 
 BrokerKind = Literal["tansu", "noida"]
 
@@ -37,44 +41,85 @@ def _site_binary(package: str, *parts: str) -> Path:
     return path
 
 
-def die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: Linux only
-    except OSError:
-        pass
+class Broker(Protocol):
+    """A local Kafka-protocol broker that `mailmeta up` runs and restarts (Apache Kafka's
+    :class:`~mailmeta.local.apache_kafka.KafkaNode`, Tansu or noida-db's :class:`LocalBroker`)."""
+
+    @property
+    def bootstrap(self) -> str: ...
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def running(self) -> bool: ...
+
+    @property
+    def label(self) -> str:
+        """What `mailmeta up` prints: the broker and whether it keeps records."""
+        ...
+
+    @property
+    def memory_only(self) -> bool:
+        """Topics and records die with the process: create the topics again after a restart."""
+        ...
+
+    def start(self, *, timeout: float = ...) -> object: ...
+
+    def stop(self, timeout: float = ...) -> None: ...
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(
-    bootstrap: str, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None
-) -> None:
-    """Poll metadata until the broker answers (bounded)."""
-    # Connection-refused noise while the broker boots is expected: keep it off the terminal.
-    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _probe_log}
-    admin = AdminClient(conf)
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"broker exited early with code {proc.returncode}")
-        try:
-            admin.list_topics(timeout=1)
-            return
-        except Exception as exc:  # KafkaException while the port is not yet open
-            last = exc
-            time.sleep(0.1)
-    raise TimeoutError(f"broker at {bootstrap} not ready within {timeout}s: {last}")
-
-
+# Connection-refused noise while a broker boots or after it was killed is expected: keep it off
+# the terminal.
 _probe_log = logging.getLogger("mailmeta.local.probe")
 _probe_log.addHandler(logging.NullHandler())
 _probe_log.propagate = False
+
+
+def probe_admin(bootstrap: str, **extra: Any) -> AdminClient:
+    """An admin client whose connection errors are not logged (for probing a broker)."""
+    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _probe_log, **extra}
+    return AdminClient(conf)
+
+
+def wait_answering(
+    bootstrap: str,
+    timeout: float,
+    *,
+    proc: subprocess.Popen[bytes] | None = None,
+    name: str = "broker",
+    until: Callable[[ClusterMetadata], str | None] = lambda md: None,
+    detail: Callable[[], str] = lambda: "",
+) -> None:
+    """Poll metadata at ``bootstrap`` until it answers and ``until`` says nothing is missing
+    (returns None; else what is missing), bounded. ``RuntimeError`` if ``proc`` exits,
+    ``TimeoutError`` at the deadline; both end with ``detail()`` (e.g. the log's tail)."""
+    admin = probe_admin(bootstrap)
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with code {proc.returncode}{detail()}")
+        try:
+            last = until(admin.list_topics(timeout=1))
+            if last is None:
+                return
+        except Exception as exc:  # KafkaException while the listener is not yet open
+            last = exc
+        time.sleep(0.1)
+    raise TimeoutError(f"{name} at {bootstrap} not ready within {timeout}s: {last}{detail()}")
+
+
+def _check_port_free(port: int) -> None:
+    """Tansu binds without SO_REUSEADDR: after a crash its port sits in TIME_WAIT for ~60 s."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise RuntimeError(
+                f"port {port} is in use (or held in TIME_WAIT by an unclean stop, for up to "
+                "60 s); pass another --broker-port, or use the default Apache Kafka broker"
+            ) from None
 
 
 @dataclass
@@ -110,7 +155,21 @@ class LocalBroker:
             "--kafka-port", str(self.port),
         ]  # fmt: skip
 
+    @property
+    def label(self) -> str:
+        return "tansu (local, memory-only)" if self.memory_only else "noida-db (local, durable)"
+
+    @property
+    def memory_only(self) -> bool:
+        return self.kind == "tansu"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def start(self, timeout: float = 15.0) -> LocalBroker:
+        if self.kind == "tansu":
+            _check_port_free(self.port)
         if self.data_dir is not None:
             self.data_dir.mkdir(parents=True, exist_ok=True)
         out: Any = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
@@ -130,7 +189,7 @@ class LocalBroker:
         if self.log_path:
             out.close()
         try:
-            wait_ready(self.bootstrap, timeout, self.proc)
+            wait_answering(self.bootstrap, timeout, proc=self.proc, name=self.kind)
         except BaseException:
             self.stop()
             raise
@@ -138,14 +197,8 @@ class LocalBroker:
 
     def stop(self, timeout: float = 5.0) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
+        if proc is not None and proc.poll() is None:
+            stop_process(proc, timeout)
 
     @property
     def pid(self) -> int | None:

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import Literal
 
 import httpx
 from confluent_kafka import Producer
@@ -33,8 +31,9 @@ from mailmeta.config import DEFAULT_REGION, Settings, load_customers
 from mailmeta.kafka import check_connection, ensure_topics, producer_config
 from mailmeta.local._regions import cell_settings
 from mailmeta.local._rundir import RunDir
-from mailmeta.local.apache_kafka import KafkaNode, KafkaNotFound, free_ports
-from mailmeta.local.brokers import LocalBroker, die_with_parent
+from mailmeta.local.apache_kafka import KafkaNode, KafkaNotFound
+from mailmeta.local.brokers import Broker, LocalBroker
+from mailmeta.local.process import Spawned, free_ports
 from mailmeta.schema import encode_drain_marker
 
 STOP_BUDGET_S = 14.0  # the promise is 15 s from Ctrl-C to no process left
@@ -47,76 +46,46 @@ BrokerKind = Literal["kafka", "tansu"]
 
 @dataclass
 class Part:
+    """One stage of the pipeline, run as a child process and restarted with backoff."""
+
     name: str
     argv: list[str]
     ready_text: str
     where: str
-    proc: subprocess.Popen[bytes] | None = None
-    ready: threading.Event = field(default_factory=threading.Event)
-    _pump: threading.Thread | None = None
+    child: Spawned | None = None
     restarts: int = 0
-    started_at: float = 0.0
     next_start: float = 0.0
 
     def start(self, env: dict[str, str], log_path: Path) -> None:
-        self.ready = threading.Event()
-        self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(
-            self.argv,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches only the supervisor, which stops in order
-            preexec_fn=die_with_parent,
+        self.child = Spawned(
+            self.argv, ready_text=self.ready_text, env=env, log=log_path, own_session=True
         )
-        assert self.proc.stdout is not None
-        self._pump = threading.Thread(
-            target=self._copy, args=(self.proc.stdout, log_path), daemon=True
-        )
-        self._pump.start()
-
-    def _copy(self, stream: IO[bytes], log_path: Path) -> None:
-        with open(log_path, "ab") as log:
-            for line in iter(stream.readline, b""):
-                log.write(line)
-                log.flush()
-                if not self.ready.is_set() and self.ready_text.encode() in line:
-                    self.ready.set()
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
+        return self.child.pid if self.child else None
+
+    @property
+    def started_at(self) -> float:
+        return self.child.started_at if self.child else 0.0
+
+    @property
+    def returncode(self) -> int | None:
+        return self.child.proc.returncode if self.child else None
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.child is not None and self.child.alive()
 
     def wait_ready(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.ready.wait(0.1):
-                return True
-            if not self.alive():
-                return False
-        return False
+        return self.child is not None and self.child.wait_ready(timeout)
 
     def terminate(self) -> None:
-        if self.alive():
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGTERM)
+        if self.child is not None:
+            self.child.terminate()
 
     def wait_stopped(self, timeout: float) -> None:
-        if self.proc is None:
-            return
-        try:
-            self.proc.wait(max(timeout, 0.1))
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(2)
-        if self._pump is not None:
-            self._pump.join(1)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        if self.child is not None:
+            self.child.wait_stopped(timeout)
 
 
 class Supervisor:
@@ -132,11 +101,11 @@ class Supervisor:
         self.settings = settings
         self.local_broker = local_broker
         self.broker_port = broker_port
-        self.broker_kind: BrokerKind = broker_kind
+        self.broker_kind: BrokerKind = broker_kind  # for _new_broker only
         say = out or (lambda line: print(line, flush=True))
         region = settings.region
         self.out = say if region == DEFAULT_REGION else (lambda line: say(_tagged(line, region)))
-        self.broker: LocalBroker | KafkaNode | None = None
+        self.broker: Broker | None = None
         self.parts: list[Part] = []
         self.data_dir = settings.data_dir.resolve()
         self.log_dir = self.data_dir / "logs"
@@ -204,31 +173,29 @@ class Supervisor:
         assert part.pid is not None
         self.rundir.record(part.name, part.pid)
 
+    def _new_broker(self) -> Broker:
+        if self.broker_kind == "kafka":
+            return local_kafka(self.data_dir / "kafka", self.broker_port)
+        return LocalBroker("tansu", self.broker_port, log_path=self.log_dir / "broker.log")
+
     def _start_broker(self) -> None:
         s = self.settings
-        if self.broker_kind == "kafka":
-            node = local_kafka(self.data_dir / "kafka", self.broker_port)
-            node.start(timeout=120)
-            self.broker, label = node, "apache kafka (local, durable)"
-        else:
-            _check_port_free(self.broker_port)
-            self.broker = LocalBroker(
-                "tansu", self.broker_port, log_path=self.log_dir / "broker.log"
-            ).start()
-            label = "tansu (local, memory-only)"
-        assert self.broker.pid is not None
-        self.rundir.record("broker", self.broker.pid)
-        s.kafka_bootstrap = self.broker.bootstrap
-        self.out(f"  broker   {label:<34} {s.kafka_bootstrap:<24} pid {self.broker.pid}")
-        if self.broker_kind == "tansu":
+        broker = self.broker = self._new_broker()
+        broker.start(timeout=120)
+        assert broker.pid is not None
+        self.rundir.record("broker", broker.pid)
+        s.kafka_bootstrap = broker.bootstrap
+        self.out(f"  broker   {broker.label:<34} {s.kafka_bootstrap:<24} pid {broker.pid}")
+        if broker.memory_only:
             self.out("  warning: with --broker tansu, mail answered 250 but not yet stored is "
                      "lost if the pipeline is killed (memory-only broker)")  # fmt: skip
 
     # -- run -------------------------------------------------------------------------------
 
-    def check(self) -> bool:
-        """Restart whatever died; False when the local broker cannot come back."""
-        if self.broker is not None and not _alive(self.broker):
+    def restart_the_dead(self) -> bool:
+        """Restart whatever died (parts after their backoff); False when the local broker
+        cannot come back."""
+        if self.broker is not None and not self.broker.running:
             self.out("mailmeta: the local broker exited unexpectedly; restarting it")
             try:
                 self._restart_broker()
@@ -244,7 +211,7 @@ class Supervisor:
         assert self.broker is not None
         self.broker.stop(5)
         self._start_broker()
-        if self.broker_kind == "tansu":  # it lost its topics with its memory
+        if self.broker.memory_only:  # it lost its topics with its memory
             s = self.settings
             ensure_topics(s, load_customers(s.config, s.region).shortest_retention_days)
 
@@ -252,7 +219,7 @@ class Supervisor:
         """Restart a dead part once its backoff has passed (reset after a stable run)."""
         now = time.monotonic()
         if part.next_start == 0.0:
-            code = part.proc.returncode if part.proc else None
+            code = part.returncode
             if now - part.started_at > STABLE_AFTER_S:
                 part.restarts = 0
             delay = RESTART_BACKOFF_S[min(part.restarts, len(RESTART_BACKOFF_S) - 1)]
@@ -367,24 +334,6 @@ def _other_free_port(taken: int) -> int:
     return next(p for p in free_ports(2) if p != taken)
 
 
-def _alive(broker: LocalBroker | KafkaNode) -> bool:
-    if isinstance(broker, KafkaNode):
-        return broker.running
-    return broker.proc is not None and broker.proc.poll() is None
-
-
-def _check_port_free(port: int) -> None:
-    """Tansu binds without SO_REUSEADDR: after a crash its port sits in TIME_WAIT for ~60 s."""
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            raise RuntimeError(
-                f"port {port} is in use (or held in TIME_WAIT by an unclean stop, for up to "
-                "60 s); pass another --broker-port, or use the default Apache Kafka broker"
-            ) from None
-
-
 def run_up(
     settings: Settings,
     *,
@@ -426,7 +375,7 @@ def run_up(
         _say_up(cells)
         code = 0
         while code == 0 and not stop.wait(0.5):
-            code = 0 if all(cell.check() for cell in cells) else 1
+            code = 0 if all(cell.restart_the_dead() for cell in cells) else 1
         print("mailmeta: stopping (draining in-flight events)…", flush=True)
         _stop_all(cells)
         print("mailmeta: stopped", flush=True)

@@ -19,7 +19,7 @@ import uvicorn
 
 from mailmeta.api import SCOPES, TokenAuthority, create_api, install_policies, server_config
 from mailmeta.config import Customer, Customers, Settings
-from mailmeta.local.brokers import free_port
+from mailmeta.local.process import free_port
 from mailmeta.policy import PolicyLog
 from mailmeta.sinks import DrainState
 from mailmeta.store import ClickHouseStore

@@ -12,7 +12,8 @@ import pytest
 from mailmeta.config import Settings, load_customers
 from mailmeta.kafka import ensure_topics
 from mailmeta.local.apache_kafka import KafkaNode
-from mailmeta.local.brokers import LocalBroker, free_port
+from mailmeta.local.brokers import LocalBroker
+from mailmeta.local.process import free_port
 
 # Local-mode group timing for every Settings() and every stage subprocess: a group join waits
 # about half the session timeout on Tansu, and real clusters' 45 s would slow every test.

@@ -4,10 +4,8 @@ as a subprocess."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,7 +25,7 @@ from confluent_kafka import (
 
 from mailmeta.config import Customers, Settings
 from mailmeta.kafka import ensure_topics
-from mailmeta.local.brokers import free_port
+from mailmeta.local.process import Spawned, free_port
 
 T = TypeVar("T")
 
@@ -153,9 +151,12 @@ def settings_env(settings: Settings) -> dict[str, str]:
 class Stage:
     """A pipeline stage running as a subprocess, its output captured for assertions."""
 
-    proc: subprocess.Popen[bytes]
+    child: Spawned
     lines: list[str] = field(default_factory=list)
-    _ready: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.child.proc
 
     @property
     def output(self) -> str:
@@ -166,47 +167,20 @@ class Stage:
 def run_stage(
     module: str, settings: Settings, ready_text: str, timeout: float = 60.0
 ) -> Iterator[Stage]:
-    proc = subprocess.Popen(
+    lines: list[str] = []
+    child = Spawned(
         [sys.executable, "-m", module],
+        ready_text=ready_text,
         env=settings_env(settings),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        on_line=lines.append,
     )
-    stage = Stage(proc)
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for raw in iter(proc.stdout.readline, b""):
-            line = raw.decode("utf-8", "replace")
-            stage.lines.append(line)
-            if ready_text in line:
-                stage._ready.set()
-
-    t = threading.Thread(target=pump, daemon=True)
-    t.start()
+    stage = Stage(child, lines)
     try:
-        deadline = time.monotonic() + timeout
-        while not stage._ready.wait(0.1):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{module} did not become ready:\n{stage.output[-3000:]}")
+        if not child.wait_ready(timeout):
+            raise RuntimeError(f"{module} did not become ready:\n{stage.output[-3000:]}")
         yield stage
     finally:
-        stop_process(proc)
-        t.join(5)
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    return proc.returncode
+        child.stop(15, pump_timeout=5)
 
 
 def files_containing(root: Path, needle: bytes) -> list[Path]:

@@ -299,31 +299,6 @@ def listening(port: int) -> bool:
     return False
 
 
-def free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_port_run(n: int, attempts: int = 50) -> int:
-    """A port p with p .. p+n-1 all free now (for servers that bind base + index)."""
-    for _ in range(attempts):
-        base = free_loopback_port()
-        socks = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no run of {n} free loopback ports found")
-
-
 class TlsNextHop(NextHop):
     """A :class:`NextHop` that offers STARTTLS with ``tls_context`` (None: offers none) and
     notes the TLS version each received message came over (None: plaintext)."""

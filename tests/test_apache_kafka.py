@@ -1,5 +1,6 @@
 """Real Apache Kafka (KRaft) on loopback: durability across SIGKILL, leader failover on a
-3-broker cluster, and the SCRAM listener. The harness is mailmeta.local.apache_kafka."""
+3-broker cluster, and the SCRAM listener. The harness is mailmeta.local.apache_kafka (one node)
+and tests/kafka_cluster.py (the cluster)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 from confluent_kafka import KafkaError, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from mailmeta.local.apache_kafka import KafkaCluster, KafkaNode
-from tests.kafka_cluster import SCRAM_PASSWORD, SCRAM_USER
+from mailmeta.local.apache_kafka import KafkaNode
+from tests.kafka_cluster import SCRAM_PASSWORD, SCRAM_USER, KafkaCluster
 from tests.kafka_helpers import consume
 
 # The fixtures apache_kafka and kafka_cluster come from tests/kafka_cluster.py, a plugin of

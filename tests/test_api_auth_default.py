@@ -13,7 +13,7 @@ import uvicorn
 
 from mailmeta.api import create_api
 from mailmeta.config import Settings
-from mailmeta.local.brokers import free_port
+from mailmeta.local.process import free_port
 from mailmeta.sinks import DrainState
 from mailmeta.store import ClickHouseStore
 from tests.api_helpers import CUSTOMERS

@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 
 from mailmeta.api import TokenAuthority, create_api
-from mailmeta.local.brokers import free_port
+from mailmeta.local.process import free_port
 from mailmeta.sinks import DrainState
 from tests.api_helpers import CUSTOMERS, ApiServer, event
 

@@ -307,7 +307,7 @@ def test_api_tls_proxy_serves_the_api_over_https(tmp_path: Path) -> None:
     through, the health check on the loopback port."""
     import httpx
 
-    from mailmeta.local.brokers import free_port
+    from mailmeta.local.process import free_port
     from tests.api_helpers import ApiServer
 
     shutil.copy(DEPLOY / "make-secrets.sh", tmp_path / "make-secrets.sh")

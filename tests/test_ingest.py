@@ -21,7 +21,8 @@ from mailmeta.config import Customers, Settings, load_customers
 from mailmeta.ingest import IngestServer, decode_rfc2047, extract_headers
 from mailmeta.kafka import ensure_topics
 from mailmeta.local.apache_kafka import KafkaNode
-from mailmeta.local.brokers import LocalBroker, free_port
+from mailmeta.local.brokers import LocalBroker
+from mailmeta.local.process import free_port
 from tests.kafka_helpers import wait_until
 from tests.smtp_helpers import (
     SWAKS,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import smtplib
-import socket
 import ssl
 import time
 from email.parser import BytesHeaderParser
@@ -20,6 +19,7 @@ from mailmeta.config import Customers, Settings, load_customers
 from mailmeta.ingest import hash_password
 from mailmeta.ingest._extract import _FOLD, header_block, scan_headers
 from mailmeta.ingest._protocol import _FAST_ADDR
+from mailmeta.local.process import free_port
 from tests.kafka_helpers import wait_until
 from tests.smtp_helpers import NextHop, Wire, message, read_events, running_server, write_customers
 
@@ -119,7 +119,7 @@ def test_relay_recipient_refused_upstream_and_hop_down(settings: Settings, tmp_p
             _session(w, [RCPT])
             w.cmd("DATA")
             assert w.send(message("no user") + b".\r\n") == (550, "5.1.1 no such user")
-    dead = f"127.0.0.1:{_closed_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     with running_server(_with(settings, relay_to=dead), _customers(tmp_path)) as srv:
         with Wire(srv.port) as w:
             _session(w, [RCPT])
@@ -178,7 +178,7 @@ def test_relay_delivers_once_whatever_the_subject(settings: Settings, tmp_path: 
 def test_relay_verdict_stands_when_the_event_is_lost(settings: Settings, tmp_path: Path) -> None:
     # Once the next hop has the mail, its verdict is the client's even when the event can be
     # neither produced nor spooled: a 4xx would make the client deliver a second copy.
-    down = _with(settings, kafka_bootstrap=f"127.0.0.1:{_closed_port()}")
+    down = _with(settings, kafka_bootstrap=f"127.0.0.1:{free_port()}")
     with NextHop() as hop:
         s = _with(down, relay_to=hop.address)
         lost = REGISTRY.get_sample_value("mailmeta_ingest_metadata_lost_total") or 0.0
@@ -436,12 +436,6 @@ def test_header_scan_agrees_with_email_parser(block: bytes) -> None:
     assert scan_headers(header_block(block)) == ref
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # --- the process: --workers, metrics, a real relay chain --------------------------------
 
 TOOLS = Path(__file__).resolve().parent.parent / ".tools" / "usr"
@@ -455,11 +449,9 @@ def test_workers_relay_to_postfix_smtp_sink(settings: Settings, tmp_path: Path) 
     import sys
     import urllib.request
 
-    from tests.smtp_helpers import free_loopback_port, free_port_run
-
     tool_env = {**os.environ, "LD_LIBRARY_PATH": str(TOOLS / "lib" / "postfix")}
     # Worker i serves metrics on metrics_port + i: both ports must be free.
-    sink_port, metrics_port = free_loopback_port(), free_port_run(2)
+    sink_port, metrics_port = free_port(), free_port(1)
     sink_cmd = [str(TOOLS / "sbin" / "smtp-sink")]
     if os.geteuid() == 0:
         sink_cmd += ["-u", "nobody"]

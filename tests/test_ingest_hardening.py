@@ -26,6 +26,7 @@ from mailmeta.ingest import IngestServer, hash_password
 from mailmeta.ingest._handler import encode_event
 from mailmeta.ingest._protocol import PROXY_TIMEOUT
 from mailmeta.ingest._relay import relay
+from mailmeta.local.process import free_port
 from tests.kafka_helpers import wait_until
 from tests.smtp_helpers import NextHop, Wire, message, read_events, running_server, write_customers
 
@@ -189,7 +190,7 @@ def test_logs_and_replies_keep_private_things_private(
     customers = _customers(tmp_path)
     with running_server(settings, customers) as srv:
         assert _conversation(srv.port, "private subject one")[0] == 250
-    down = _with(settings, kafka_bootstrap=f"127.0.0.1:{_closed_port()}")
+    down = _with(settings, kafka_bootstrap=f"127.0.0.1:{free_port()}")
     with running_server(down, customers, delivery_timeout=1.0, spool_enabled=False) as srv:
         # The broker's error text stays inside: a fixed reply.
         reply = _conversation(srv.port, "private subject two")
@@ -201,12 +202,6 @@ def test_logs_and_replies_keep_private_things_private(
     assert any("conn " in m and "deferred" in m for m in messages)
     for private in (CLIENT, "bob@sender.example", RCPT, "private subject"):
         assert not [m for m in messages if private in m], private
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- item 14.15: SMTP AUTH costs are bounded ----------------------------------------------

@@ -23,7 +23,7 @@ from mailmeta.ingest import hash_password
 from mailmeta.ingest._spool import Spool, decode_frames
 from mailmeta.ingest.server import spool_dir
 from mailmeta.kafka import ensure_topics
-from mailmeta.local.brokers import free_port
+from mailmeta.local.process import free_port
 from tests.kafka_helpers import files_containing, wait_until
 from tests.smtp_helpers import Wire, message, read_events, read_raw, running_server
 

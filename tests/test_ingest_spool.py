@@ -25,7 +25,8 @@ from mailmeta.config import Settings, load_customers
 from mailmeta.ingest import Spool, SpoolFull
 from mailmeta.ingest._spool import encode_frame, replay_forever
 from mailmeta.kafka import ensure_topics
-from mailmeta.local.brokers import LocalBroker, free_port
+from mailmeta.local.brokers import LocalBroker
+from mailmeta.local.process import free_port
 from tests.kafka_helpers import wait_until
 from tests.smtp_helpers import message, read_events, running_server
 

@@ -15,7 +15,7 @@ from confluent_kafka.admin import NewTopic
 
 from mailmeta.config import Settings
 from mailmeta.kafka import AsyncProducer, OutRecord, admin, producer_config
-from mailmeta.local.brokers import free_port
+from mailmeta.local.process import free_port
 from tests.kafka_helpers import consume
 
 # The asyncio bridge is the Kafka client code most exposed to broker differences.

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from mailmeta.local.apache_kafka import KafkaCluster
+from tests.kafka_cluster import KafkaCluster
 from tests.up_helpers import Stream, Up, assert_stored_once, mailmeta_up
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.kafka, pytest.mark.timeout(900)]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mailmeta.local.apache_kafka import KafkaNode
-from mailmeta.local.brokers import free_port
+from mailmeta.local.process import free_port
 from tests.kafka_cluster import SCRAM_PASSWORD, SCRAM_USER
 from tests.kafka_helpers import consume, wait_until
 from tests.up_helpers import MAILMETA, Stream, mailmeta_up

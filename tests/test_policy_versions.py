@@ -23,7 +23,7 @@ from prometheus_client import REGISTRY
 
 from mailmeta.api import TokenAuthority, create_api, install_policies
 from mailmeta.config import MAX_POLICY_BYTES, Policy, Settings
-from mailmeta.local.brokers import free_port
+from mailmeta.local.process import free_port
 from mailmeta.policy import (
     POLICY_PARTITION,
     PolicyConflict,

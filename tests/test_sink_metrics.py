@@ -9,7 +9,8 @@ import uuid
 
 from mailmeta.config import Settings, load_customers
 from mailmeta.local.apache_kafka import KafkaNode
-from mailmeta.local.brokers import LocalBroker, free_port
+from mailmeta.local.brokers import LocalBroker
+from mailmeta.local.process import free_port
 from mailmeta.schema import encode_event
 from mailmeta.service import SinkService
 from tests.event_helpers import Redacted

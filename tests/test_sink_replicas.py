@@ -14,10 +14,10 @@ from confluent_kafka import Producer
 
 from mailmeta.config import Settings
 from mailmeta.kafka import ensure_topics, producer_config
-from mailmeta.local.apache_kafka import KafkaCluster
 from mailmeta.schema import encode_event
 from mailmeta.sinks import DrainState, SinkConsumer
 from mailmeta.store import ClickHouseStore
+from tests.kafka_cluster import KafkaCluster
 from tests.test_sink import CUSTOMERS, redacted, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

@@ -24,7 +24,8 @@ from confluent_kafka import Producer
 
 from mailmeta.config import Customer, Customers
 from mailmeta.local.apache_kafka import KafkaNode
-from mailmeta.local.brokers import LocalBroker, free_port
+from mailmeta.local.brokers import LocalBroker
+from mailmeta.local.process import free_port
 from mailmeta.schema import FIELD_NAMES, Event, encode_event, format_time
 from mailmeta.service import SinkService
 from tests.event_helpers import Redacted

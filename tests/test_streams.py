@@ -14,7 +14,8 @@ import pytest
 
 from mailmeta.config import Settings, load_customers
 from mailmeta.kafka import ensure_topics
-from mailmeta.local.brokers import LocalBroker, free_port
+from mailmeta.local.brokers import LocalBroker
+from mailmeta.local.process import free_port
 from mailmeta.schema import (
     Event,
     decode_event,

@@ -16,7 +16,7 @@ from confluent_kafka import (
 
 from mailmeta.config import TOPIC_SETTINGS, Policy, Settings, load_customers
 from mailmeta.kafka import ensure_topics
-from mailmeta.local.brokers import free_port
+from mailmeta.local.process import free_port
 from mailmeta.policy import POLICY_PARTITION, PolicyLog, PolicyRecord
 from mailmeta.schema import Event, decode_event, encode_event
 from tests.event_helpers import raw_event

@@ -6,7 +6,6 @@ import itertools
 import os
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mailmeta.local.brokers import free_port
+from mailmeta.local.process import Spawned, free_port
 from tests.conftest import EXAMPLE_CONFIG, REPO
 
 TOOLS = REPO / ".tools"
@@ -40,12 +39,15 @@ def need_tools() -> None:
 
 @dataclass
 class Up:
-    proc: subprocess.Popen[bytes]
+    child: Spawned
     smtp_port: int
     api_port: int
     data_dir: Path
     lines: list[str] = field(default_factory=list)
-    ready: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.child.proc
 
     @property
     def output(self) -> str:
@@ -162,30 +164,8 @@ class Up:
     def stop(self, timeout: float = 20.0) -> float:
         """SIGTERM; returns how long the shutdown took."""
         t0 = time.monotonic()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        self.child.stop(timeout, pump_timeout=5)
         return time.monotonic() - t0
-
-
-def free_port_pair(step: int) -> int:
-    """A free loopback port p with p + step free as well (step 0: any free port)."""
-    for _ in range(50):
-        port = free_port()
-        if not step:
-            return port
-        if port + step < 65536:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port + step))
-                except OSError:
-                    continue
-                return port
-    raise AssertionError(f"no free port p with p + {step} free")
 
 
 @contextmanager
@@ -199,10 +179,11 @@ def mailmeta_up(
 ) -> Iterator[Up]:
     """``region_port_step``: the config has regions; each port p is chosen with p + step free
     too (the next region's), and passed on as --region-port-step. ``cwd``: run from there."""
-    step = region_port_step or 0
-    smtp_port, api_port = free_port_pair(step), free_port_pair(step)
-    if step:
-        extra = (*extra, "--region-port-step", str(step))
+    # Each port p with p + step free too: the next region's cell takes it.
+    offsets = (region_port_step,) if region_port_step else ()
+    smtp_port, api_port = free_port(*offsets), free_port(*offsets)
+    if region_port_step:
+        extra = (*extra, "--region-port-step", str(region_port_step))
     argv = [
         *MAILMETA, "up",
         "--config", str(config),
@@ -212,38 +193,22 @@ def mailmeta_up(
         *extra,
     ]  # fmt: skip
     if "--kafka-bootstrap" not in extra and "--broker-port" not in extra:
-        argv += ["--broker-port", str(free_port_pair(step))]
-    proc = subprocess.Popen(
+        argv += ["--broker-port", str(free_port(*offsets))]
+    lines: list[str] = []
+    child = Spawned(
         argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        ready_text="mailmeta is up",
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         cwd=cwd,
+        on_line=lines.append,
     )
-    up = Up(proc, smtp_port, api_port, data_dir)
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for raw in iter(proc.stdout.readline, b""):
-            line = raw.decode("utf-8", "replace")
-            up.lines.append(line)
-            if "mailmeta is up" in line:
-                up.ready.set()
-
-    t = threading.Thread(target=pump, daemon=True)
-    t.start()
+    up = Up(child, smtp_port, api_port, data_dir, lines)
     try:
-        deadline = time.monotonic() + 120
-        while not up.ready.wait(0.2):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"mailmeta up did not start:\n{up.output[-4000:]}")
+        if not child.wait_ready(120):
+            raise AssertionError(f"mailmeta up did not start:\n{up.output[-4000:]}")
         yield up
     finally:
         up.stop()
-        t.join(5)
-        if proc.stdout is not None:
-            proc.stdout.close()
         for pid in up.pids():  # nothing left behind, even when the test failed
             assert_gone(pid)
 
