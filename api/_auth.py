@@ -45,7 +45,7 @@ from mailmeta.store import AccessRecord, TokenRecord, TokenStore
 
 log = logging.getLogger("mailmeta.api.auth")
 
-SCOPES = frozenset({"messages:read", "stats:read", "export", "admin"})
+SCOPES = frozenset({"messages:read", "stats:read", "export", "webhooks", "admin"})
 TOKEN_PREFIX = "mm_"
 # mm_<12 hex id>_<43 url-safe base64 chars = 256 bits>
 _TOKEN_RE = re.compile(r"^mm_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")

@@ -25,6 +25,7 @@ from mailmeta.config._models import (
     parse_networks,
 )
 from mailmeta.config._settings import TOPIC_SETTINGS, Settings
+from mailmeta.config._webhooks import NetworkGuard, Refused, split_url
 
 __all__ = [
     "DEFAULT_REGION",
@@ -40,7 +41,9 @@ __all__ = [
     "Customers",
     "FieldRule",
     "IPNetwork",
+    "NetworkGuard",
     "Policy",
+    "Refused",
     "Region",
     "Settings",
     "allowed_actions",
@@ -49,4 +52,5 @@ __all__ = [
     "parse_customers",
     "parse_host_port",
     "parse_networks",
+    "split_url",
 ]

@@ -44,6 +44,7 @@ from mailmeta.store._rows import (
 )
 from mailmeta.store._search import SearchFilter, SearchMixin
 from mailmeta.store._tokens import TokensMixin
+from mailmeta.store._webhooks import WebhooksMixin
 
 log = logging.getLogger("mailmeta.store")
 
@@ -69,7 +70,13 @@ def chdb_path(dsn: str) -> Path | None:
 
 
 class ClickHouseStore(
-    RetentionMixin, ErasureMixin, ReadsMixin, SearchMixin, TokensMixin, PolicyStoreMixin
+    RetentionMixin,
+    ErasureMixin,
+    ReadsMixin,
+    SearchMixin,
+    TokensMixin,
+    PolicyStoreMixin,
+    WebhooksMixin,
 ):
     """A Store on ClickHouse. Thread-safe: a small pool gives each caller its own client."""
 
