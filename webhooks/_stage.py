@@ -27,7 +27,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from mailmeta.config import NetworkGuard, Settings
 from mailmeta.kafka import consumer_config
-from mailmeta.schema import SchemaError, control_of, decode_event
+from mailmeta.schema import Event, SchemaError, control_of, decode_event, parse_time
 from mailmeta.store import OutboxRow, Store, WebhookEndpoint, webhook_payload
 from mailmeta.webhooks._send import Outcome, Sender, signature, webhook_id
 
@@ -76,6 +76,7 @@ class WebhookStage:
         self._wake: asyncio.Event | None = None
         self._endpoints: dict[str, list[WebhookEndpoint]] = {}
         self._endpoints_at = 0.0
+        self._loaded_wall = datetime.min.replace(tzinfo=UTC)
         self.stats = StageStats()
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -118,14 +119,17 @@ class WebhookStage:
 
     # --- consuming ---------------------------------------------------------------------------
 
-    def _endpoints_of(self, customer: str) -> list[WebhookEndpoint]:
+    def _refresh_endpoints(self, newest_received: datetime | None) -> None:
+        """Reload the endpoints when stale, or when an event is newer than the last load: an
+        endpoint gets every event received after it was created (earlier ones: replay)."""
         now = time.monotonic()
-        if now - self._endpoints_at > _ENDPOINTS_TTL:
+        stale = now - self._endpoints_at > _ENDPOINTS_TTL
+        if stale or (newest_received is not None and newest_received >= self._loaded_wall):
+            wall = datetime.now(UTC)
             by: dict[str, list[WebhookEndpoint]] = {}
             for e in self._store.webhook_endpoints():
                 by.setdefault(e.customer_id, []).append(e)
-            self._endpoints, self._endpoints_at = by, now
-        return self._endpoints.get(customer, [])
+            self._endpoints, self._endpoints_at, self._loaded_wall = by, now, wall
 
     def _consume_main(self) -> None:
         s = self._settings
@@ -150,6 +154,7 @@ class WebhookStage:
         rows: list[OutboxRow] = []
         chunk = time.time_ns()
         now = datetime.now(UTC)
+        events: list[Event] = []
         for msg in msgs:
             err = msg.error()
             if err is not None:
@@ -161,10 +166,17 @@ class WebhookStage:
             try:
                 if control_of(value) is not None:
                     continue
-                event = decode_event(value)
+                events.append(decode_event(value))
             except (SchemaError, orjson.JSONDecodeError):
                 continue  # the sink dead-letters it; nothing a customer could be sent
-            wanted = [e for e in self._endpoints_of(event.customer_id) if e.wants(event.status)]
+        if events:
+            self._retry(
+                lambda: self._refresh_endpoints(max(parse_time(e.received_at) for e in events))
+            )
+        for event in events:
+            wanted = [
+                e for e in self._endpoints.get(event.customer_id, []) if e.wants(event.status)
+            ]
             if not wanted:
                 continue
             payload = webhook_payload(event.to_dict())
