@@ -29,7 +29,7 @@ class Received:
 class Receiver:
     host: str = "127.0.0.1"
     secrets: dict[str, str] = field(default_factory=dict)  # path -> signing secret
-    modes: dict[str, str] = field(default_factory=dict)  # path -> ok|500|429|hang|redirect:/p
+    modes: dict[str, str] = field(default_factory=dict)  # path -> ok|slow|500|429|hang|redirect:/p
     got: list[Received] = field(default_factory=list)  # verified and answered 200
     hits: list[tuple[str, float]] = field(default_factory=list)  # every request: (path, at)
     bad: list[str] = field(default_factory=list)  # signature failures
@@ -53,6 +53,8 @@ class Receiver:
                 if mode == "hang":
                     receiver.release.wait(60)
                     return self._answer(200)
+                if mode == "slow":
+                    receiver.release.wait(0.3)  # a slow receiver: answers after 0.3 s
                 if mode in ("500", "429"):
                     extra = {"Retry-After": "1"} if mode == "429" else {}
                     return self._answer(int(mode), extra)
