@@ -37,7 +37,9 @@ GROUP_ID = "mailmeta-webhooks"
 _MAX_RECORDS = 2000
 _MAX_WAIT = 0.2  # seconds a consumed record waits for company before it is queued
 _ENDPOINTS_TTL = 2.0  # how stale the consumer's view of endpoints may be
-_SCAN_S = 1.0  # the delivery loop looks for pending rows at least this often (replays)
+# The delivery loop scans the whole outbox for pending rows this often (and when woken without
+# endpoints: a replay, start-up); rows this stage queued start their endpoint's worker at once.
+_SCAN_S = 5.0
 EVENT_TYPE = "mailmeta.events"
 
 
@@ -77,6 +79,10 @@ class WebhookStage:
         self._endpoints: dict[str, list[WebhookEndpoint]] = {}
         self._endpoints_at = 0.0
         self._loaded_wall = datetime.min.replace(tzinfo=UTC)
+        self._hot: set[str] = set()
+        self._scan = True
+        self._hot_lock = threading.Lock()
+        self._again: set[str] = set()  # the delivery loop's own (one thread)
         self.stats = StageStats()
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -111,8 +117,14 @@ class WebhookStage:
             t is not None and t.is_alive() for t in (self._consumer_thread, self._delivery_thread)
         )
 
-    def wake(self) -> None:
-        """Look for pending rows now (a replay was queued, rows were added)."""
+    def wake(self, endpoints: set[str] | None = None) -> None:
+        """Deliver now: for ``endpoints`` (rows were queued for them), or after a scan of the
+        whole outbox (None: a replay was queued elsewhere)."""
+        with self._hot_lock:
+            if endpoints is None:
+                self._scan = True
+            else:
+                self._hot |= endpoints
         loop, wake = self._loop, self._wake
         if loop is not None and wake is not None:
             loop.call_soon_threadsafe(wake.set)
@@ -195,7 +207,7 @@ class WebhookStage:
         if rows:
             self._retry(lambda: self._store.enqueue_webhooks(rows))
             self.stats.queued += len(rows)
-            self.wake()
+            self.wake({r.endpoint_id for r in rows})
         # Only now: every endpoint's share of these records is durable in the outbox.
         tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         if tps:
@@ -237,21 +249,27 @@ class WebhookStage:
         ready.set()
         try:
             while not self._stopping.is_set():
-                try:
-                    backlog = await asyncio.to_thread(self._store.webhook_backlog)
-                except Exception as exc:
-                    log.warning("reading the webhook backlog failed: %s", exc)
-                    backlog = {}
-                for endpoint_id in backlog:
+                with self._hot_lock:
+                    due, scan, self._hot, self._scan = self._hot, self._scan, set(), False
+                if scan:
+                    try:
+                        due |= set(await asyncio.to_thread(self._store.webhook_backlog))
+                    except Exception as exc:
+                        log.warning("reading the webhook backlog failed: %s", exc)
+                        self._scan = True
+                for endpoint_id in due:
                     task = workers.get(endpoint_id)
                     if task is None or task.done():
                         workers[endpoint_id] = asyncio.create_task(
                             self._worker(endpoint_id, sender, limit)
                         )
+                    else:
+                        # It may have just found nothing pending: it looks again before it ends.
+                        self._again.add(endpoint_id)
                 try:
                     await asyncio.wait_for(self._wake.wait(), _SCAN_S)
                 except TimeoutError:
-                    pass
+                    self._scan = True
                 self._wake.clear()
         finally:
             for task in workers.values():
@@ -263,11 +281,14 @@ class WebhookStage:
         """Send the endpoint's batches in order until none is pending."""
         s = self._settings
         while not self._stopping.is_set():
+            self._again.discard(endpoint_id)
             endpoint = await asyncio.to_thread(self._store.webhook_endpoint, endpoint_id)
             rows = await asyncio.to_thread(
                 self._store.pending_webhooks, endpoint_id, s.webhook_batch_max
             )
             if not rows:
+                if endpoint_id in self._again:
+                    continue  # rows were queued while this looked
                 return
             if endpoint is None:
                 # Deleted: its queue goes to the failure log rather than nowhere.
