@@ -162,6 +162,9 @@ class Settings(BaseSettings):
     # Run the webhook stage inside the sink service (embedded chdb: the one store owner);
     # off, run it as its own process (`mailmeta webhooks`) against a ClickHouse server.
     webhooks_in_service: bool = False
+    # Prometheus metrics of a stand-alone webhook stage (0 = off; inside the sink service its
+    # metrics are on MAILMETA_SINK_METRICS_PORT).
+    webhook_metrics_port: int = Field(default=0, ge=0, le=65535)
 
     @field_validator("api_trusted_proxies")
     @classmethod

@@ -44,6 +44,7 @@ NON_DEFAULT: dict[str, Any] = {
     "webhook_batch_max": 10,
     "webhook_concurrency": 4,
     "webhooks_in_service": True,
+    "webhook_metrics_port": 9104,
     "streams_data_dir": Path("/srv/streams"),
     "streams_metrics_port": 9101,
     "sink_metrics_port": 9102,

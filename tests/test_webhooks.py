@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from confluent_kafka import Producer
+from prometheus_client import REGISTRY
 
 from mailmeta.config import Customer, Customers, NetworkGuard, Refused
 from mailmeta.local.apache_kafka import KafkaNode
@@ -178,6 +179,22 @@ def test_a_receiver_outage_loses_nothing(
     log = api.get(f"/v1/webhooks/{ep['id']}/deliveries").json()["deliveries"]
     assert {d["state"] for d in log} == {"delivered"}
     assert max(d["attempts"] for d in log) >= 3
+    # Prometheus: the failed attempts by outcome, the events delivered.
+    assert (
+        REGISTRY.get_sample_value(
+            "mailmeta_webhook_attempts_total", {"endpoint": ep["id"], "outcome": "5xx"}
+        )
+        >= 3
+    )
+    assert (
+        REGISTRY.get_sample_value(
+            "mailmeta_webhook_attempts_total", {"endpoint": ep["id"], "outcome": "4xx"}
+        )
+        >= 2
+    )
+    assert REGISTRY.get_sample_value(
+        "mailmeta_webhook_events_delivered_total", {"endpoint": ep["id"]}
+    ) == len(events)
     # Retries keep the batch's webhook-id: a receiver dedupes by it.
     assert len({r.webhook_id for r in receiver.deliveries(path)}) == len(receiver.deliveries(path))
 
@@ -316,6 +333,8 @@ def test_the_stage_checks_again_at_connect_time_and_follows_no_redirect(
         assert {d["last_status"] for d in redirected} == {307}
         assert all(d["attempts"] >= 2 for d in redirected)
         assert not any(p == "/ssrf/target" for p, _ in receiver.hits)
+        failed_total = "mailmeta_webhook_events_failed_total"
+        assert REGISTRY.get_sample_value(failed_total, {"endpoint": redirecting["id"]}) == 3
     finally:
         elsewhere.close()
 

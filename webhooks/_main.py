@@ -15,6 +15,7 @@ import sys
 import threading
 from types import FrameType
 
+from prometheus_client import start_http_server
 from pydantic import ValidationError
 
 from mailmeta.config import ConfigError, Settings, load_customers
@@ -58,6 +59,8 @@ def main() -> int:
     except Exception as exc:
         print(f"mailmeta webhooks: cannot open the store: {exc}", file=sys.stderr)
         return 1
+    if settings.webhook_metrics_port:
+        start_http_server(settings.webhook_metrics_port, settings.api_host)
     stage = WebhookStage(settings, store).start()
     print("mailmeta webhooks: running", flush=True)
     code = 0

@@ -29,6 +29,7 @@ from mailmeta.config import NetworkGuard, Settings
 from mailmeta.kafka import consumer_config
 from mailmeta.schema import Event, SchemaError, control_of, decode_event, parse_time
 from mailmeta.store import OutboxRow, Store, WebhookEndpoint, webhook_payload
+from mailmeta.webhooks import _metrics as metrics
 from mailmeta.webhooks._send import Outcome, Sender, signature, webhook_id
 
 log = logging.getLogger("mailmeta.webhooks")
@@ -253,7 +254,13 @@ class WebhookStage:
                     due, scan, self._hot, self._scan = self._hot, self._scan, set(), False
                 if scan:
                     try:
-                        due |= set(await asyncio.to_thread(self._store.webhook_backlog))
+                        backlog = await asyncio.to_thread(self._store.webhook_backlog)
+                        due |= set(backlog)
+                        now = datetime.now(UTC)
+                        for endpoint_id in set(workers) | set(backlog):
+                            oldest = backlog.get(endpoint_id, (0, now))[1]
+                            age = max(0.0, (now - oldest).total_seconds())
+                            metrics.PENDING_AGE.labels(endpoint_id).set(age)
                     except Exception as exc:
                         log.warning("reading the webhook backlog failed: %s", exc)
                         self._scan = True
@@ -328,6 +335,9 @@ class WebhookStage:
             async with limit:
                 outcome = await sender.post(endpoint.url, body, headers)
             self.stats.attempts += 1
+            label = f"{outcome.status // 100}xx" if outcome.status else "error"
+            metrics.ATTEMPTS.labels(endpoint.endpoint_id, label).inc()
+            metrics.LATENCY.observe(outcome.latency_s)
             if outcome.ok:
                 await asyncio.to_thread(
                     self._store.settle_webhooks,
@@ -339,6 +349,7 @@ class WebhookStage:
                     webhook_id=msg_id,
                 )
                 self.stats.delivered += len(rows)
+                metrics.DELIVERED.labels(endpoint.endpoint_id).inc(len(rows))
                 return
             delay = min(s.webhook_retry_max_s, s.webhook_retry_base_s * 2 ** (attempt - 1))
             delay = random.uniform(delay / 2, delay)  # jitter: retries of many do not align
@@ -380,6 +391,7 @@ class WebhookStage:
             webhook_id=msg_id,
         )
         self.stats.failed += len(rows)
+        metrics.FAILED.labels(endpoint.endpoint_id).inc(len(rows))
 
     async def _sleep(self, seconds: float) -> bool:
         """Wait; True when the stage is stopping."""
