@@ -309,6 +309,8 @@ class WebhookStage:
                     webhook_id="",
                 )
                 continue
+            if not endpoint.active:
+                return  # paused: its rows wait (the scan looks again) until it is reactivated
             await self._send_batch(endpoint, rows, sender, limit)
 
     async def _send_batch(
