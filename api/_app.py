@@ -9,7 +9,7 @@ from __future__ import annotations
 import uvicorn
 from fastapi import FastAPI
 
-from mailmeta.api import _erase, _export, _messages, _retention, _stats, _tokens
+from mailmeta.api import _erase, _export, _messages, _retention, _stats, _tokens, _webhooks
 from mailmeta.api._errors import install_error_handlers
 from mailmeta.api._export import ExportSlots
 from mailmeta.api._headers import SecurityHeadersMiddleware
@@ -55,7 +55,7 @@ def create_api(
     app.include_router(_messages.router)  # /v1/me, /v1/messages, /v1/messages/{id}
     app.include_router(_tokens.router)
     mount_web(app)
-    for resource in (_retention, _erase, _export, _stats):
+    for resource in (_retention, _erase, _export, _stats, _webhooks):
         app.include_router(resource.router)
     app.include_router(drain_router)
     return app

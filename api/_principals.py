@@ -17,7 +17,7 @@ from fastapi import HTTPException, Request
 if TYPE_CHECKING:  # the authority builds principals: a type-only import back
     from mailmeta.api._token_authority import TokenAuthority
 
-SCOPES = frozenset({"messages:read", "stats:read", "export", "admin"})
+SCOPES = frozenset({"messages:read", "stats:read", "export", "admin", "webhooks"})
 
 
 @dataclass(frozen=True, slots=True)

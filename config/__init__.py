@@ -26,6 +26,7 @@ from mailmeta.config._models import (
     parse_networks,
 )
 from mailmeta.config._settings import TOPIC_SETTINGS, Settings
+from mailmeta.config._webhooks import NetworkGuard, Refused, split_url
 
 __all__ = [
     "DEFAULT_REGION",
@@ -42,7 +43,9 @@ __all__ = [
     "Elsewhere",
     "FieldRule",
     "IPNetwork",
+    "NetworkGuard",
     "Policy",
+    "Refused",
     "Region",
     "Settings",
     "allowed_actions",
@@ -51,4 +54,5 @@ __all__ = [
     "parse_customers",
     "parse_host_port",
     "parse_networks",
+    "split_url",
 ]

@@ -144,10 +144,38 @@ class Settings(BaseSettings):
     # Spool capacity; when full the front end answers 451. 0 disables the spool.
     ingest_spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
 
+    # --- webhooks (webhooks/) --------------------------------------------------------------
+    # Comma-separated CIDRs webhook endpoints may resolve to although they are loopback,
+    # private, link-local or metadata addresses (refused otherwise: SSRF). Empty: none.
+    webhook_allow_networks: str = ""
+    # How long a batch is retried (exponential backoff with jitter, Retry-After honoured)
+    # before its events go to the endpoint's failure log.
+    webhook_retry_horizon_s: float = Field(default=86400.0, gt=0)
+    webhook_retry_base_s: float = Field(default=1.0, gt=0)
+    webhook_retry_max_s: float = Field(default=600.0, gt=0)
+    # Per request: connect + send + the (bounded) answer; the answer's body is never kept.
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_max_response_bytes: int = Field(default=64 * 1024, ge=0)
+    webhook_batch_max: int = Field(default=100, ge=1, le=10_000)
+    # Requests in flight over all endpoints (each endpoint has at most one: its order).
+    webhook_concurrency: int = Field(default=32, ge=1)
+    # Run the webhook stage inside the sink service (embedded chdb: the one store owner);
+    # off, run it as its own process (`mailmeta webhooks`) against a ClickHouse server.
+    webhooks_in_service: bool = False
+    # Prometheus metrics of a stand-alone webhook stage (0 = off; inside the sink service its
+    # metrics are on MAILMETA_SINK_METRICS_PORT).
+    webhook_metrics_port: int = Field(default=0, ge=0, le=65535)
+
     @field_validator("api_trusted_proxies")
     @classmethod
     def _networks(cls, text: str) -> str:
         parse_networks(text, "MAILMETA_API_TRUSTED_PROXIES")
+        return text
+
+    @field_validator("webhook_allow_networks")
+    @classmethod
+    def _webhook_networks(cls, text: str) -> str:
+        parse_networks(text, "MAILMETA_WEBHOOK_ALLOW_NETWORKS")
         return text
 
     @property

@@ -21,11 +21,12 @@ from mailmeta.api import (
     install_policies,
     server_config,
 )
-from mailmeta.config import Customers, Settings
+from mailmeta.config import Customers, NetworkGuard, Settings
 from mailmeta.kafka import check_topic_retention
 from mailmeta.policy import PolicyLog
 from mailmeta.sinks import GROUP_ID, DrainState, LagMonitor, SinkConsumer, serve_metrics
 from mailmeta.store import ClickHouseStore, Store
+from mailmeta.webhooks import WebhookStage
 
 log = logging.getLogger("mailmeta.sinks")
 
@@ -56,6 +57,7 @@ class SinkService:
         self._lag_check_s = lag_check_s
         self._lag: LagMonitor | None = None
         self._metrics_server: Any = None
+        self.webhooks: WebhookStage | None = None
 
     @property
     def url(self) -> str:
@@ -84,6 +86,9 @@ class SinkService:
                 max_wait=self.settings.sink_max_wait_ms / 1000,
             )
             self.consumer.start()
+            if self.settings.webhooks_in_service:
+                # Embedded mode: the stage needs this process's store (one chdb owner).
+                self.webhooks = WebhookStage(self.settings, self.store).start()
             if self.settings.sink_metrics_port:
                 self._start_metrics()
             self._start_api(timeout)
@@ -144,6 +149,9 @@ class SinkService:
         app.state.topic_retention_check = lambda shortest: check_topic_retention(
             settings, shortest, timeout=5.0
         )
+        app.state.webhook_guard = NetworkGuard.parse(settings.webhook_allow_networks)
+        if self.webhooks is not None:
+            app.state.webhook_wake = self.webhooks.wake
         # Redaction policies (/v1/policies): seeds the policies topic from the config.
         self._policy_log = install_policies(app, settings, self.customers, self.store)
         config = server_config(
@@ -172,6 +180,9 @@ class SinkService:
         if self.consumer is not None:
             clean = self.consumer.stop(max(1.0, timeout - 2.0)) and clean
             self.consumer = None if not self.consumer.alive else self.consumer
+        if self.webhooks is not None:
+            self.webhooks.stop(max(1.0, deadline - time.monotonic()))
+            self.webhooks = None
         if self._server is not None and self._server_thread is not None:
             self._server.should_exit = True
             self._server_thread.join(max(0.5, deadline - time.monotonic()))

@@ -17,6 +17,7 @@ from mailmeta.store._rows import ARROW_SCHEMA, arrow_from_json, to_arrow
 from mailmeta.store._search import Cursor, SearchFilter, SearchStore
 from mailmeta.store._tables import TABLE
 from mailmeta.store._tokens import AccessRecord, TokenRecord, TokenStore
+from mailmeta.store._webhooks import OutboxRow, WebhookEndpoint, WebhookStore, webhook_payload
 
 __all__ = [
     "ARROW_SCHEMA",
@@ -28,6 +29,7 @@ __all__ = [
     "Cursor",
     "Erased",
     "Migration",
+    "OutboxRow",
     "PolicyStore",
     "PreparedBatch",
     "RetentionChange",
@@ -38,8 +40,11 @@ __all__ = [
     "TokenRecord",
     "TokenStore",
     "UnstorableEvent",
+    "WebhookEndpoint",
+    "WebhookStore",
     "arrow_from_json",
     "migrate",
     "safe_dsn",
     "to_arrow",
+    "webhook_payload",
 ]

@@ -40,6 +40,7 @@ from mailmeta.store._rows import (
 from mailmeta.store._search import SearchFilter, SearchMixin
 from mailmeta.store._tables import AUDIT_TABLE, HOURLY_EVENTS_TABLE, TABLE
 from mailmeta.store._tokens import TokensMixin
+from mailmeta.store._webhooks import WebhooksMixin
 
 log = logging.getLogger("mailmeta.store")
 
@@ -80,7 +81,13 @@ def chdb_path(dsn: str) -> Path | None:
 
 
 class ClickHouseStore(
-    RetentionMixin, ErasureMixin, ReadsMixin, SearchMixin, TokensMixin, PolicyStoreMixin
+    RetentionMixin,
+    ErasureMixin,
+    ReadsMixin,
+    SearchMixin,
+    TokensMixin,
+    PolicyStoreMixin,
+    WebhooksMixin,
 ):
     """A Store on ClickHouse. Thread-safe: a small pool gives each caller its own client."""
 

@@ -39,6 +39,8 @@ from mailmeta.store._tables import (
     RETENTION_TABLE,
     TABLE,
     TOKENS_TABLE,
+    WEBHOOK_ENDPOINTS_TABLE,
+    WEBHOOK_OUTBOX_TABLE,
 )
 
 # Sharded tables and their sharding keys (each a function of columns all copies share).
@@ -61,6 +63,9 @@ EVERY_NODE: tuple[str, ...] = (
     POLICY_VERSIONS_TABLE,
     ERASURE_LOG_TABLE,
     AUDIT_TABLE,
+    # webhooks: small, read by the webhook stage and the API (store/_webhooks.py)
+    WEBHOOK_ENDPOINTS_TABLE,
+    WEBHOOK_OUTBOX_TABLE,
 )
 LOCAL_SUFFIX = "_local"
 

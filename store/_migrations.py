@@ -31,6 +31,8 @@ from mailmeta.store._tables import (
     RETENTION_TABLE,
     TABLE,
     TOKENS_TABLE,
+    WEBHOOK_ENDPOINTS_TABLE,
+    WEBHOOK_OUTBOX_TABLE,
 )
 
 log = logging.getLogger("mailmeta.store")
@@ -154,7 +156,8 @@ class LegacyOnly:
 
 
 # Version ranges, so work on separate features never collides on a number:
-#   1-19 messages and storage; 20-29 redaction policies; 30-39 API tokens and access logs.
+#   1-19 messages and storage; 20-29 redaction policies; 30-39 API tokens and access logs;
+#   40-49 webhooks.
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,6 +482,68 @@ MIGRATIONS: tuple[Migration, ...] = (
         "skip index on event_id",
         # GET /v1/messages/{event_id} looks one event up inside a customer's rows.
         (AddIndex(TABLE, "idx_event_id event_id TYPE bloom_filter(0.01) GRANULARITY 4"),),
+    ),
+    # --- 40-49: webhooks (store/_webhooks.py) ------------------------------------------------
+    Migration(
+        40,
+        "create webhook_endpoints and webhook_outbox",
+        (
+            # One row per endpoint state (a change or deletion is a newer row). The signing
+            # secret must be kept in clear (HMAC), like the customers' hashing keys; the API
+            # shows it once. previous_secret signs too until previous_until (rotation).
+            CreateTable(
+                WEBHOOK_ENDPOINTS_TABLE,
+                """(
+                    endpoint_id String,
+                    customer_id String,
+                    url String,
+                    statuses Array(String),
+                    active UInt8,
+                    secret String,
+                    previous_secret String,
+                    previous_until DateTime64(3, 'UTC'),
+                    created_at DateTime64(3, 'UTC'),
+                    deleted UInt8,
+                    updated_at DateTime64(3, 'UTC') DEFAULT now64(3)
+                )""",
+                "ReplacingMergeTree",
+                engine_args="updated_at",
+                tail="ORDER BY endpoint_id",
+            ),
+            # The durable delivery queue: one row per (endpoint, event, replay) and state;
+            # the webhook stage commits its offsets once a batch's rows are here. ver orders
+            # the states (pending < delivered/failed), so a re-read event cannot turn a
+            # delivered row pending again. The payload is the redacted event (what the
+            # store keeps): it lives at most keep_days (the customer's retention, <= 8 d).
+            CreateTable(
+                WEBHOOK_OUTBOX_TABLE,
+                """(
+                    endpoint_id String,
+                    event_id UUID,
+                    replay_id String,
+                    customer_id String,
+                    chunk UInt64,
+                    seq UInt32,
+                    created_at DateTime64(3, 'UTC'),
+                    payload String,
+                    state LowCardinality(String),
+                    attempts UInt32,
+                    last_status UInt16,
+                    last_error String,
+                    webhook_id String,
+                    settled_at Nullable(DateTime64(3, 'UTC')),
+                    keep_days UInt16,
+                    ver UInt64
+                )""",
+                "ReplacingMergeTree",
+                engine_args="ver",
+                tail="""
+                ORDER BY (endpoint_id, event_id, replay_id)
+                TTL toDateTime(created_at) + toIntervalDay(keep_days)
+                SETTINGS merge_with_ttl_timeout = 3600
+                """,
+            ),
+        ),
     ),
     Migration(
         20,

@@ -13,6 +13,7 @@ from mailmeta.schema import Event
 from mailmeta.store._base import Erased, RetentionChange
 from mailmeta.store._search import SearchStore
 from mailmeta.store._tokens import TokenStore
+from mailmeta.store._webhooks import WebhookStore
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class PolicyStore(Protocol):
 
 
 @runtime_checkable
-class Store(SearchStore, TokenStore, PolicyStore, Protocol):
+class Store(SearchStore, TokenStore, PolicyStore, WebhookStore, Protocol):
     """Where redacted events land and are read back, with per-row retention.
 
     The one seam every caller uses: searching, tokens and policy history included, so no

@@ -27,3 +27,6 @@ ACCESS_LOG_TABLE = "api_access_log"
 ACCESS_LOG_RETENTION_DAYS = 30
 POLICY_VERSIONS_TABLE = "policy_versions"
 LEDGER_TABLE = "schema_migrations"
+# The webhook stage (store/_webhooks.py): endpoints, and the durable delivery queue.
+WEBHOOK_ENDPOINTS_TABLE = "webhook_endpoints"
+WEBHOOK_OUTBOX_TABLE = "webhook_outbox"

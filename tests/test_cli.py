@@ -161,3 +161,11 @@ def test_an_invalid_api_url_is_one_line_and_exit_2(
     monkeypatch.setenv("MAILMETA_API", url)  # the same check for the environment variable
     res = runner.invoke(app, ["token", "list"])
     assert res.exit_code == 2 and "MAILMETA_API" in res.stderr
+
+
+def test_webhooks_command_refuses_a_bad_allow_list_naming_the_setting() -> None:
+    r = CliRunner().invoke(
+        app, ["webhooks"], env={"MAILMETA_WEBHOOK_ALLOW_NETWORKS": "10.0.0.0/8,nonsense"}
+    )
+    assert r.exit_code == 2
+    assert "MAILMETA_WEBHOOK_ALLOW_NETWORKS: 'nonsense' is not a network" in r.output
