@@ -14,7 +14,8 @@ import pytest
 from mailmeta.api import RateLimiter
 from mailmeta.config import Settings, load_customers
 from mailmeta.local.apache_kafka import KafkaNode
-from mailmeta.local.brokers import LocalBroker, free_port
+from mailmeta.local.brokers import LocalBroker
+from mailmeta.local.process import free_port
 from mailmeta.service import SinkService
 from mailmeta.sinks import serve_metrics
 from tests.api_helpers import ApiServer, event

@@ -19,7 +19,8 @@ from prometheus_client import REGISTRY
 
 from mailmeta.config import Customer, Customers, NetworkGuard, Refused
 from mailmeta.local.apache_kafka import KafkaNode
-from mailmeta.local.brokers import LocalBroker, free_port
+from mailmeta.local.brokers import LocalBroker
+from mailmeta.local.process import free_port
 from mailmeta.schema import Event, encode_event
 from mailmeta.service import SinkService
 from tests.event_helpers import Redacted
