@@ -21,6 +21,7 @@ from mailmeta.store._tables import (
     HOURLY_EVENTS_TABLE,
     HOURLY_TABLE,
     TABLE,
+    WEBHOOK_OUTBOX_TABLE,
 )
 
 log = logging.getLogger("mailmeta.store")
@@ -148,6 +149,11 @@ class ErasureMixin(StoreCore):
                 )
             aggregates = 0
             purge = [TABLE]
+            # The webhook outbox holds the same redacted events, waiting to be sent (or kept
+            # for replay): what is erased is neither kept there nor sent after the call.
+            if everything or ids:
+                self._delete_from_outbox(customer, None if everything else ids)
+                purge.append(WEBHOOK_OUTBOX_TABLE)
             if everything:
                 purge += [HOURLY_EVENTS_TABLE, HOURLY_TABLE, ERASURE_LOG_TABLE]
                 for table in (HOURLY_EVENTS_TABLE, HOURLY_TABLE):
@@ -162,6 +168,17 @@ class ErasureMixin(StoreCore):
             # Physically: the parts the mutations replaced still hold the erased rows.
             self._purge(purge)
         return Erased(rows, aggregates)
+
+    def _delete_from_outbox(self, customer: str, ids: list[str] | None) -> None:
+        if ids is None:
+            self._delete(WEBHOOK_OUTBOX_TABLE, "customer_id = {c:String}", {"c": customer})
+            return
+        for i in range(0, len(ids), ERASE_IDS_PER_MUTATION):
+            self._delete(
+                WEBHOOK_OUTBOX_TABLE,
+                "customer_id = {c:String} AND event_id IN {ids:Array(UUID)}",
+                {"c": customer, "ids": ids[i : i + ERASE_IDS_PER_MUTATION]},
+            )
 
     def _log_erasure(
         self, customer: str, params: dict[str, Any], rows: int, everything: bool

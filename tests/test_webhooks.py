@@ -40,7 +40,10 @@ POLICY = {
     "sender_ip": "truncate_ip",
     "helo": "drop",
 }
-NAMES = ["hooks", "outage", "deadco", "liveco", "replayco", "ssrf", "failing", "scoped", "other"]
+NAMES = [
+    "hooks", "outage", "deadco", "liveco", "replayco", "ssrf", "failing", "scoped", "other",
+    "erased",
+]  # fmt: skip
 CUSTOMERS = Customers(
     [Customer(id=c, domains=[f"{c}.example"], retention_days=30, policy=POLICY) for c in NAMES]
 )
@@ -271,6 +274,35 @@ def test_replay_from_a_time_resends_stored_events_marked_as_replay(
     assert api.post(f"/v1/webhooks/{ep['id']}/replay", json={"from": future}).json()["events"] == 0
     bad = api.post(f"/v1/webhooks/{ep['id']}/replay", json={"from": "yesterday"})
     assert bad.status_code in (400, 422) and "from" in bad.text
+
+
+def test_an_erasure_empties_the_outbox_of_what_it_erases(
+    api: httpx.Client, receiver: Receiver, producer: Producer, service: SinkService
+) -> None:
+    """The outbox keeps delivered events for replay: erasure must reach it like the rows."""
+    path = "/erased"
+    ep = endpoint(api, receiver, "erased", path)
+    victim = events_of("erased", 1, message_id="<victim@sender.example>")
+    others = events_of("erased", 2)
+    send(producer, service, victim + others)
+    ids = {e.event_id for e in victim + others}
+    wait_until(lambda: {e["event_id"] for e in receiver.events(path)} == ids, 30, "delivered")
+    wait_until(
+        lambda: len(api.get("/v1/messages", params={"customer": "erased"}).json()["messages"]) == 3,
+        30,
+        "stored",
+    )
+    r = api.post("/v1/erase", json={"customer": "erased", "message_id": "<victim@sender.example>"})
+    assert r.status_code == 200 and r.json()["rows_removed"] == 1, r.text
+    left = {
+        d["event_id"] for d in api.get(f"/v1/webhooks/{ep['id']}/deliveries").json()["deliveries"]
+    }
+    assert left == {e.event_id for e in others}
+    since = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
+    assert api.post(f"/v1/webhooks/{ep['id']}/replay", json={"from": since}).json()["events"] == 2
+    r = api.post("/v1/erase", json={"customer": "erased", "all": True})
+    assert r.status_code == 200, r.text
+    assert api.get(f"/v1/webhooks/{ep['id']}/deliveries").json()["deliveries"] == []
 
 
 @pytest.mark.parametrize(
