@@ -59,7 +59,7 @@ def setup(
     )
     ensure_topics(s, 30)
     customers = load_customers(config)
-    monkeypatch.delenv(KEY_ENV, raising=False)  # the API needs no key; one worker lacks it
+    monkeypatch.delenv(KEY_ENV, raising=False)  # each test says which process has the key
     server = ApiServer(tmp_path, customers=customers)
     server.install_policies(s, customers)
     server.start()
@@ -118,7 +118,9 @@ def test_applied_by_workers_lagging_refusing_and_gone(
             assert "v2: applied by 2 of 2 live redaction workers" in res.output
 
             # A change that hashes: the worker without the key refuses it (fail closed) and
-            # the CLI exits non-zero naming it and why; the other applies it.
+            # the CLI exits non-zero naming it and why; the other applies it. The API's host
+            # has the key (it checks a document as a worker compiles it, keys included).
+            monkeypatch.setenv(KEY_ENV, "initech-test-hmac-key-0123456789abcdef")
             res = _set(api, tmp_path, "{mail_from: hmac, rcpt_to: keep}\n", "--wait", "30")
             assert res.exit_code == 1, res.output
             assert "v3 of initech is published but not applied by 1 of 2" in res.output
