@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,10 +128,14 @@ class Stage:
 
 @contextmanager
 def run_stage(
-    module: str, settings: Settings, ready_text: str, timeout: float = 60.0
+    module: str,
+    settings: Settings,
+    ready_text: str,
+    timeout: float = 60.0,
+    args: Sequence[str] = (),
 ) -> Iterator[Stage]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", module],
+        [sys.executable, "-m", module, *args],
         env=settings_env(settings),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

@@ -1,0 +1,27 @@
+"""`mailmeta milter` and `mailmeta maillog`: Postfix as a way in (README, "Postfix")."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mailmeta.cli._app import app
+
+
+@app.command()
+def milter(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(help="Port for Postfix's smtpd_milters inet:HOST:PORT.")
+    ] = 8899,
+    answer_within: Annotated[
+        float,
+        typer.Option(help="Seconds before Postfix gets its answer whatever the broker does."),
+    ] = 5.0,
+) -> None:
+    """A read-only milter for Postfix: one event per customer for every message received.
+    Settings (Kafka, customers, spool) from MAILMETA_* variables."""
+    from mailmeta.ingest.postfix import run_milter
+
+    raise typer.Exit(run_milter(host, port, answer_within))

@@ -1,0 +1,69 @@
+"""The milter and the log follower as processes (``mailmeta milter`` / ``mailmeta maillog``):
+settings from MAILMETA_* variables, one line on stdout once running, SIGTERM/SIGINT stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from mailmeta.config import ConfigError, Customers, Settings, load_customers
+from mailmeta.ingest.postfix.milter import MilterServer
+from mailmeta.kafka import KafkaConfigError, check_connection
+
+log = logging.getLogger("mailmeta.ingest.postfix")
+
+
+def _setup(name: str) -> tuple[Settings, Customers] | int:
+    try:
+        settings = Settings()
+    except ValueError as exc:
+        print(f"mailmeta {name}: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        customers = load_customers(settings.config, settings.region)
+        check_connection(settings, timeout=5.0)
+    except (ConfigError, KafkaConfigError) as exc:
+        print(f"mailmeta {name}: {exc}", file=sys.stderr)
+        return 2
+    return settings, customers
+
+
+async def _until_signal() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def run_milter(host: str, port: int, answer_within: float) -> int:
+    setup = _setup("milter")
+    if isinstance(setup, int):
+        return setup
+    settings, customers = setup
+
+    async def serve() -> int:
+        server = MilterServer(
+            settings, customers, host=host, port=port, answer_within=answer_within
+        )
+        try:
+            await server.start()
+        except OSError as exc:
+            print(f"mailmeta milter: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+            return 1
+        except RuntimeError as exc:  # the spool is locked by another process
+            print(f"mailmeta milter: {exc}", file=sys.stderr)
+            return 1
+        print(f"mailmeta milter: listening on inet:{host}:{server.port}", flush=True)
+        await _until_signal()
+        await server.stop()
+        return 0
+
+    return asyncio.run(serve())

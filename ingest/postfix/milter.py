@@ -1,0 +1,274 @@
+"""A read-only milter for Postfix (``smtpd_milters``): the events of every message Postfix
+receives, through the same raw topic and redaction path as the SMTP front end.
+
+It never modifies, rejects or holds a message: it negotiates no action, skips the body and
+every step it does not need, and answers end-of-message within ``answer_within`` seconds
+whatever the broker does (the event then goes on to the broker or the spool in the
+background). Of each header only Message-ID, Subject and Date are kept; every other header
+is dropped as it arrives, never copied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from mailmeta import schema
+from mailmeta.config import Customers, Settings
+from mailmeta.ingest._extract import (
+    HeaderFields,
+    build_event,
+    clean_helo,
+    envelope_sender,
+    extract_headers,
+)
+from mailmeta.ingest.postfix import _codec as mc
+from mailmeta.ingest.postfix._recorder import Recorder
+
+log = logging.getLogger("mailmeta.ingest.milter")
+
+ANSWER_WITHIN = 5.0
+# A connection the MTA leaves silent this long is dropped (Postfix's own milter timeouts are
+# shorter; this only keeps a dead peer from holding a task forever).
+IDLE_TIMEOUT = 900.0
+_WANTED_HEADERS = frozenset({b"message-id", b"subject", b"date"})
+_MAX_HEADER = 4096  # of a wanted header's value; extract_headers bounds it further
+
+
+@dataclass
+class _Message:
+    queue_id: str | None = None
+    mail_from: str = ""
+    size: int | None = None
+    rcpts: list[str] = field(default_factory=list)
+    header_block: bytearray = field(default_factory=bytearray)
+    seen: set[bytes] = field(default_factory=set)
+
+
+@dataclass
+class _Connection:
+    client_addr: str | None = None
+    helo: str | None = None
+    tls_version: str | None = None
+    message: _Message = field(default_factory=_Message)
+
+
+def _address(arg: bytes) -> str:
+    text = arg.decode("utf-8", "replace").strip()
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1]
+    return text
+
+
+def _declared_size(args: list[bytes]) -> int | None:
+    for arg in args:
+        key, _, value = arg.partition(b"=")
+        if key.upper() == b"SIZE" and value.isdigit() and len(value) < 16:
+            return int(value)
+    return None
+
+
+class MilterServer:
+    """``async with MilterServer(settings, customers, port=...) as m: ...``"""
+
+    def __init__(
+        self,
+        settings: Settings,
+        customers: Customers,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        answer_within: float = ANSWER_WITHIN,
+    ) -> None:
+        if customers.region != settings.region:
+            customers = customers.serving(settings.region)
+        self.customers = customers
+        self.host = host
+        self._port = port
+        self.answer_within = answer_within
+        self.recorder = Recorder(settings, customers, "milter")
+        self._server: asyncio.Server | None = None
+        self._background: set[asyncio.Task[str | None]] = set()
+        self._sessions: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        if self._server is None or not self._server.sockets:
+            return self._port
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> MilterServer:
+        await self.recorder.start()
+        try:
+            self._server = await asyncio.start_server(
+                self._serve, self.host, self._port, reuse_address=True
+            )
+        except BaseException:
+            await self.recorder.aclose(1.0)
+            raise
+        log.info("milter listening on %s:%d", self.host, self.port)
+        return self
+
+    async def stop(self, grace: float = 5.0) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for task in list(self._sessions):
+            task.cancel()
+        await asyncio.gather(*self._sessions, return_exceptions=True)
+        if self._background:
+            await asyncio.wait(self._background, timeout=grace)
+        await self.recorder.aclose()
+
+    async def __aenter__(self) -> MilterServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- one MTA connection ----------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._sessions.add(task)
+        try:
+            await self._session(reader, writer)
+        except (mc.ProtocolError, ConnectionError, TimeoutError) as exc:
+            # The reason only: never the bytes.
+            log.info("milter connection closed: %s", type(exc).__name__)
+        finally:
+            self._sessions.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        buffer = bytearray()
+        agreed = mc.Negotiated(mc.VERSION, 0)
+        conn = _Connection()
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), IDLE_TIMEOUT)
+            if not chunk:
+                return
+            buffer += chunk
+            for command, data in mc.split_packets(buffer):
+                if command == mc.OPTNEG:
+                    agreed, reply = mc.negotiate(data)
+                    writer.write(reply)
+                    continue
+                if command == mc.QUIT:
+                    return
+                if command == mc.QUIT_NC:  # the next connection on this socket
+                    conn = _Connection()
+                    continue
+                if command == mc.BODYEOB:
+                    await self._end_of_message(conn)
+                    conn.message = _Message()
+                else:
+                    self._step(conn, command, data)
+                if mc.needs_reply(command, agreed):
+                    writer.write(mc.packet(mc.CONTINUE))
+            await writer.drain()
+
+    def _step(self, conn: _Connection, command: bytes, data: bytes) -> None:
+        msg = conn.message
+        if command == mc.MACRO:
+            values = mc.macros(data)
+            if "client_addr" in values:
+                conn.client_addr = values["client_addr"] or None
+            if "tls_version" in values:
+                conn.tls_version = values["tls_version"] or None
+            if values.get("i"):
+                msg.queue_id = values["i"][:32]
+        elif command == mc.CONNECT:
+            c = mc.connect(data)
+            conn.client_addr = conn.client_addr or c.address
+        elif command == mc.HELO:
+            parts = mc.strings(data)
+            conn.helo = clean_helo(parts[0].decode("utf-8", "replace")) if parts else None
+        elif command == mc.MAIL:
+            parts = mc.strings(data)
+            conn.message = msg = _Message(queue_id=msg.queue_id)
+            msg.mail_from = envelope_sender(_address(parts[0])) if parts else ""
+            msg.size = _declared_size(parts[1:])
+        elif command == mc.RCPT:
+            parts = mc.strings(data)
+            if parts:
+                rcpt = _address(parts[0])
+                if rcpt and rcpt not in msg.rcpts:
+                    msg.rcpts.append(rcpt)
+        elif command == mc.HEADER:
+            name, value = mc.header(data)
+            key = name.strip().lower()
+            # Every other header is dropped here, unread; a wanted one only the first time.
+            if key in _WANTED_HEADERS and key not in msg.seen:
+                msg.seen.add(key)
+                value = value[:_MAX_HEADER].replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+                msg.header_block += key + b": " + value + b"\r\n"
+        elif command == mc.ABORT:
+            conn.message = _Message()
+
+    def events(self, conn: _Connection) -> list[schema.Event]:
+        """One event per customer among the recipients; none for mail to no customer."""
+        msg = conn.message
+        started = time.perf_counter()
+        by_customer: dict[str, list[str]] = {}
+        for rcpt in msg.rcpts:
+            customer = self.customers.for_address(rcpt)
+            if customer is None or self.customers.elsewhere(customer) is not None:
+                continue  # another region's customer: never on this region's topic
+            by_customer.setdefault(customer.id, []).append(rcpt)
+        if not by_customer:
+            return []
+        headers = (
+            extract_headers(bytes(msg.header_block) + b"\r\n")
+            if msg.header_block
+            else HeaderFields(None, None, None)
+        )
+        out = []
+        for customer_id, rcpts in by_customer.items():
+            ev = build_event(
+                event_id=schema.new_event_id(),
+                customer_id=customer_id,
+                headers=headers,
+                rcpt_to=rcpts,
+                mail_from=msg.mail_from,
+                sender_ip=conn.client_addr,
+                helo=conn.helo,
+                size_bytes=0,
+                processing_ms=round((time.perf_counter() - started) * 1000, 3),
+                tls_version=conn.tls_version,
+            )
+            ev.size_bytes = msg.size  # only what the client declared (SIZE=); the body is skipped
+            # Postfix's queue id: what its log (the follower's events) names the message by.
+            ev.smtp_reply = f"250 2.0.0 Ok: queued as {msg.queue_id}" if msg.queue_id else None
+            out.append(ev)
+        return out
+
+    async def _end_of_message(self, conn: _Connection) -> None:
+        try:
+            events = self.events(conn)
+        except Exception as exc:  # a hostile message must cost its event, never the mail
+            log.warning("milter: message not recorded: %s", type(exc).__name__)
+            return
+        if not events:
+            return
+        task = asyncio.get_running_loop().create_task(self.recorder.record(events))
+        self._background.add(task)
+        task.add_done_callback(self._recorded)
+        # Bounded: Postfix gets its answer in time even while the broker is away; the event
+        # keeps going to the broker or the spool.
+        await asyncio.wait([task], timeout=self.answer_within)
+
+    def _recorded(self, task: asyncio.Task[str | None]) -> None:
+        self._background.discard(task)
+        if task.cancelled():
+            return
+        failure = task.exception() or task.result()
+        if failure:
+            log.error("milter: event(s) not recorded: %s", failure)
