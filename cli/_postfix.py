@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -25,3 +26,21 @@ def milter(
     from mailmeta.ingest.postfix import run_milter
 
     raise typer.Exit(run_milter(host, port, answer_within))
+
+
+@app.command()
+def maillog(
+    file: Annotated[
+        Path | None,
+        typer.Option(help="Postfix's maillog_file to follow (default: standard input)."),
+    ] = None,
+    position: Annotated[
+        Path | None,
+        typer.Option(help="Durable position file (default: DATA_DIR/maillog.position)."),
+    ] = None,
+) -> None:
+    """Follow Postfix's mail log: delivered / deferred / bounced / expired / rejected events
+    of the messages it names. Settings from MAILMETA_* variables."""
+    from mailmeta.ingest.postfix import run_maillog
+
+    raise typer.Exit(run_maillog(file, position))

@@ -175,6 +175,10 @@ class Postfix:
             return self.maillog.read_text(encoding="utf-8", errors="replace")
         return ""
 
+    def reload(self) -> None:
+        """Re-read the configuration; postlogd reopens maillog_file (log rotation)."""
+        self._postfix("reload")
+
     def flush(self) -> None:
         """Attempt delivery of every queued message now (postqueue -f)."""
         self._postfix("flush")

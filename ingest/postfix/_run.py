@@ -7,8 +7,10 @@ import asyncio
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from mailmeta.config import ConfigError, Customers, Settings, load_customers
+from mailmeta.ingest.postfix.maillog import MaillogFollower
 from mailmeta.ingest.postfix.milter import MilterServer
 from mailmeta.kafka import KafkaConfigError, check_connection
 
@@ -64,6 +66,33 @@ def run_milter(host: str, port: int, answer_within: float) -> int:
         print(f"mailmeta milter: listening on inet:{host}:{server.port}", flush=True)
         await _until_signal()
         await server.stop()
+        return 0
+
+    return asyncio.run(serve())
+
+
+def run_maillog(path: Path | None, position: Path | None) -> int:
+    setup = _setup("maillog")
+    if isinstance(setup, int):
+        return setup
+    settings, customers = setup
+    if path is not None and position is None:
+        position = settings.data_dir / "maillog.position"
+    if position is not None:
+        position.parent.mkdir(parents=True, exist_ok=True)
+
+    async def serve() -> int:
+        follower = MaillogFollower(settings, customers, path=path, position=position)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, follower.stopping.set)
+        try:
+            task = loop.create_task(follower.run())
+            print(f"mailmeta maillog: following {path or 'standard input'}", flush=True)
+            await task
+        except RuntimeError as exc:  # the spool is locked by another process
+            print(f"mailmeta maillog: {exc}", file=sys.stderr)
+            return 1
         return 0
 
     return asyncio.run(serve())
