@@ -74,7 +74,7 @@ def ensure_mail_owner() -> None:
 class Postfix:
     """One Postfix instance in ``base``: smtpd on a free loopback port, mail relayed to
     ``relayhost`` ("HOST:PORT"), ``milter`` ("inet:HOST:PORT") attached when given;
-    ``extra`` adds or overrides main.cf parameters."""
+    ``extra`` adds or overrides main.cf parameters, ``master_extra`` adds master.cf lines."""
 
     def __init__(
         self,
@@ -82,6 +82,7 @@ class Postfix:
         relayhost: str,
         milter: str | None = None,
         extra: dict[str, str] | None = None,
+        master_extra: str = "",
     ) -> None:
         # Not under pytest's tmp dir: its 0700 parents keep the mail owner out of the
         # queue and data directories.
@@ -134,6 +135,7 @@ class Postfix:
             params["milter_default_action"] = "accept"
         params.update(extra or {})
         self.params = params
+        self.master_extra = master_extra
         self.master_pid: int | None = None
 
     def _postfix(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -158,7 +160,8 @@ class Postfix:
             "".join(f"{k} = {v}\n" for k, v in self.params.items()), encoding="utf-8"
         )
         (self.conf / "master.cf").write_text(
-            f"127.0.0.1:{self.port} inet n - n - - smtpd\n" + _MASTER, encoding="utf-8"
+            f"127.0.0.1:{self.port} inet n - n - - smtpd\n" + _MASTER + self.master_extra,
+            encoding="utf-8",
         )
         started = self._postfix("start", check=False)
         if started.returncode != 0:

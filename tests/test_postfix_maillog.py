@@ -3,6 +3,7 @@ delivery histories from Postfix's own log, rotation, and SIGKILL of the follower
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import smtplib
@@ -21,7 +22,7 @@ from mailmeta.ingest.postfix._maillog import LogParser
 from tests.conftest import EXAMPLE_CONFIG
 from tests.kafka_helpers import Stage, run_stage, wait_until
 from tests.postfix_helpers import Postfix, available
-from tests.smtp_helpers import NextHop, message, read_raw
+from tests.smtp_helpers import NextHop, free_loopback_port, message, read_raw
 
 needs_postfix = pytest.mark.skipif(
     not available(), reason="needs root and .tools (tests/tools/fetch.sh)"
@@ -195,3 +196,76 @@ def test_rotation_and_sigkill_of_the_follower_skip_nothing_and_double_nothing(
             counts = wait_until(lambda: (c := delivered()) and len(c) == 30 and c, 60, "30")
     assert set(counts) == set(sent)
     assert set(counts.values()) == {1}  # one event id per delivery: nothing doubled
+
+
+@needs_postfix
+def test_expired_after_the_queue_lifetime(settings: Settings, tmp_path: Path) -> None:
+    lifetime = {"maximal_queue_lifetime": "0", "bounce_queue_lifetime": "0"}
+    with (
+        NextHop() as hop,
+        Postfix(relayhost=hop.address, extra=lifetime) as pf,
+        follower(settings, pf, tmp_path / "pos"),
+    ):
+        hop.rcpt_replies["late@demo.example"] = "451 4.3.0 Try again later"
+        with smtplib.SMTP("127.0.0.1", pf.port) as s:
+            s.sendmail("sender@example.org", ["late@demo.example"], message())
+        events = wait_until(lambda: (ev := _events(settings, 2)) and len(ev) >= 2 and ev)
+    assert _history(events, "late@demo.example") == ["deferred", "expired"]
+    assert events[1]["smtp_reply"] == "expired after 1 attempt(s)"
+    assert events[1]["mail_from"] == "sender@example.org"
+
+
+class ReinjectingFilter(NextHop):
+    """A content filter: takes each message over SMTP and hands it back to Postfix's
+    re-injection listener, answering with Postfix's own reply ("… queued as NEWID")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reinject_port = 0
+        hop = self
+
+        class Handler:
+            async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+                def reinject() -> str:
+                    with smtplib.SMTP("127.0.0.1", hop.reinject_port) as s:
+                        s.ehlo()
+                        s.mail(envelope.mail_from)
+                        for rcpt in envelope.rcpt_tos:
+                            s.rcpt(rcpt)
+                        code, text = s.data(envelope.original_content)
+                    return f"{code} {text.decode()}"
+
+                return await asyncio.to_thread(reinject)
+
+        from aiosmtpd.smtp import SMTP
+
+        self._factory = lambda: SMTP(Handler(), hostname="filter.test", loop=self.loop)
+
+
+@needs_postfix
+def test_a_content_filter_hop_is_followed_not_reported(settings: Settings, tmp_path: Path) -> None:
+    reinject = free_loopback_port()
+    with NextHop() as hop, ReinjectingFilter() as filt:
+        filt.reinject_port = reinject
+        host, port = filt.address.split(":")
+        master = (
+            "scan unix - - n - 4 smtp\n"
+            f"127.0.0.1:{reinject} inet n - n - - smtpd\n"
+            "  -o content_filter=\n  -o smtpd_milters=\n"
+        )
+        extra = {"content_filter": f"scan:[{host}]:{port}"}
+        with (
+            Postfix(relayhost=hop.address, extra=extra, master_extra=master) as pf,
+            follower(settings, pf, tmp_path / "pos"),
+        ):
+            mid = f"<{uuid.uuid4().hex}@sender.example>"
+            with smtplib.SMTP("127.0.0.1", pf.port) as s:
+                s.sendmail("sender@example.org", ["f@demo.example"], message(message_id=mid))
+            wait_until(lambda: hop.received, 60, "delivery after the filter")
+            wait_until(lambda: pf.log_text().count("status=sent") >= 2, 30, "both hops logged")
+            events = wait_until(lambda: _events(settings, 1), 30, "the delivered event")
+            log_text = pf.log_text()
+            hop_port = hop.address.split(":")[1]
+    assert "queued as" in log_text and f"relay=127.0.0.1[127.0.0.1]:{port}" in log_text
+    assert [(e["status"], e["message_id"]) for e in events] == [("delivered", mid)]
+    assert f"]:{hop_port})" in events[0]["smtp_reply"]  # the real hop, not the filter
