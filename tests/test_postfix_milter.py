@@ -9,6 +9,7 @@ import re
 import signal
 import smtplib
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -169,3 +170,49 @@ def test_postfix_keeps_delivering_when_the_milter_is_killed_under_load(
         wait_until(lambda: len(hop.received) >= total, 90, f"{total} deliveries at the next hop")
         assert stage.proc.wait(5) == -signal.SIGKILL
     assert len(hop.received) == total
+
+
+def test_broker_away_postfix_is_answered_in_time_and_the_event_is_spooled_then_replayed(
+    settings: Settings,
+) -> None:
+    away = settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{free_loopback_port()}"})
+    with (
+        NextHop() as hop,
+        milter_process(away) as (_, port),
+        Postfix(relayhost=hop.address, milter=_milter(port)) as pf,
+    ):
+        started = time.monotonic()
+        with smtplib.SMTP("127.0.0.1", pf.port) as s:
+            s.sendmail("s@example.org", ["spooled@demo.example"], message("while away"))
+        answered = time.monotonic() - started
+        wait_until(lambda: hop.received, 30, "delivery while the broker is away")
+        spool = away.data_dir / "spool" / "milter"
+        wait_until(lambda: list(spool.glob("seg-*.log")), 30, "the spooled event")
+    assert answered < 10  # the spool after MAILMETA_INGEST_SPOOL_AFTER_S (2 s), not a timeout
+    assert read_raw(settings, timeout=2) == []
+    # The broker back (the same data dir): the spooled event is replayed.
+    with milter_process(settings):
+        [raw] = wait_until(lambda: read_raw(settings, min_count=1), 30, "the replayed event")
+    assert orjson.loads(raw)["rcpt_to"] == ["spooled@demo.example"]
+
+
+def test_without_a_spool_the_answer_comes_within_its_bound(settings: Settings) -> None:
+    away = settings.model_copy(
+        update={
+            "kafka_bootstrap": f"127.0.0.1:{free_loopback_port()}",
+            "ingest_spool_max_bytes": 0,
+        }
+    )
+    port = free_loopback_port()
+    args = ["milter", "--port", str(port), "--answer-within", "1"]
+    with (
+        NextHop() as hop,
+        run_stage("mailmeta", away, "listening on inet:", args=args),
+        Postfix(relayhost=hop.address, milter=_milter(port)) as pf,
+    ):
+        started = time.monotonic()
+        with smtplib.SMTP("127.0.0.1", pf.port) as s:
+            s.sendmail("s@example.org", ["r@demo.example"], message("no spool"))
+        answered = time.monotonic() - started
+        wait_until(lambda: hop.received, 30, "delivery")
+    assert 1 <= answered < 5
