@@ -18,8 +18,11 @@ def milter(
     ] = 8899,
     answer_within: Annotated[
         float,
-        typer.Option(help="Seconds before Postfix gets its answer whatever the broker does."),
-    ] = 5.0,
+        typer.Option(
+            help="0: answer Postfix at once. N > 0: wait for the event's acknowledgement (or "
+            "spool), up to N seconds whatever the broker does."
+        ),
+    ] = 0.0,
 ) -> None:
     """A read-only milter for Postfix: one event per customer for every message received.
     Settings (Kafka, customers, spool) from MAILMETA_* variables."""

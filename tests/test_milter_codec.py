@@ -46,9 +46,12 @@ def test_negotiation_asks_no_action_skips_the_body_and_requests_the_macros() -> 
         requested[stage] = names.decode()
     assert requested == mc.MACROS
     assert agreed.protocol == protocol
-    # Steps answered "no reply": only end of message is waited for.
-    assert not mc.needs_reply(mc.HEADER, agreed) and not mc.needs_reply(mc.RCPT, agreed)
-    assert mc.needs_reply(mc.BODYEOB, agreed)
+    # Every step it takes part in is answered (see WANTED_PROTOCOL); macros never are.
+    assert mc.needs_reply(mc.HEADER, agreed) and mc.needs_reply(mc.BODYEOB, agreed)
+    assert not mc.needs_reply(mc.MACRO, agreed)
+    # An MTA that agreed to no-reply steps is not answered for them.
+    nr = mc.Negotiated(6, mc.SMFIP_NR_HDR)
+    assert not mc.needs_reply(mc.HEADER, nr) and mc.needs_reply(mc.RCPT, nr)
 
 
 def test_negotiation_with_an_old_mta_asks_only_what_it_offers() -> None:
@@ -57,7 +60,7 @@ def test_negotiation_with_an_old_mta_asks_only_what_it_offers() -> None:
     version, actions, protocol = struct.unpack(">III", data)
     assert (version, actions) == (2, 0)
     assert protocol == mc.WANTED_PROTOCOL & 0x7F
-    assert mc.needs_reply(mc.HEADER, agreed)  # no NR_HDR offered: each header is answered
+    assert mc.needs_reply(mc.HEADER, agreed)
 
 
 def test_decoding_connect_macros_and_headers() -> None:

@@ -47,19 +47,11 @@ SMFIP_NR_HELO = 0x2000
 SMFIP_NR_MAIL = 0x4000
 SMFIP_NR_RCPT = 0x8000
 
-# Skipped: the body, end of headers, DATA and unknown commands. Not answered (the MTA does not
-# wait for us): connect, HELO, MAIL, RCPT, each header. Only end-of-message gets a reply.
-WANTED_PROTOCOL = (
-    SMFIP_NOBODY
-    | SMFIP_NOEOH
-    | SMFIP_NOUNKNOWN
-    | SMFIP_NODATA
-    | SMFIP_NR_HDR
-    | SMFIP_NR_CONN
-    | SMFIP_NR_HELO
-    | SMFIP_NR_MAIL
-    | SMFIP_NR_RCPT
-)
+# Skipped: the body, end of headers, DATA and unknown commands. Every other step is answered
+# at once: the no-reply flags (SMFIP_NR_*) were measured slower, not faster — Postfix then
+# sends commands as small writes nobody answers, Nagle on its side waits for our delayed ACK,
+# and DATA took ~45 ms instead of ~3 ms (a reply carries the ACK at once).
+WANTED_PROTOCOL = SMFIP_NOBODY | SMFIP_NOEOH | SMFIP_NOUNKNOWN | SMFIP_NODATA
 # Commands that need no reply once their no-reply flag is negotiated.
 NO_REPLY_FLAG = {
     CONNECT: SMFIP_NR_CONN,

@@ -7,7 +7,9 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from mailmeta.config import ConfigError, Customers, Settings, load_customers
 from mailmeta.ingest.postfix.maillog import MaillogFollower
@@ -15,6 +17,15 @@ from mailmeta.ingest.postfix.milter import MilterServer
 from mailmeta.kafka import KafkaConfigError, check_connection
 
 log = logging.getLogger("mailmeta.ingest.postfix")
+
+
+def _run(main: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 def _setup(name: str) -> tuple[Settings, Customers] | int:
@@ -68,7 +79,7 @@ def run_milter(host: str, port: int, answer_within: float) -> int:
         await server.stop()
         return 0
 
-    return asyncio.run(serve())
+    return _run(serve())
 
 
 def run_maillog(path: Path | None, position: Path | None) -> int:
@@ -95,4 +106,4 @@ def run_maillog(path: Path | None, position: Path | None) -> int:
             return 1
         return 0
 
-    return asyncio.run(serve())
+    return _run(serve())
