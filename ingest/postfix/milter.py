@@ -39,6 +39,7 @@ ANSWER_WITHIN = 0.0
 # A connection the MTA leaves silent this long is dropped (Postfix's own milter timeouts are
 # shorter; this only keeps a dead peer from holding a task forever).
 IDLE_TIMEOUT = 900.0
+BATCH_WINDOW = 0.005  # the producer's own linger.ms
 _WANTED_HEADERS = frozenset({b"message-id", b"subject", b"date"})
 _MAX_HEADER = 4096  # of a wanted header's value; extract_headers bounds it further
 
@@ -114,6 +115,8 @@ class MilterServer:
         self._connections: set[_MilterProtocol] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._waiters: set[asyncio.Task[None]] = set()
+        self._pending: list[schema.Event] = []
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     @property
     def port(self) -> int:
@@ -144,6 +147,9 @@ class MilterServer:
             self._sweeper.cancel()
         for proto in list(self._connections):
             proto.close()
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+        self._flush_pending()
         if self._background:
             await asyncio.wait(self._background, timeout=grace)
         await self.recorder.aclose()
@@ -248,6 +254,23 @@ class MilterServer:
             return None
         if not events:
             return None
+        if self.answer_within > 0:
+            return self._record(events)
+        # Answered at once: the events of the next few milliseconds go to the broker
+        # together (one produce-and-wait for many messages instead of one each).
+        self._pending += events
+        if self._flush_timer is None:
+            loop = asyncio.get_running_loop()
+            self._flush_timer = loop.call_later(BATCH_WINDOW, self._flush_pending)
+        return None
+
+    def _flush_pending(self) -> None:
+        self._flush_timer = None
+        events, self._pending = self._pending, []
+        if events:
+            self._record(events)
+
+    def _record(self, events: list[schema.Event]) -> asyncio.Task[str | None]:
         task = asyncio.get_running_loop().create_task(self.recorder.record(events))
         self._background.add(task)
         task.add_done_callback(self._recorded)
