@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import smtplib
+import socket
 import threading
 import time
 import uuid
@@ -216,3 +217,18 @@ def test_without_a_spool_the_answer_comes_within_its_bound(settings: Settings) -
         answered = time.monotonic() - started
         wait_until(lambda: hop.received, 30, "delivery")
     assert 1 <= answered < 5
+
+
+def test_bytes_that_are_no_milter_protocol_close_that_connection_only(
+    settings: Settings,
+) -> None:
+    with milter_process(settings) as (stage, port):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as bad:
+            bad.sendall(b"\xff\xff\xff\xffGET / HTTP/1.1\r\n\r\n")
+            assert bad.recv(100) == b""  # closed, nothing answered
+        # The milter still serves Postfix.
+        with NextHop() as hop, Postfix(relayhost=hop.address, milter=_milter(port)) as pf:
+            with smtplib.SMTP("127.0.0.1", pf.port) as s:
+                s.sendmail("s@example.org", ["r@demo.example"], message("after"))
+            wait_until(lambda: read_raw(settings, min_count=1), 30, "the event")
+        assert "HTTP/1.1" not in stage.output
