@@ -7,6 +7,8 @@ import asyncio
 import os
 import signal
 import smtplib
+import subprocess
+import sys
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -19,8 +21,9 @@ import pytest
 
 from mailmeta.config import Settings, load_customers
 from mailmeta.ingest.postfix._maillog import LogParser
+from mailmeta.schema import encode_event
 from tests.conftest import EXAMPLE_CONFIG
-from tests.kafka_helpers import Stage, run_stage, wait_until
+from tests.kafka_helpers import Stage, run_stage, settings_env, wait_until
 from tests.postfix_helpers import Postfix, available
 from tests.smtp_helpers import NextHop, free_loopback_port, message, read_raw
 
@@ -269,3 +272,69 @@ def test_a_content_filter_hop_is_followed_not_reported(settings: Settings, tmp_p
     assert "queued as" in log_text and f"relay=127.0.0.1[127.0.0.1]:{port}" in log_text
     assert [(e["status"], e["message_id"]) for e in events] == [("delivered", mid)]
     assert f"]:{hop_port})" in events[0]["smtp_reply"]  # the real hop, not the filter
+
+
+def test_a_reused_queue_id_starts_afresh() -> None:
+    parser = LogParser(load_customers(EXAMPLE_CONFIG))
+    second = [
+        *LOG.splitlines()[:3],
+        "Dec 08 01:41:00 postfix postfix/qmgr[1]: 68AF29841F8: removed",
+        "Dec 08 01:42:00 postfix postfix/smtpd[2]: 68AF29841F8: client=unknown[198.51.100.1]",
+        "Dec 08 01:42:00 postfix postfix/cleanup[3]: 68AF29841F8: message-id=<m2@x.example>",
+        "Dec 08 01:42:01 postfix postfix/smtp[4]: 68AF29841F8: to=<c@demo.example>, "
+        "relay=none, delay=1, delays=1/0/0/0, dsn=2.0.0, status=sent (250 ok)",
+    ]
+    [event] = [e for line in second for e in parser.feed(line)]
+    assert (event.message_id, event.sender_ip, event.mail_from, event.size_bytes) == (
+        "<m2@x.example>",
+        "198.51.100.1",
+        None,  # not the earlier message's sender
+        None,
+    )
+
+
+def test_standard_input_is_followed_to_its_end(settings: Settings) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "mailmeta", "maillog"],
+        input=LOG.encode(),
+        env=settings_env(settings),
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    events = [orjson.loads(r) for r in read_raw(settings, min_count=3)]
+    assert sorted(e["status"] for e in events) == ["deferred", "delivered", "rejected"]
+    assert b"@" not in done.stdout + done.stderr  # no line, no address in its output
+
+
+def test_the_batch_in_flight_at_a_sigkill_is_sent_again_with_its_own_ids(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The state a SIGKILL leaves between writing the position and the broker's
+    acknowledgement: the follower sends those very records, and reads on after them."""
+    log_file = tmp_path / "maillog"
+    log_file.write_text(LOG, encoding="utf-8")
+    parser = LogParser(load_customers(EXAMPLE_CONFIG))
+    inflight = [e for line in LOG.splitlines() for e in parser.feed(line)]
+    position = tmp_path / "pos"
+    position.write_bytes(
+        orjson.dumps(
+            {
+                "inode": log_file.stat().st_ino,
+                "offset": len(LOG.encode()),
+                "state": parser.state(),
+                "inflight": [encode_event(e).decode() for e in inflight],
+            }
+        )
+    )
+    args = ["maillog", "--file", str(log_file), "--position", str(position)]
+    with run_stage("mailmeta", settings, "maillog: following", args=args):
+        with log_file.open("a", encoding="utf-8") as f:
+            f.write(LOG.splitlines()[-1].replace("no@", "again@") + "\n")
+        raws = wait_until(lambda: read_raw(settings, min_count=4), 30, "four events")
+    events = {e["event_id"]: e for e in map(orjson.loads, raws)}
+    assert len(raws) == 4
+    again = [e for e in events.values() if e["rcpt_to"] == ["again@demo.example"]]
+    assert len(again) == 1
+    assert set(events) - {again[0]["event_id"]} == {e.event_id for e in inflight}
+    assert orjson.loads(position.read_bytes())["inflight"] == []
