@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from mailmeta import schema
 from mailmeta.config import Customers
-from mailmeta.ingest._extract import now_ms
 
 # How many queue ids are remembered at once (a log that never says "removed" must not grow
 # the table, nor the position file, without bound): the oldest are forgotten first.
@@ -43,6 +43,7 @@ _REJECT = re.compile(
     r"(?: proto=\S+)?(?: helo=<(?P<helo>[^>]*)>)?"
 )
 _QUEUED_AS = re.compile(r"queued as (?P<qid>[0-9A-Za-z]{5,20})\b")
+_TICK = timedelta(milliseconds=1)
 _STATUS = {"sent": "delivered", "deferred": "deferred", "bounced": "bounced", "expired": "expired"}
 
 
@@ -68,6 +69,7 @@ class LogParser:
     def __init__(self, customers: Customers) -> None:
         self.customers = customers
         self.queue: dict[str, Queued] = {}
+        self._last = datetime.min.replace(tzinfo=UTC)
 
     # -- state -----------------------------------------------------------------------------
 
@@ -133,9 +135,13 @@ class LogParser:
                 "size_bytes": q.size,
             }
         base.update(fields)
+        # Strictly increasing times: one message's statuses (often logged within one
+        # millisecond) keep the log's order wherever they are read, on any partition.
+        now = datetime.now(UTC)
+        self._last = max(now, self._last + _TICK)
         return schema.Event(
             event_id=schema.new_event_id(),
-            received_at=now_ms(),
+            received_at=schema.format_time(self._last),
             customer_id=customer_id,
             status=status,
             **base,
