@@ -9,6 +9,7 @@ import re
 import signal
 import smtplib
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -232,3 +233,26 @@ def test_bytes_that_are_no_milter_protocol_close_that_connection_only(
                 s.sendmail("s@example.org", ["r@demo.example"], message("after"))
             wait_until(lambda: read_raw(settings, min_count=1), 30, "the event")
         assert "HTTP/1.1" not in stage.output
+
+
+def test_the_tls_version_of_the_client_session_is_captured(
+    settings: Settings, tmp_path: Path
+) -> None:
+    from mailmeta.ingest._tls import self_signed
+
+    cert, key = self_signed(tmp_path / "tls", "postfix.test")
+    tls = {
+        "smtpd_tls_security_level": "may",
+        "smtpd_tls_cert_file": str(cert),
+        "smtpd_tls_key_file": str(key),
+    }
+    with (
+        milter_process(settings) as (_, port),
+        NextHop() as hop,
+        Postfix(relayhost=hop.address, milter=_milter(port), extra=tls) as pf,
+    ):
+        with smtplib.SMTP("127.0.0.1", pf.port) as s:
+            s.starttls(context=ssl._create_unverified_context())
+            s.sendmail("s@example.org", ["t@demo.example"], message("over TLS"))
+        [raw] = wait_until(lambda: read_raw(settings, min_count=1), 30, "the event")
+    assert orjson.loads(raw)["tls_version"] == "TLSv1.3"
