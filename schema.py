@@ -33,7 +33,8 @@ DEADLETTER_TOPIC = "mailmeta.deadletter"
 # Fields a policy cannot remove: without them an event cannot be stored, expired or counted.
 ALWAYS_KEPT = frozenset({"event_id", "received_at", "customer_id", "status"})
 
-STATUSES = frozenset({"accepted", "delivered", "deferred", "bounced", "rejected"})
+# "expired": Postfix gave up on a deferred recipient (queue lifetime over; from its log).
+STATUSES = frozenset({"accepted", "delivered", "deferred", "bounced", "expired", "rejected"})
 
 
 class SchemaError(ValueError):

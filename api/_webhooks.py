@@ -27,7 +27,7 @@ from mailmeta.store import OutboxRow, Store, WebhookEndpoint, webhook_payload
 Hooks = Annotated[Principal, Depends(require("webhooks"))]
 router = APIRouter()
 MAX_ENDPOINTS_PER_CUSTOMER = 20
-_Status = Literal["accepted", "delivered", "deferred", "bounced", "rejected"]
+_Status = Literal["accepted", "delivered", "deferred", "bounced", "expired", "rejected"]
 assert set(_Status.__args__) == STATUSES  # type: ignore[attr-defined]
 
 

@@ -62,9 +62,17 @@ def up(
             "name order after the default one) uses every port + N x this step.",
         ),
     ] = 100,
+    milter_port: Annotated[
+        int | None,
+        typer.Option(help="Also run the read-only milter for a local Postfix on this port."),
+    ] = None,
+    maillog: Annotated[
+        Path | None,
+        typer.Option(help="Also follow this Postfix maillog_file (delivery outcomes)."),
+    ] = None,
 ) -> None:
     """Run the whole pipeline on this machine until Ctrl-C (or SIGTERM)."""
-    from mailmeta.local.supervisor import run_up
+    from mailmeta.local.supervisor import PostfixParts, run_up
 
     overrides: dict[str, object] = {
         "data_dir": data_dir,
@@ -103,6 +111,9 @@ def up(
             broker_port=broker_port,
             broker_kind="kafka" if broker == "kafka" else "tansu",
             region_port_step=region_port_step,
+            postfix=PostfixParts(milter_port, maillog.resolve() if maillog else None)
+            if milter_port is not None or maillog is not None
+            else None,
         )
     except ConfigError as exc:
         fail(str(exc), 2)

@@ -44,6 +44,26 @@ PRIVATE_UMASK = 0o077  # files 0600, directories 0700 under the data dir
 BrokerKind = Literal["kafka", "tansu"]
 
 
+@dataclass(frozen=True)
+class PostfixParts:
+    """`mailmeta up --milter-port/--maillog`: the ways in for a Postfix the user runs."""
+
+    NAMES = ("milter", "maillog")
+    milter_port: int | None = None
+    maillog: Path | None = None
+
+    def parts(self, py: str, host: str) -> list[Part]:
+        out = []
+        if self.milter_port is not None:
+            argv = [py, "-m", "mailmeta", "milter", "--host", host, "--port", str(self.milter_port)]
+            where = f"milter inet:{host}:{self.milter_port}"
+            out.append(Part("milter", argv, "listening on inet:", where))
+        if self.maillog is not None:
+            argv = [py, "-m", "mailmeta", "maillog", "--file", str(self.maillog)]
+            out.append(Part("maillog", argv, "maillog: following", f"log {self.maillog}"))
+        return out
+
+
 @dataclass
 class Part:
     """One stage of the pipeline, run as a child process and restarted with backoff."""
@@ -97,8 +117,10 @@ class Supervisor:
         broker_port: int,
         broker_kind: BrokerKind = "kafka",
         out: Callable[[str], None] | None = None,
+        postfix: PostfixParts | None = None,
     ) -> None:
         self.settings = settings
+        self.postfix = postfix
         self.local_broker = local_broker
         self.broker_port = broker_port
         self.broker_kind: BrokerKind = broker_kind  # for _new_broker only
@@ -157,6 +179,8 @@ class Supervisor:
             Part("streams", [py, "-m", "mailmeta.streams"], "Worker]: Ready", "redaction worker"),
             Part("ingest", [py, "-m", "mailmeta.ingest"], "SMTP listening", f"SMTP {s.smtp_host}:{s.smtp_port}"),
         ]  # fmt: skip
+        if self.postfix is not None:
+            self.parts += self.postfix.parts(py, s.smtp_host)
         self._env_cache = self._env()
         for part in self.parts:
             self._start_part(part)
@@ -244,6 +268,12 @@ class Supervisor:
 
         by_name = {p.name: p for p in self.parts}
         ingest, streams, sink = by_name.get("ingest"), by_name.get("streams"), by_name.get("sink")
+        ways_in = [p for p in self.parts if p.name in PostfixParts.NAMES]
+        for way in ways_in:  # like the front end: they stop first and flush their producers
+            way.terminate()
+        for way in ways_in:
+            way.wait_stopped(left(5))
+            self.out(f"  {way.name:<8} stopped")
         if ingest:
             ingest.terminate()  # stops accepting, finishes transactions, flushes its producer
             ingest.wait_stopped(left(5))
@@ -341,8 +371,10 @@ def run_up(
     broker_port: int,
     broker_kind: BrokerKind = "kafka",
     region_port_step: int = 100,
+    postfix: PostfixParts | None = None,
 ) -> int:
-    """Every region's cell (just the default one without `regions`), until a signal."""
+    """Every region's cell (just the default one without `regions`), until a signal; the
+    Postfix parts, when asked, in the first (a local Postfix serves one region)."""
     customers = load_customers(settings.config, settings.region)
     # Everything this run and its parts (broker JVM, chdb, front ends) create is owner-only:
     # every process started from here inherits the umask. Not restored: `mailmeta up` is
@@ -354,6 +386,7 @@ def run_up(
             local_broker=local_broker,
             broker_port=broker_port + i * region_port_step,
             broker_kind=broker_kind,
+            postfix=postfix if i == 0 else None,
         )
         for i, region in enumerate(customers.region_names())
     ]

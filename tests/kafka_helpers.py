@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,11 +165,15 @@ class Stage:
 
 @contextmanager
 def run_stage(
-    module: str, settings: Settings, ready_text: str, timeout: float = 60.0
+    module: str,
+    settings: Settings,
+    ready_text: str,
+    timeout: float = 60.0,
+    args: Sequence[str] = (),
 ) -> Iterator[Stage]:
     lines: list[str] = []
     child = Spawned(
-        [sys.executable, "-m", module],
+        [sys.executable, "-m", module, *args],
         ready_text=ready_text,
         env=settings_env(settings),
         on_line=lines.append,

@@ -231,6 +231,8 @@ class NextHop:
 
         self.reply = reply
         self.rcpt_reply: str | None = None
+        # Per recipient: a reply that refuses it (e.g. "450 …" or "550 …"); changed at will.
+        self.rcpt_replies: dict[str, str] = {}
         self.received: list[tuple[str, list[str], bytes]] = []
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -239,8 +241,9 @@ class NextHop:
 
         class Handler:
             async def handle_RCPT(self, server, session, envelope, address, options):  # type: ignore[no-untyped-def]
-                if hop.rcpt_reply:
-                    return hop.rcpt_reply
+                refusal = hop.rcpt_replies.get(address) or hop.rcpt_reply
+                if refusal:
+                    return refusal
                 envelope.rcpt_tos.append(address)
                 return "250 OK"
 

@@ -2,8 +2,8 @@
 // textContent (never HTML), so a subject line cannot inject markup.
 "use strict";
 
-const STATUSES = ["accepted", "delivered", "deferred", "bounced", "rejected"];
-const COLORS = { accepted: "#1565c0", delivered: "#2e7d32", deferred: "#ef6c00", bounced: "#c62828", rejected: "#6a1b9a" };
+const STATUSES = ["accepted", "delivered", "deferred", "bounced", "expired", "rejected"];
+const COLORS = { accepted: "#1565c0", delivered: "#2e7d32", deferred: "#ef6c00", bounced: "#c62828", expired: "#795548", rejected: "#6a1b9a" };
 const FIELDS = ["sender_ip", "helo", "mail_from", "rcpt_to", "message_id", "subject", "date", "size_bytes", "smtp_reply", "processing_ms", "tls_version"];
 const ACTION_LABEL = { hmac: "HMAC-hashed", mask: "masked", truncate_ip: "IP truncated", drop: "dropped", keep: "" };
 const $ = (id) => document.getElementById(id);
