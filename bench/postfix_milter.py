@@ -21,7 +21,8 @@ import time
 import uuid
 from pathlib import Path
 
-from _brokers import BenchBroker, loadavg
+from _brokers import BenchBroker
+from _report import header
 from smtp_ingest import SMTP_SOURCE, _count_events, _cpu_seconds, _smtp_source, _stop, _wait_line
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,19 +41,19 @@ def main() -> int:
     ap.add_argument("--answer-within", default="0", help="the milter's --answer-within")
     ap.add_argument("--parts", default="milter,maillog", help="what to attach (comma-separated)")
     args = ap.parse_args()
+    header()
     if not SMTP_SOURCE.exists() or not available():
         print("needs root and .tools (tests/tools/fetch.sh .tools)", file=sys.stderr)
         return 2
 
     from mailmeta.config import Settings, load_customers
     from mailmeta.kafka import ensure_topics
-    from mailmeta.local.brokers import free_port
+    from mailmeta.local.process import free_port
 
     n, s, size = args.messages, args.sessions, args.size
     work = tempfile.TemporaryDirectory(prefix="mailmeta-bench-")
     procs: list[subprocess.Popen[str]] = []
     try:
-        print(f"machine: {loadavg()}")
         print(f"load: smtp-source -s {s} -m {n} -l {size} (one message per connection)")
         with BenchBroker("kafka", Path(work.name) / "broker") as broker:
             # The broker runs in both runs: the same machine load, only the attachment differs.

@@ -18,8 +18,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mailmeta.local.process import free_port
 from tests.kafka_helpers import wait_until
-from tests.smtp_helpers import free_loopback_port, listening
+from tests.smtp_helpers import listening
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / ".tools"
@@ -94,7 +95,7 @@ class Postfix:
         self.data = self.base / "data"
         self.logdir = self.base / "log"
         self.maillog = self.logdir / "maillog"
-        self.port = free_loopback_port()
+        self.port = free_port()
         host, _, port = relayhost.rpartition(":")
         params: dict[str, str] = {
             "compatibility_level": "3.6",

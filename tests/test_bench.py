@@ -32,6 +32,7 @@ TINY: dict[str, tuple[list[str], str]] = {
         ["--broker", "kafka", "--rate", "20", "--seconds", "2", "--warmup", "0"],
         "stored:",
     ),
+    "postfix_milter.py": (["-n", "40", "--sessions", "4"], "msg/s"),
     "idle_cpu.py": (["--seconds", "1", "--settle", "1"], "total"),
     "kafka_facts.py": (
         ["--runs", "1", "--records", "200", "--idle", "1", "--settle", "1"],

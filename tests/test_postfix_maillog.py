@@ -21,11 +21,12 @@ import pytest
 
 from mailmeta.config import Settings, load_customers
 from mailmeta.ingest.postfix._maillog import LogParser
+from mailmeta.local.process import free_port
 from mailmeta.schema import encode_event
 from tests.conftest import EXAMPLE_CONFIG
 from tests.kafka_helpers import Stage, run_stage, settings_env, wait_until
 from tests.postfix_helpers import Postfix, available
-from tests.smtp_helpers import NextHop, free_loopback_port, message, read_raw
+from tests.smtp_helpers import NextHop, message, read_raw
 
 needs_postfix = pytest.mark.skipif(
     not available(), reason="needs root and .tools (tests/tools/fetch.sh)"
@@ -256,7 +257,7 @@ class ReinjectingFilter(NextHop):
 
 @needs_postfix
 def test_a_content_filter_hop_is_followed_not_reported(settings: Settings, tmp_path: Path) -> None:
-    reinject = free_loopback_port()
+    reinject = free_port()
     with NextHop() as hop, ReinjectingFilter() as filt:
         filt.reinject_port = reinject
         host, port = filt.address.split(":")

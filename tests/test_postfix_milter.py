@@ -21,11 +21,11 @@ import orjson
 import pytest
 
 from mailmeta.config import Settings
+from mailmeta.local.process import free_port
 from tests.kafka_helpers import Stage, files_containing, run_stage, wait_until
 from tests.postfix_helpers import Postfix, available
 from tests.smtp_helpers import (
     NextHop,
-    free_loopback_port,
     message,
     read_raw,
     write_customers,
@@ -50,7 +50,7 @@ def test_harness_runs_a_real_postfix_that_relays_to_the_next_hop() -> None:
 
 @contextmanager
 def milter_process(settings: Settings) -> Iterator[tuple[Stage, int]]:
-    port = free_loopback_port()
+    port = free_port()
     with run_stage(
         "mailmeta", settings, "listening on inet:", args=["milter", "--port", str(port)]
     ) as stage:
@@ -182,7 +182,7 @@ def test_postfix_keeps_delivering_when_the_milter_is_killed_under_load(
 def test_broker_away_postfix_is_answered_in_time_and_the_event_is_spooled_then_replayed(
     settings: Settings,
 ) -> None:
-    away = settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{free_loopback_port()}"})
+    away = settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{free_port()}"})
     with (
         NextHop() as hop,
         milter_process(away) as (_, port),
@@ -206,11 +206,11 @@ def test_broker_away_postfix_is_answered_in_time_and_the_event_is_spooled_then_r
 def test_without_a_spool_the_answer_comes_within_its_bound(settings: Settings) -> None:
     away = settings.model_copy(
         update={
-            "kafka_bootstrap": f"127.0.0.1:{free_loopback_port()}",
+            "kafka_bootstrap": f"127.0.0.1:{free_port()}",
             "ingest_spool_max_bytes": 0,
         }
     )
-    port = free_loopback_port()
+    port = free_port()
     args = ["milter", "--port", str(port), "--answer-within", "1"]
     with (
         NextHop() as hop,

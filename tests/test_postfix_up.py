@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from mailmeta.local.process import free_port
 from tests.kafka_helpers import wait_until
 from tests.postfix_helpers import Postfix, available
-from tests.smtp_helpers import NextHop, free_loopback_port, message
+from tests.smtp_helpers import NextHop, message
 from tests.up_helpers import mailmeta_up, need_tools
 
 pytestmark = pytest.mark.skipif(
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.skipif(
 
 def test_a_message_history_from_postfix_through_mailmeta_up(tmp_path: Path) -> None:
     need_tools()
-    milter_port = free_loopback_port()
+    milter_port = free_port()
     milter = f"{{ inet:127.0.0.1:{milter_port}, connect_timeout=5s, default_action=accept }}"
     mid = f"<{uuid.uuid4().hex}@sender.example>"
     with (

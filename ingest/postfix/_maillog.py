@@ -149,7 +149,7 @@ class LogParser:
 
     def _customer(self, rcpt: str) -> str | None:
         customer = self.customers.for_address(rcpt)
-        if customer is None or self.customers.elsewhere(customer) is not None:
+        if customer is None or self.customers.served_elsewhere(customer.id) is not None:
             return None
         return customer.id
 

@@ -215,7 +215,7 @@ class MilterServer:
         by_customer: dict[str, list[str]] = {}
         for rcpt in msg.rcpts:
             customer = self.customers.for_address(rcpt)
-            if customer is None or self.customers.elsewhere(customer) is not None:
+            if customer is None or self.customers.served_elsewhere(customer.id) is not None:
                 continue  # another region's customer: never on this region's topic
             by_customer.setdefault(customer.id, []).append(rcpt)
         if not by_customer:
