@@ -7,6 +7,7 @@ row (delivered or failed) is never turned pending again by a re-read event.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
@@ -14,9 +15,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import orjson
+import pyarrow as pa
 
-from mailmeta.schema import format_time, to_utc
+from mailmeta.schema import decode_event, format_time, to_utc
 from mailmeta.store._core import StoreCore
+from mailmeta.store._rows import to_arrow
 from mailmeta.store._tables import WEBHOOK_ENDPOINTS_TABLE, WEBHOOK_OUTBOX_TABLE
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -128,7 +131,6 @@ class WebhookStore(Protocol):
     def webhook_endpoint(self, endpoint_id: str) -> WebhookEndpoint | None: ...
 
     def enqueue_webhooks(self, rows: Sequence[OutboxRow]) -> int: ...
-
     def pending_webhooks(self, endpoint_id: str, limit: int) -> list[OutboxRow]: ...
 
     def webhook_backlog(self) -> dict[str, tuple[int, datetime]]: ...
@@ -155,6 +157,10 @@ class WebhooksMixin(StoreCore):
     if TYPE_CHECKING:
 
         def _client(self) -> AbstractContextManager[Any]: ...
+
+        def _without_erased(self, table: pa.Table) -> pa.Table: ...
+
+        def _erasures(self) -> dict[str, Any]: ...
 
     # --- endpoints ---------------------------------------------------------------------------
 
@@ -205,10 +211,21 @@ class WebhooksMixin(StoreCore):
 
     def enqueue_webhooks(self, rows: Sequence[OutboxRow]) -> int:
         """Add the rows not already queued (in any state): an event read again after a
-        crash keeps its place, its batch and its settled state. Returns how many were new."""
+        crash keeps its place, its batch and its settled state. An event the erasure log
+        names (a topic re-read after an erasure) is not queued. Returns how many were new."""
         if not rows:
             return 0
-        known = {
+        # Under the write lock: an erasure cannot fall between the checks and the insert.
+        with self._write_lock:
+            known = self._queued(rows)
+            new = [r for r in rows if (r.endpoint_id, r.event_id, r.replay_id) not in known]
+            new = self._not_erased(new)
+            if new:
+                self._insert_outbox(new)
+        return len(new)
+
+    def _queued(self, rows: Sequence[OutboxRow]) -> set[tuple[str, str, str]]:
+        return {
             (ep, str(ev), rp)
             for ep, ev, rp in self._rows(
                 f"SELECT endpoint_id, event_id, replay_id FROM {WEBHOOK_OUTBOX_TABLE} "
@@ -219,10 +236,20 @@ class WebhooksMixin(StoreCore):
                 },
             )
         }
-        new = [r for r in rows if (r.endpoint_id, r.event_id, r.replay_id) not in known]
-        if new:
-            self._insert_outbox(new)
-        return len(new)
+
+    def _not_erased(self, rows: list[OutboxRow]) -> list[OutboxRow]:
+        erased = self._erasures()
+        if not any(r.customer_id in erased for r in rows):
+            return rows
+        events = [decode_event(r.payload.encode()) for r in rows]
+        table = to_arrow(
+            events, {e.customer_id: r.keep_days for e, r in zip(events, rows, strict=True)}
+        )
+        kept = {
+            str(uuid.UUID(bytes=b))
+            for b in self._without_erased(table).column("event_id").to_pylist()
+        }
+        return [r for r in rows if r.event_id in kept]
 
     def pending_webhooks(self, endpoint_id: str, limit: int) -> list[OutboxRow]:
         """The endpoint's next batch: the oldest pending rows of one chunk and one replay."""
@@ -257,20 +284,27 @@ class WebhooksMixin(StoreCore):
         webhook_id: str,
     ) -> None:
         now = datetime.now(UTC)
-        self._insert_outbox(
-            [
-                replace(
-                    r,
-                    state=state,
-                    attempts=attempts,
-                    last_status=last_status,
-                    last_error=last_error[:500],
-                    webhook_id=webhook_id,
-                    settled_at=now if state != "pending" else None,
-                )
-                for r in rows
-            ]
-        )
+        # Only rows still queued: a new version of a row an erasure deleted meanwhile would
+        # bring its payload back. The write lock orders this against erasures.
+        with self._write_lock:
+            known = self._queued(rows)
+            rows = [r for r in rows if (r.endpoint_id, r.event_id, r.replay_id) in known]
+            if not rows:
+                return
+            self._insert_outbox(
+                [
+                    replace(
+                        r,
+                        state=state,
+                        attempts=attempts,
+                        last_status=last_status,
+                        last_error=last_error[:500],
+                        webhook_id=webhook_id,
+                        settled_at=now if state != "pending" else None,
+                    )
+                    for r in rows
+                ]
+            )
 
     def webhook_deliveries(
         self, endpoint_id: str, state: State | None = None, limit: int = 100

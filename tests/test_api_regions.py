@@ -80,6 +80,8 @@ CUSTOMER_ROUTES = {
     ("POST", "/v1/policies/validate"),
     ("POST", "/v1/policies/{customer}/preview"),
     ("GET", "/v1/policies/{customer}/audit"),
+    ("GET", "/v1/webhooks"),
+    ("POST", "/v1/webhooks"),
 }
 # Valid requests: a 421 must not be a validation error's 400 in disguise.
 BODIES: dict[tuple[str, str], dict[str, Any]] = {
@@ -92,6 +94,7 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
     },
     ("POST", "/v1/policies/validate"): {"policy": {"subject": "drop"}},
     ("POST", "/v1/policies/{customer}/preview"): {"policy": {"subject": "drop"}, "sample": 5},
+    ("POST", "/v1/webhooks"): {"url": "https://hooks.example/mail"},
 }
 # Of those, what a customer's own token may ask (its customer named by the token).
 READER_ROUTES = ["/v1/me", "/v1/messages", "/v1/messages/{event_id}", "/v1/stats", "/v1/export"]

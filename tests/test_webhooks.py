@@ -300,6 +300,7 @@ def test_an_erasure_empties_the_outbox_of_what_it_erases(
     assert left == {e.event_id for e in others}
     since = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
     assert api.post(f"/v1/webhooks/{ep['id']}/replay", json={"from": since}).json()["events"] == 2
+    # An erasure while the replay is in flight: what the stage settles afterwards stays erased.
     r = api.post("/v1/erase", json={"customer": "erased", "all": True})
     assert r.status_code == 200, r.text
     assert api.get(f"/v1/webhooks/{ep['id']}/deliveries").json()["deliveries"] == []
